@@ -1,0 +1,56 @@
+"""Discovery of backend modules, so adding a backend means adding a module and nothing else."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pkgutil
+from functools import lru_cache
+from types import ModuleType
+
+from diffship.errors import MissingBackendError
+
+
+@lru_cache(maxsize=None)
+def modules_with(package: str, attribute: str) -> tuple[ModuleType, ...]:
+    """The public modules of ``package`` that define ``attribute``, in name order.
+
+    Backend modules import their heavy libraries lazily, so importing them all here is cheap.
+    """
+    pkg = importlib.import_module(package)
+    found = []
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"{package}.{info.name}")
+        if hasattr(mod, attribute):
+            found.append(mod)
+    return tuple(found)
+
+
+def require_modules(backend: str, extra: str, *names: str) -> None:
+    """Raise :class:`MissingBackendError` naming the pip extra if a module is missing (without importing it)."""
+    for n in names:
+        if importlib.util.find_spec(n) is None:
+            raise MissingBackendError(backend, n, extra)
+
+
+def registered(package: str, attribute: str, name: str) -> ModuleType:
+    """The module of ``package`` whose ``attribute`` names (or lists) ``name``, with its packages installed.
+
+    Raises:
+        DiffshipError: no such backend (the message lists the known ones).
+        MissingBackendError: its packages are missing (the message names the pip extra).
+    """
+    from diffship.errors import DiffshipError
+
+    found = {}
+    for mod in modules_with(package, attribute):
+        value = getattr(mod, attribute)
+        for key in (value,) if isinstance(value, str) else value:
+            found.setdefault(key, mod)
+    if name not in found:
+        raise DiffshipError(f"unknown backend {name!r}; choose one of: {', '.join(found)}")
+    mod = found[name]
+    require_modules(name, mod.EXTRA, *mod.PACKAGES)
+    return mod

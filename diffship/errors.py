@@ -1,0 +1,55 @@
+"""One exception hierarchy for everything diffship raises on purpose.
+
+Every message says which step failed and what to do next; the CLI prints ``str(error)`` on one line
+and exits non-zero (the traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+
+class DiffshipError(Exception):
+    """Base class of all diffship errors."""
+
+    exit_code = 2
+
+
+class SourceError(DiffshipError):
+    """The model source (folder, checkpoint, preset) cannot be loaded."""
+
+
+class UnsupportedPipelineError(SourceError):
+    """The source is a diffusers pipeline of a class diffship does not export."""
+
+
+class MissingBackendError(DiffshipError):
+    """An optional backend package is not installed."""
+
+    def __init__(self, backend: str, package: str, extra: str):
+        super().__init__(
+            f"the {backend} backend needs the '{package}' package, which is not installed; "
+            f"install it with: pip install 'diffship[{extra}]'"
+        )
+        self.backend = backend
+        self.extra = extra
+
+
+class ExportError(DiffshipError):
+    """Exporting a component failed."""
+
+
+class ExportedModelError(DiffshipError):
+    """An exported folder is missing, incomplete, tampered with or unreadable."""
+
+
+class ShapeError(DiffshipError, ValueError):
+    """An input has a shape, dtype or size the export cannot take."""
+
+
+class ConfigError(DiffshipError):
+    """A bundled or user-supplied configuration file is invalid."""
+
+
+class ParityFailure(DiffshipError):
+    """Parity checks ran and at least one comparison is outside its tolerance."""
+
+    exit_code = 1

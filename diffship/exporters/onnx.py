@@ -1,0 +1,121 @@
+"""ONNX exporter: ``torch.onnx.export(dynamo=True)`` of each wrapper module, checked and shape-inferred.
+
+Layout per component (as optimum writes it): ``<component>/model.onnx`` and, past the 2 GB protobuf
+limit or when asked, the weights in ``<component>/model.onnx.data``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffship._isolate import run_isolated
+from diffship.errors import ExportError
+from diffship._registry import require_modules
+from diffship.exporters.base import Artifact, ExportOptions, io_description
+from diffship.reference.specs import ComponentSpec
+
+BACKEND = "onnx"
+EXTRA = "onnx"
+MODEL_FILE = "model.onnx"
+MIN_OPSET = 17
+#: graphs whose weights exceed this are saved with external data (protobuf's hard limit is 2 GiB).
+EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2
+PACKAGES = ("onnx", "onnxscript")
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxscript
+
+    return {"onnx": onnx.__version__, "onnxscript": onnxscript.__version__}
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of parameters and buffers, i.e. the size of the exported initializers."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def needs_external_data(module: nn.Module, requested: bool | None) -> bool:
+    """Whether to write weights as external data: as requested, else when the graph would pass 2 GB."""
+    return requested if requested is not None else weight_bytes(module) > EXTERNAL_DATA_BYTES
+
+
+def check_model_file(path: str) -> None:
+    """``onnx.checker`` with full shape inference; runs in a child process (native code)."""
+    import onnx
+
+    onnx.checker.check_model(path, full_check=True)
+
+
+def _dynamic_shapes(spec: ComponentSpec) -> dict[str, dict[int, object]]:
+    dyn = torch.export.Dim.DYNAMIC
+    return {t.name: {i: dyn for i, d in enumerate(t.dims) if isinstance(d, str)} for t in spec.inputs}
+
+
+def _quiet():
+    """Silence the exporter's chatter (progress lines, torchvision notices) unless debugging."""
+    stack = contextlib.ExitStack()
+    if not logging.getLogger("diffship").isEnabledFor(logging.DEBUG):
+        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    return stack
+
+
+def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions) -> Artifact:
+    """Export ``module`` (the spec's wrapper, already in the target precision) to ``out_dir/model.onnx``.
+
+    Symbolic dims get the spec's names (``batch``, ``latent_height``...) in the graph, so runtimes and
+    later tools (TensorRT profiles) can read them back.
+    """
+    require_modules(BACKEND, EXTRA, *PACKAGES)
+    if options.opset < MIN_OPSET:
+        raise ExportError(f"ONNX opset {options.opset} is too old; use {MIN_OPSET} or newer")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    example = spec.example_inputs(options.profile, options.precision)
+    inputs, outputs = io_description(spec, options)
+    try:
+        with _quiet(), torch.no_grad():
+            program = torch.onnx.export(
+                module, tuple(example.values()), input_names=spec.input_names, output_names=spec.output_names,
+                dynamic_shapes=None if options.static else _dynamic_shapes(spec), opset_version=options.opset,
+                dynamo=True, optimize=True,
+            )
+    except Exception as exc:
+        raise ExportError(f"exporting {spec.name} to ONNX failed ({type(exc).__name__}): {exc}".splitlines()[0]
+                          + "; re-run with --debug for the exporter's report") from exc
+    if not options.static:
+        _name_dims(program, spec, inputs, outputs)
+    external = needs_external_data(module, options.external_data)
+    path = out_dir / MODEL_FILE
+    program.save(str(path), external_data=external)
+    run_isolated(f"checking {spec.name}/{MODEL_FILE}", check_model_file, str(path), error=ExportError)
+    files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
+    return Artifact(component=spec.name, files=files, precision=options.precision, inputs=inputs, outputs=outputs,
+                    details={"opset": options.opset, "external_data": external})
+
+
+def _name_dims(program, spec: ComponentSpec, inputs: list[dict], outputs: list[dict]) -> None:
+    """Give the exported graph's symbolic dims the spec's names, inputs and outputs alike."""
+    import onnx_ir as ir
+
+    graph = program.model.graph
+    mapping = {}
+    for value, desc in zip(graph.inputs, inputs):
+        for dim, name in zip(value.shape, desc["dims"]):
+            if isinstance(name, str) and isinstance(dim, ir.SymbolicDim) and dim.value not in mapping:
+                mapping[dim.value] = name
+    program.rename_axes(mapping)
+    # Output dims come out as expressions of the inputs' ("2*((h-1)//2)+2"); the spec states them plainly.
+    for value, desc in zip(graph.outputs, outputs):
+        value.shape = ir.Shape(desc["dims"])

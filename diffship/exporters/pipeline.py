@@ -1,0 +1,181 @@
+"""Export a whole pipeline: load the source, export each component, write the folder atomically."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import replace
+import shutil
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import torch
+
+from diffship._files import atomic_folder, write_json
+from diffship._registry import modules_with, registered
+from diffship.errors import DiffshipError, MissingBackendError
+from diffship.exporters.base import Artifact, ExportOptions
+from diffship.manifest import library_versions, write_manifest
+from diffship.reference import ShapeProfile, family_of, load_with_info, specs_for_pipeline
+from diffship.reference.specs import PRECISIONS, ComponentSpec, vae_scale_factor
+
+log = logging.getLogger("diffship")
+Progress = Callable[[str], None]
+
+
+def backends() -> dict[str, ModuleType]:
+    """Every exporter module by backend name."""
+    return {m.BACKEND: m for m in modules_with("diffship.exporters", "BACKEND")}
+
+
+def backend_module(name: str) -> ModuleType:
+    """The exporter module of ``name``, checked to be importable."""
+    return registered("diffship.exporters", "BACKEND", name)
+
+
+def available_backends() -> list[str]:
+    """Backends whose packages are installed here."""
+    out = []
+    for name in backends():
+        try:
+            backend_module(name)
+        except MissingBackendError:
+            continue
+        out.append(name)
+    return out
+
+
+def default_profile(pipe: Any, batch_size: int = 1, size: tuple[int, int] | None = None) -> ShapeProfile:
+    """The pipeline's default request shape (diffusers' default height/width), or ``size``."""
+    f = vae_scale_factor(dict(pipe.vae.config))
+    default = pipe.unet.config.sample_size * f
+    height, width = size or (default, default)
+    profile = ShapeProfile(batch_size=batch_size, height=height, width=width,
+                           sequence_length=pipe.tokenizer.model_max_length)
+    profile.validate(f)
+    return profile
+
+
+def save_module_config(module: Any, folder: Path) -> None:
+    """Write a torch module's ``config.json`` the way its library does (diffusers or transformers)."""
+    if hasattr(module, "save_config"):
+        module.save_config(folder)
+    else:
+        module.config.save_pretrained(folder)
+
+
+def _overflows(backend: str, folder: Path, artifact: Artifact, spec: ComponentSpec, options: ExportOptions) -> str | None:
+    """Run a freshly exported fp16 component once; describe any non-finite output, else None."""
+    from diffship.runtimes import open_runner, runtime_available
+
+    if not runtime_available(backend):
+        return None
+    runner = open_runner(backend, folder, artifact.to_dict())
+    outputs = runner.infer(spec.example_inputs(options.profile, options.precision))
+    bad = [name for name, value in outputs.items() if not torch.isfinite(value).all()]
+    return f"non-finite values in {', '.join(bad)} at fp16" if bad else None
+
+
+def _export_component(mod: ModuleType, spec: ComponentSpec, eager: torch.nn.Module, folder: Path,
+                      options: ExportOptions) -> Artifact:
+    """Export one component; an fp16 export that overflows is replaced by an fp32 one."""
+    if options.precision != "fp32" and spec.keep_fp32:
+        artifact = mod.export(spec, spec.wrapper(eager).eval(), folder, replace(options, precision="fp32"))
+        artifact.details["fp32_fallback"] = "config force_upcast: this component overflows in fp16"
+        return artifact
+    module = spec.wrapper(eager).eval()
+    if options.precision != "fp32":
+        module = copy.deepcopy(module).to(PRECISIONS[options.precision])
+    artifact = mod.export(spec, module, folder, options)
+    if options.precision != "fp32" and (reason := _overflows(mod.BACKEND, folder, artifact, spec, options)):
+        log.warning("%s: %s; exporting it in fp32 instead", spec.name, reason)
+        shutil.rmtree(folder)
+        artifact = mod.export(spec, spec.wrapper(eager).eval(), folder, replace(options, precision="fp32"))
+        artifact.details["fp32_fallback"] = reason
+    return artifact
+
+
+def export_pipeline(
+    source: str | Path,
+    out: str | Path,
+    *,
+    backend: str = "onnx",
+    precision: str = "fp32",
+    static: tuple[int, int] | None = None,
+    batch_size: int = 1,
+    overwrite: bool = False,
+    config: str | Path | None = None,
+    allow_pickle: bool = False,
+    backend_options: dict[str, Any] | None = None,
+    components: list[str] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Export every component of a diffusers pipeline to ``backend``.
+
+    Args:
+        source: what :func:`diffship.reference.load` accepts (folder, single file, preset).
+        out: the folder to create. It appears only once complete (written beside it, then renamed).
+        backend: exporter backend name (see :func:`backends`).
+        precision: ``fp32`` or ``fp16``; in fp16, components that overflow are kept in fp32.
+        static: ``(height, width)`` to export fixed shapes; dynamic batch/height/width otherwise.
+        batch_size: images per call the static export takes (the UNet gets twice that, for guidance).
+        overwrite: replace ``out`` if it exists.
+        config: local diffusers folder with configs for a single-file ``source``.
+        allow_pickle: allow pickle weights (read with ``torch.load(weights_only=True)``).
+        backend_options: passed to the exporter as ``ExportOptions.extra``.
+        components: export only these components (default: all).
+        progress: called with a line of text before each step.
+
+    Returns:
+        The manifest written to ``out/diffship.json``.
+    """
+    if precision not in PRECISIONS:
+        raise DiffshipError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    mod = backend_module(backend)
+    say = progress or (lambda _msg: None)
+    say(f"loading {source}")
+    pipe, info = load_with_info(source, config=config, allow_pickle=allow_pickle)
+    profile = default_profile(pipe, batch_size, static)
+    specs = specs_for_pipeline(pipe)
+    if components:
+        unknown = sorted(set(components) - {s.name for s in specs})
+        if unknown:
+            raise DiffshipError(f"unknown component(s) {', '.join(unknown)}; this pipeline has: "
+                                f"{', '.join(s.name for s in specs)}")
+        specs = [s for s in specs if s.name in components]
+    options = ExportOptions(precision=precision, profile=profile, static=static is not None,
+                            extra=dict(backend_options or {}))
+    out = Path(out)
+    artifacts: dict[str, dict[str, Any]] = {}
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        for spec in specs:
+            say(f"exporting {spec.name} ({backend}, {precision})")
+            eager = getattr(pipe, spec.source)
+            artifact = _export_component(mod, spec, eager, tmp / spec.name, options)
+            save_module_config(eager, tmp / spec.name)
+            artifacts[spec.name] = {"source": spec.source, **artifact.to_dict()}
+        say("writing tokenizer, scheduler and manifest")
+        _write_pipeline_files(pipe, tmp, backend, artifacts)
+        manifest = write_manifest(tmp, {
+            "backend": backend, "precision": precision, "family": family_of(type(pipe).__name__).name,
+            "pipeline_class": type(pipe).__name__, "source": info.to_dict(),
+            "shapes": {"static": static is not None, "profile": profile.to_dict()},
+            "components": artifacts, "versions": library_versions(mod.versions()),
+        })
+    return manifest
+
+
+def _write_pipeline_files(pipe: Any, folder: Path, backend: str, artifacts: dict[str, Any]) -> None:
+    """``model_index.json``, ``scheduler/``, ``tokenizer/``: the diffusers layout around the exported parts."""
+    exported_sources = {a["source"] for a in artifacts.values()}
+    index = {k: v for k, v in dict(pipe.config).items() if k not in exported_sources}
+    for name in artifacts:
+        index[name] = ["diffship", backend]
+    for name, value in list(index.items()):
+        if name.startswith("_") or name in artifacts or not isinstance(value, (list, tuple)) or value[0] is None:
+            continue
+        component = getattr(pipe, name, None)
+        if component is not None and hasattr(component, "save_pretrained"):
+            component.save_pretrained(folder / name)
+    write_json(folder / "model_index.json", index)

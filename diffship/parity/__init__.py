@@ -1,0 +1,1 @@
+"""Numeric parity between eager PyTorch pipelines and their exports: metrics, results, reports."""

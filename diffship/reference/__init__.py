@@ -1,0 +1,11 @@
+"""The eager side: loading diffusers pipelines, the built-in tiny pipeline and the component specs."""
+
+from diffship.reference.families import FAMILIES, Family, family_of, specs_for_pipeline, supported_classes
+from diffship.reference.loader import PRESETS, SourceInfo, load, load_with_info
+from diffship.reference.specs import ComponentSpec, ShapeProfile, TensorSpec
+from diffship.reference.tiny import build_tiny, tiny_path
+
+__all__ = [
+    "FAMILIES", "PRESETS", "ComponentSpec", "Family", "ShapeProfile", "SourceInfo", "TensorSpec", "build_tiny",
+    "family_of", "load", "load_with_info", "specs_for_pipeline", "supported_classes", "tiny_path",
+]

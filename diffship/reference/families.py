@@ -1,0 +1,85 @@
+"""Pipeline families diffship exports, as data.
+
+A family ties diffusers pipeline classes (one per task) to the component specs they are exported as.
+A new family (SDXL, say) is one more :class:`Family` entry with its own spec function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from diffship.errors import UnsupportedPipelineError
+from diffship.reference.specs import ComponentSpec, stable_diffusion_specs
+
+TASKS = ("text2img", "img2img", "inpaint")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family of diffusers pipelines that share components.
+
+    Attributes:
+        name: family name recorded in manifests.
+        pipelines: diffusers pipeline class name per task.
+        modules: pipeline attributes holding the torch modules whose configs feed ``specs``.
+        specs: builds the component specs from those modules' configs.
+    """
+
+    name: str
+    pipelines: dict[str, str]
+    modules: tuple[str, ...]
+    specs: Callable[[dict[str, dict[str, Any]]], list[ComponentSpec]]
+
+    def pipeline_class(self, task: str):
+        """The diffusers class for ``task``."""
+        import diffusers
+
+        if task not in self.pipelines:
+            raise UnsupportedPipelineError(
+                f"task {task!r} is not available for {self.name}; choose one of: {', '.join(self.pipelines)}"
+            )
+        return getattr(diffusers, self.pipelines[task])
+
+    def task_of(self, class_name: str) -> str:
+        return next(task for task, name in self.pipelines.items() if name == class_name)
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        name="stable-diffusion",
+        pipelines={
+            "text2img": "StableDiffusionPipeline",
+            "img2img": "StableDiffusionImg2ImgPipeline",
+            "inpaint": "StableDiffusionInpaintPipeline",
+        },
+        modules=("text_encoder", "unet", "vae"),
+        specs=stable_diffusion_specs,
+    ),
+)
+
+
+def supported_classes() -> list[str]:
+    return [name for fam in FAMILIES for name in fam.pipelines.values()]
+
+
+def family_of(class_name: str) -> Family:
+    """The family of a diffusers pipeline class name, or a clear error naming the supported ones."""
+    for fam in FAMILIES:
+        if class_name in fam.pipelines.values():
+            return fam
+    raise UnsupportedPipelineError(
+        f"pipeline class {class_name!r} is not supported; diffship exports: {', '.join(supported_classes())}"
+    )
+
+
+def module_config(module: Any) -> dict[str, Any]:
+    """A torch module's config (diffusers or transformers) as a plain dict."""
+    cfg = module.config
+    return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+
+
+def specs_for_pipeline(pipe: Any) -> list[ComponentSpec]:
+    """Component specs of an eager diffusers pipeline."""
+    fam = family_of(type(pipe).__name__)
+    return fam.specs({name: module_config(getattr(pipe, name)) for name in fam.modules})

@@ -1,0 +1,169 @@
+"""Load the eager diffusers pipeline that gets exported: a local folder, a single file, or a preset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from diffship._files import read_json, sha256_file
+from diffship.errors import SourceError
+from diffship.reference.families import family_of
+from diffship.reference.tiny import tiny_path
+
+#: built-in pipelines, built offline on first use; name -> function returning the cached folder.
+PRESETS: dict[str, Callable[[], Path]] = {"tiny": tiny_path}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """Where an eager pipeline came from, as recorded in export manifests and parity reports.
+
+    Attributes:
+        name: what the user passed (``tiny``, a folder or a file).
+        kind: ``preset``, ``folder`` or ``single_file``.
+        path: the resolved folder or file.
+        pipeline_class: the diffusers class name.
+        fingerprint: sha256 over the source's weight and config files (names and contents).
+    """
+
+    name: str
+    kind: str
+    path: str
+    pipeline_class: str
+    fingerprint: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def fingerprint(path: Path) -> str:
+    """A sha256 identifying a model source: every file of a folder (sorted), or one file."""
+    import hashlib
+
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(path if path.is_dir() else path.parent).as_posix().encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def _pipeline_class_name(folder: Path) -> str:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise SourceError(
+            f"{folder} is not a diffusers pipeline folder (no model_index.json); pass a folder saved with "
+            f"save_pretrained(), a .safetensors checkpoint, or a preset ({', '.join(PRESETS)})"
+        )
+    try:
+        return read_json(index)["_class_name"]
+    except (ValueError, KeyError) as exc:
+        raise SourceError(f"{index} is not a valid model_index.json ({exc}); re-save the pipeline") from None
+
+
+def _has_pickle_only(folder: Path) -> bool:
+    weights = [p for p in folder.rglob("*") if p.suffix in (".safetensors", *_PICKLE_SUFFIXES)]
+    return bool(weights) and not any(p.suffix == ".safetensors" for p in weights)
+
+
+def _load_folder(folder: Path, allow_pickle: bool):
+    class_name = _pipeline_class_name(folder)
+    fam = family_of(class_name)
+    cls = fam.pipeline_class(fam.task_of(class_name))
+    pickle_only = _has_pickle_only(folder)
+    if pickle_only and not allow_pickle:
+        raise SourceError(
+            f"{folder} holds only pickle weights (.bin/.ckpt); convert them to safetensors, or pass "
+            f"--allow-pickle to load them with torch.load(weights_only=True)"
+        )
+    try:
+        return cls.from_pretrained(
+            folder, local_files_only=True, use_safetensors=not pickle_only, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise SourceError(f"loading the diffusers folder {folder} failed: {exc}") from exc
+
+
+def _load_single_file(path: Path, config: Path | None, allow_pickle: bool):
+    if path.suffix in _PICKLE_SUFFIXES and not allow_pickle:
+        raise SourceError(
+            f"{path} is a pickle checkpoint; convert it to .safetensors, or pass --allow-pickle to load it "
+            f"with torch.load(weights_only=True)"
+        )
+    import diffusers
+
+    cls = diffusers.StableDiffusionPipeline
+    kwargs: dict[str, Any] = {}
+    if config is not None:
+        cls = getattr(diffusers, family_of(_pipeline_class_name(Path(config))).pipelines["text2img"])
+        kwargs["config"] = str(config)
+    try:
+        return cls.from_single_file(
+            str(path), local_files_only=True, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, **kwargs,
+        )
+    except Exception as exc:  # diffusers raises many types here; all mean the same to the user
+        if config is None:
+            raise SourceError(
+                f"loading the single-file checkpoint {path} needs its model configs, which diffusers fetches "
+                f"from the Hugging Face Hub (unreachable here): pass --config DIR (Python: config=DIR), a local "
+                f"diffusers folder of the same architecture ({type(exc).__name__}: {exc})"
+            ) from exc
+        raise SourceError(
+            f"loading the single-file checkpoint {path} with configs from {config} failed: {exc}; "
+            f"check that {config} has the same architecture as the checkpoint"
+        ) from exc
+
+
+def load_with_info(source: str | Path, *, config: str | Path | None = None, allow_pickle: bool = False):
+    """Like :func:`load`, and also return a :class:`SourceInfo` describing the source."""
+    name = str(source)
+    if name in PRESETS:
+        path, kind = PRESETS[name](), "preset"
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            kind = "folder"
+        elif path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
+            kind = "single_file"
+        elif path.is_file():
+            raise SourceError(
+                f"{path} is neither a diffusers folder nor a checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})"
+            )
+        else:
+            raise SourceError(
+                f"{source}: no such file or folder, and not a built-in preset ({', '.join(PRESETS)})"
+            )
+    if kind == "single_file":
+        pipe = _load_single_file(path, Path(config) if config else None, allow_pickle)
+    else:
+        pipe = _load_folder(path, allow_pickle)
+    pipe.set_progress_bar_config(disable=True)
+    info = SourceInfo(name=name, kind=kind, path=str(path.resolve()), pipeline_class=type(pipe).__name__,
+                      fingerprint=fingerprint(path))
+    return pipe, info
+
+
+def load(source: str | Path, *, config: str | Path | None = None, allow_pickle: bool = False):
+    """Load the eager diffusers pipeline for ``source``.
+
+    Args:
+        source: a local diffusers folder (with ``model_index.json``), a single-file checkpoint
+            (``.safetensors``; pickle formats only with ``allow_pickle``), or a preset name (``tiny``).
+        config: for single-file checkpoints, a local diffusers folder whose configs describe the
+            checkpoint's architecture (diffusers would otherwise fetch them from the Hub).
+        allow_pickle: allow ``.ckpt``/``.bin`` weights, read with ``torch.load(weights_only=True)``.
+
+    Returns:
+        The diffusers pipeline (fp32, CPU, safety checker off, progress bar off).
+
+    Raises:
+        SourceError: the source is missing, not a diffusers pipeline, or cannot be loaded offline.
+        UnsupportedPipelineError: the pipeline class is not one diffship exports.
+    """
+    return load_with_info(source, config=config, allow_pickle=allow_pickle)[0]

@@ -1,0 +1,301 @@
+"""Component specs: what gets exported, as data.
+
+A :class:`ComponentSpec` names a component's inputs and outputs (IO names compatible with optimum's
+ONNX exports), their dtypes and symbolic dims, the small wrapper ``nn.Module`` that is traced, and how
+a diffusers-style call on the eager module maps onto the spec's inputs. The same mapping serves the
+runtime adapters (diffusers call -> exported model inputs) and parity recording (eager call -> inputs
+to replay), so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from diffship.errors import ShapeError
+
+#: dtype names used in specs; ``float`` follows the export precision, ``float32`` never does.
+FLOAT = "float"
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output tensor.
+
+    Attributes:
+        name: IO name in the exported model.
+        dtype: ``"float"`` (follows the export precision), ``"float32"`` or ``"int64"``.
+        dims: per axis, a fixed size or the name of a symbolic dim (``batch``, ``height``, ``width``,
+            ``latent_height``, ``latent_width``, ``sequence``).
+    """
+
+    name: str
+    dtype: str
+    dims: tuple[int | str, ...]
+
+    def torch_dtype(self, precision: str = "fp32") -> torch.dtype:
+        """The concrete dtype of this tensor in an export of ``precision``."""
+        return PRECISIONS[precision] if self.dtype == FLOAT else TORCH_DTYPES[self.dtype]
+
+    def shape(self, dims: dict[str, int]) -> tuple[int, ...]:
+        """The concrete shape for the symbolic dim values ``dims``."""
+        return tuple(d if isinstance(d, int) else dims[d] for d in self.dims)
+
+    def to_dict(self, precision: str = "fp32") -> dict[str, Any]:
+        return {"name": self.name, "dtype": str(self.torch_dtype(precision)).removeprefix("torch."),
+                "dims": list(self.dims)}
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """The request shape a component is traced, built or checked for.
+
+    Attributes:
+        batch_size: images per call of the pipeline (prompts x images per prompt).
+        height: image height in pixels.
+        width: image width in pixels.
+        sequence_length: token sequence length (the tokenizer's ``model_max_length``).
+        guidance: whether classifier-free guidance doubles the UNet batch.
+    """
+
+    batch_size: int = 1
+    height: int = 512
+    width: int = 512
+    sequence_length: int = 77
+    guidance: bool = True
+
+    def validate(self, scale_factor: int) -> None:
+        """Raise :class:`ShapeError` unless the sizes are positive multiples of ``scale_factor``."""
+        if self.batch_size < 1:
+            raise ShapeError(f"batch size must be at least 1, got {self.batch_size}")
+        for name, size in (("height", self.height), ("width", self.width)):
+            if size < scale_factor or size % scale_factor:
+                raise ShapeError(
+                    f"{name} {size} is not a positive multiple of {scale_factor} (the VAE's scale factor); "
+                    f"use e.g. {max(scale_factor, size // scale_factor * scale_factor)}"
+                )
+
+    def dims(self, scale_factor: int, batch_multiplier: int = 1) -> dict[str, int]:
+        """Values of the symbolic dims for one component."""
+        return {
+            "batch": self.batch_size * batch_multiplier,
+            "height": self.height,
+            "width": self.width,
+            "latent_height": self.height // scale_factor,
+            "latent_width": self.width // scale_factor,
+            "sequence": self.sequence_length,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size, "height": self.height, "width": self.width,
+                "sequence_length": self.sequence_length, "guidance": self.guidance}
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """Everything needed to export, run and check one pipeline component.
+
+    Attributes:
+        name: component name in the export (``unet``, ``vae_decoder``...).
+        source: attribute of the diffusers pipeline that holds the eager module.
+        inputs: input tensors, in the exported model's order.
+        outputs: output tensors.
+        wrapper: builds the ``nn.Module`` that is exported from the eager module.
+        method: the eager module's method whose calls map to this component (``forward``, ``encode``,
+            ``decode``).
+        to_inputs: maps a bound call of ``method`` (its ``inspect.BoundArguments.arguments``) to the
+            spec's input tensors.
+        scale_factor: the VAE's spatial scale factor (latent -> pixels).
+        batch_multiplier: how many rows of the component's batch one image takes under guidance.
+        keep_fp32: export this component in fp32 even in an fp16 export (known to overflow).
+    """
+
+    name: str
+    source: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    wrapper: Callable[[nn.Module], nn.Module]
+    method: str
+    to_inputs: Callable[[dict[str, Any]], dict[str, torch.Tensor]]
+    scale_factor: int = 8
+    batch_multiplier: int = 1
+    keep_fp32: bool = False
+    config: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dims(self, profile: ShapeProfile) -> dict[str, int]:
+        """Symbolic dim values of this component for ``profile``."""
+        return profile.dims(self.scale_factor, self.batch_multiplier if profile.guidance else 1)
+
+    def example_inputs(self, profile: ShapeProfile, precision: str = "fp32", seed: int = 0) -> dict[str, torch.Tensor]:
+        """Seeded example inputs of the right names, dtypes and shapes for ``profile``."""
+        gen = torch.Generator().manual_seed(seed)
+        dims = self.dims(profile)
+        out = {}
+        for t in self.inputs:
+            shape, dtype = t.shape(dims), t.torch_dtype(precision)
+            if dtype in (torch.int64, torch.int32):
+                high = int(self.config.get("vocab_size", 1000))
+                out[t.name] = torch.randint(0, high, shape, generator=gen, dtype=dtype)
+            elif t.name == "timestep":
+                out[t.name] = torch.full(shape, 500.0, dtype=dtype)
+            else:
+                out[t.name] = torch.randn(shape, generator=gen).to(dtype)
+        return out
+
+    def bind_call(self, module: Any, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        """Map a diffusers-style call ``module.<method>(*args, **kwargs)`` to this spec's inputs."""
+        sig = inspect.signature(getattr(module, self.method))
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise ShapeError(f"{self.name}: {exc}") from None
+        bound.apply_defaults()
+        return self.to_inputs(bound.arguments)
+
+
+# --- wrapper modules: the exact graphs that get exported -------------------------------------------------
+
+
+class TextEncoderWrapper(nn.Module):
+    """``input_ids -> (last_hidden_state, pooler_output)`` of a CLIP text model."""
+
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor):
+        out = self.text_encoder(input_ids, return_dict=True)
+        return out.last_hidden_state, out.pooler_output
+
+
+class UNetWrapper(nn.Module):
+    """``(sample, timestep, encoder_hidden_states) -> out_sample``."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeEncoderWrapper(nn.Module):
+    """``sample -> latent_parameters`` (mean and log-variance); sampling stays on the host."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample: torch.Tensor):
+        return self.vae.encode(sample, return_dict=True).latent_dist.parameters
+
+
+class VaeDecoderWrapper(nn.Module):
+    """``latent_sample -> sample`` (image in [-1, 1], unclamped)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample: torch.Tensor):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+# --- call mapping -----------------------------------------------------------------------------------------
+
+
+def _text_encoder_inputs(a: dict[str, Any]) -> dict[str, torch.Tensor]:
+    mask = a.get("attention_mask")
+    if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
+        raise ShapeError("text_encoder: exported text encoders take no attention mask (CLIP does not use one); "
+                         "pass attention_mask=None")
+    if a.get("output_hidden_states"):
+        raise ShapeError("text_encoder: this export has no hidden-state outputs, so clip_skip is not supported; "
+                         "call without clip_skip")
+    return {"input_ids": torch.as_tensor(a["input_ids"]).to(torch.int64)}
+
+
+def _unet_inputs(a: dict[str, Any]) -> dict[str, torch.Tensor]:
+    unsupported = [k for k in ("class_labels", "timestep_cond", "added_cond_kwargs", "down_block_additional_residuals",
+                               "mid_block_additional_residual", "down_intrablock_additional_residuals",
+                               "encoder_attention_mask", "attention_mask")
+                   if a.get(k) is not None]
+    if unsupported:
+        raise ShapeError(f"unet: this export does not take {', '.join(unsupported)}; call without them")
+    sample = a["sample"]
+    t = torch.as_tensor(a["timestep"], dtype=torch.float32)
+    if t.ndim == 0 or t.numel() == 1:
+        t = t.reshape(1).expand(sample.shape[0])
+    return {"sample": sample, "timestep": t.contiguous(), "encoder_hidden_states": a["encoder_hidden_states"]}
+
+
+def _vae_encoder_inputs(a: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {"sample": a["x"]}
+
+
+def _vae_decoder_inputs(a: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {"latent_sample": a["z"]}
+
+
+def vae_scale_factor(vae_config: dict[str, Any]) -> int:
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def stable_diffusion_specs(configs: dict[str, dict[str, Any]]) -> list[ComponentSpec]:
+    """Specs of the Stable Diffusion family from the component configs (``text_encoder``, ``unet``, ``vae``).
+
+    Channel counts, hidden sizes and scale factors are read from the configs, so SD 1.x, SD 2.x and
+    inpainting UNets (9 input channels) get the right shapes.
+    """
+    te, unet, vae = configs["text_encoder"], configs["unet"], configs["vae"]
+    f = vae_scale_factor(vae)
+    hidden = te["hidden_size"]
+    latent = vae["latent_channels"]
+    image = vae.get("in_channels", 3)
+    return [
+        ComponentSpec(
+            name="text_encoder", source="text_encoder",
+            inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),),
+            outputs=(TensorSpec("last_hidden_state", FLOAT, ("batch", "sequence", hidden)),
+                     TensorSpec("pooler_output", FLOAT, ("batch", hidden))),
+            wrapper=TextEncoderWrapper, method="forward", to_inputs=_text_encoder_inputs,
+            scale_factor=f, config=te,
+        ),
+        ComponentSpec(
+            name="unet", source="unet",
+            inputs=(TensorSpec("sample", FLOAT, ("batch", unet["in_channels"], "latent_height", "latent_width")),
+                    TensorSpec("timestep", "float32", ("batch",)),
+                    TensorSpec("encoder_hidden_states", FLOAT, ("batch", "sequence", unet["cross_attention_dim"]))),
+            outputs=(TensorSpec("out_sample", FLOAT, ("batch", unet["out_channels"], "latent_height", "latent_width")),),
+            wrapper=UNetWrapper, method="forward", to_inputs=_unet_inputs,
+            scale_factor=f, batch_multiplier=2, config=unet,
+        ),
+        ComponentSpec(
+            name="vae_encoder", source="vae",
+            inputs=(TensorSpec("sample", FLOAT, ("batch", image, "height", "width")),),
+            outputs=(TensorSpec("latent_parameters", FLOAT, ("batch", 2 * latent, "latent_height", "latent_width")),),
+            wrapper=VaeEncoderWrapper, method="encode", to_inputs=_vae_encoder_inputs,
+            scale_factor=f, config=vae,
+        ),
+        ComponentSpec(
+            name="vae_decoder", source="vae",
+            inputs=(TensorSpec("latent_sample", FLOAT, ("batch", latent, "latent_height", "latent_width")),),
+            outputs=(TensorSpec("sample", FLOAT, ("batch", vae.get("out_channels", 3), "height", "width")),),
+            wrapper=VaeDecoderWrapper, method="decode", to_inputs=_vae_decoder_inputs,
+            scale_factor=f, keep_fp32=bool(vae.get("force_upcast", False)), config=vae,
+        ),
+    ]

@@ -1,0 +1,99 @@
+"""The runner protocol: ``infer(inputs) -> outputs``, with input checking done once, here.
+
+A backend runtime is one module in ``diffship/runtimes/`` defining::
+
+    BACKENDS: tuple[str, ...]    # exporter backends whose artifacts it runs ("onnx",)
+    EXTRA: str                   # pip extra that installs it
+    PACKAGES: tuple[str, ...]    # top-level modules it needs
+    def open_runner(folder, component, options) -> Runner
+
+where ``component`` is the component's entry in the export manifest (its IO description) and
+``options`` the user's runtime options (provider, threads, ...). Its :class:`Runner` subclass
+implements ``_run`` only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from diffship.errors import ShapeError
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+
+
+class Runner:
+    """Runs one exported component.
+
+    Args:
+        name: component name, for messages.
+        inputs: per input ``{"name", "dtype", "dims"}`` as recorded in the manifest; ``dims`` holds
+            ints for fixed sizes and names for symbolic ones.
+        outputs: same for outputs.
+    """
+
+    def __init__(self, name: str, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]):
+        self.name = name
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i["name"] for i in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o["name"] for o in self.outputs]
+
+    def check_inputs(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Validate names, ranks and sizes, and cast to the declared dtypes.
+
+        Symbolic dims must agree across inputs (one ``batch`` for all); fixed dims must match.
+
+        Raises:
+            ShapeError: with the expected and actual shapes.
+        """
+        missing = [n for n in self.input_names if n not in feeds]
+        extra = [n for n in feeds if n not in self.input_names]
+        if missing or extra:
+            raise ShapeError(f"{self.name}: expected inputs {self.input_names}, got {list(feeds)}")
+        seen: dict[str, tuple[int, str]] = {}
+        arrays = {}
+        for spec in self.inputs:
+            value = feeds[spec["name"]]
+            array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+            dims = spec["dims"]
+            if array.ndim != len(dims):
+                raise ShapeError(f"{self.name}: input {spec['name']} has shape {tuple(array.shape)}, "
+                                 f"expected {len(dims)} dims {_fmt(dims)}")
+            for axis, (want, got) in enumerate(zip(dims, array.shape)):
+                if isinstance(want, int) and want != got:
+                    raise ShapeError(
+                        f"{self.name}: input {spec['name']} has shape {tuple(array.shape)}, but this export takes "
+                        f"{_fmt(dims)} (axis {axis} is fixed at {want}); re-export for this shape or without --static"
+                    )
+                if isinstance(want, str):
+                    if want in seen and seen[want][0] != got:
+                        raise ShapeError(f"{self.name}: dim {want!r} is {seen[want][0]} in {seen[want][1]} but "
+                                         f"{got} in {spec['name']}")
+                    seen.setdefault(want, (got, spec["name"]))
+            arrays[spec["name"]] = np.ascontiguousarray(array, dtype=_NP_DTYPES[spec["dtype"]])
+        return arrays
+
+    def infer(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Run the component on ``feeds`` (tensors or arrays by input name); outputs as torch tensors."""
+        outputs = self._run(self.check_inputs(feeds))
+        return {name: torch.as_tensor(outputs[name]) for name in self.output_names}
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> Mapping[str, Any]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """Where and how this runner computes, for reports (e.g. "onnxruntime 1.20 CPUExecutionProvider")."""
+        return type(self).__name__
+
+
+def _fmt(dims: list) -> str:
+    return "(" + ", ".join(str(d) for d in dims) + ")"

@@ -1,0 +1,85 @@
+"""ONNX Runtime: runs ``<component>/model.onnx`` with the CPU provider by default, CUDA/TensorRT on request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffship._registry import require_modules
+from diffship.errors import ExportedModelError, MissingBackendError
+from diffship.runtimes.base import Runner
+
+BACKENDS = ("onnx",)
+EXTRA = "onnx"
+PACKAGES = ("onnxruntime",)
+#: short provider names accepted by ``provider=`` / ``--provider``; full names pass through.
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "directml": "DmlExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+_EXTRA_FOR = {"CUDAExecutionProvider": "onnx-gpu", "TensorrtExecutionProvider": "onnx-gpu"}
+
+
+def providers_for(provider: str | list[str] | None) -> list[str]:
+    """Execution providers in priority order, always ending with the CPU provider as fallback.
+
+    Raises:
+        MissingBackendError: a requested provider is not in this onnxruntime build.
+    """
+    import onnxruntime as ort
+
+    requested = [provider] if isinstance(provider, str) else list(provider or ["cpu"])
+    names = [PROVIDERS.get(p.lower(), p) for p in requested]
+    available = ort.get_available_providers()
+    for name in names:
+        if name not in available:
+            raise MissingBackendError(f"onnxruntime provider {name}", "onnxruntime-gpu" if name in _EXTRA_FOR else
+                                      f"an onnxruntime build with {name}", _EXTRA_FOR.get(name, "onnx"))
+    return names + [p for p in ["CPUExecutionProvider"] if p not in names]
+
+
+class OrtRunner(Runner):
+    """One ``onnxruntime.InferenceSession`` per component.
+
+    Args:
+        folder: the component folder holding ``model.onnx``.
+        component: the component's manifest entry.
+        provider: provider short name (``cpu``, ``cuda``, ``tensorrt``...) or list, highest priority first.
+        threads: intra-op threads (default: onnxruntime's choice, one per core).
+        provider_options: per-provider option dicts, in the order of ``provider``.
+    """
+
+    def __init__(self, folder: Path, component: dict[str, Any], provider: str | list[str] | None = None,
+                 threads: int | None = None, provider_options: list[dict] | None = None):
+        super().__init__(component["component"], component["inputs"], component["outputs"])
+        import onnxruntime as ort
+
+        path = Path(folder) / "model.onnx"
+        if not path.is_file():
+            raise ExportedModelError(f"{path} is missing; re-run diffship export")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        providers = providers_for(provider)
+        if provider_options:
+            provider_options = list(provider_options) + [{}] * (len(providers) - len(provider_options))
+        self.session = ort.InferenceSession(str(path), options, providers=providers, provider_options=provider_options)
+        self._version = ort.__version__
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+
+    def describe(self) -> str:
+        return f"onnxruntime {self._version} ({', '.join(self.session.get_providers())})"
+
+
+def open_runner(folder: Path, component: dict[str, Any], options: dict[str, Any]) -> OrtRunner:
+    require_modules("onnx", EXTRA, *PACKAGES)
+    return OrtRunner(folder, component, **options)

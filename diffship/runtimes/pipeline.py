@@ -1,0 +1,202 @@
+"""Exported pipelines behind diffusers' own pipeline classes.
+
+:func:`load_pipeline` builds the diffusers pipeline named in the export (or one for another task of
+the same family) and hands it adapters in place of the torch modules. Adapters behave like the modules
+as far as pipelines and users touch them -- ``.config``, ``.dtype``, ``.device``, calls with the same
+arguments returning the same output classes -- and forward the tensors to a backend :class:`Runner`.
+Host-side tensors stay float32 on the CPU; runners cast to the export's dtypes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffship._files import read_json
+from diffship.errors import ExportedModelError
+from diffship.manifest import read_manifest
+from diffship.reference.families import family_of
+from diffship.reference.specs import ComponentSpec
+from diffship.runtimes import open_runner
+from diffship.runtimes.base import Runner
+
+
+class _Adapter:
+    """Common surface of the adapters: config, dtype, device, and the call mapping of a spec."""
+
+    dtype = torch.float32
+
+    def __init__(self, config: dict[str, Any]):
+        from diffusers.configuration_utils import FrozenDict
+
+        self.config = FrozenDict(config)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def to(self, *args: Any, **kwargs: Any) -> "_Adapter":
+        """Accepted for compatibility with ``pipe.to(...)``; placement is the runner's (provider) choice."""
+        return self
+
+    def eval(self) -> "_Adapter":
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        # Like diffusers' ModelMixin: config entries read as attributes (`unet.in_channels`).
+        config = self.__dict__.get("config")
+        if config is not None and name in config:
+            return config[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    @staticmethod
+    def _run(spec: ComponentSpec, runner: Runner, method: Any, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        inputs = spec.to_inputs(_bind(method, args, kwargs))
+        return {k: v.float() if v.is_floating_point() else v for k, v in runner.infer(inputs).items()}
+
+
+def _bind(method: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    bound = inspect.signature(method).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+class TextEncoderAdapter(_Adapter):
+    """Stands in for ``CLIPTextModel``: ``text_encoder(input_ids)[0]`` is the last hidden state."""
+
+    def __init__(self, config: dict[str, Any], parts: dict[str, tuple[ComponentSpec, Runner]]):
+        super().__init__(config)
+        self.spec, self.runner = parts["text_encoder"]
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, output_attentions=None,
+                 output_hidden_states=None, return_dict=True, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        out = self._run(self.spec, self.runner, self.__call__, (input_ids,),
+                        {"attention_mask": attention_mask, "output_hidden_states": output_hidden_states})
+        result = BaseModelOutputWithPooling(last_hidden_state=out["last_hidden_state"],
+                                            pooler_output=out["pooler_output"])
+        return result if return_dict else result.to_tuple()
+
+    forward = __call__
+
+
+class UNetAdapter(_Adapter):
+    """Stands in for ``UNet2DConditionModel``: ``unet(latents, t, encoder_hidden_states=emb).sample``."""
+
+    def __init__(self, config: dict[str, Any], parts: dict[str, tuple[ComponentSpec, Runner]]):
+        super().__init__(config)
+        self.spec, self.runner = parts["unet"]
+
+    def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None, timestep_cond=None,
+                 attention_mask=None, cross_attention_kwargs=None, added_cond_kwargs=None,
+                 down_block_additional_residuals=None, mid_block_additional_residual=None,
+                 down_intrablock_additional_residuals=None, encoder_attention_mask=None, return_dict=True):
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        arguments = dict(locals())
+        arguments.pop("self")
+        arguments.pop("UNet2DConditionOutput")
+        out = self._run(self.spec, self.runner, self.__call__, (), arguments)["out_sample"]
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    forward = __call__
+
+
+class VaeAdapter(_Adapter):
+    """Stands in for ``AutoencoderKL``: ``encode`` (latent distribution sampled on the host) and ``decode``."""
+
+    def __init__(self, config: dict[str, Any], parts: dict[str, tuple[ComponentSpec, Runner]]):
+        super().__init__(config)
+        self.encoder = parts.get("vae_encoder")
+        self.decoder = parts.get("vae_decoder")
+
+    def encode(self, x, return_dict=True):
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
+        if self.encoder is None:
+            raise ExportedModelError("this export has no vae_encoder; re-export with it for image-to-image or inpainting")
+        params = self._run(*self.encoder, self.encode, (x,), {})["latent_parameters"]
+        dist = DiagonalGaussianDistribution(params)
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+    def decode(self, z, return_dict=True, generator=None):
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        if self.decoder is None:
+            raise ExportedModelError("this export has no vae_decoder; re-export with it to decode images")
+        sample = self._run(*self.decoder, self.decode, (z,), {})["sample"]
+        return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+    # AutoencoderKL switches: the exported graphs are whole-image, so slicing/tiling are no-ops here.
+    def enable_slicing(self) -> None: ...
+    def disable_slicing(self) -> None: ...
+    def enable_tiling(self, *args: Any, **kwargs: Any) -> None: ...
+    def disable_tiling(self) -> None: ...
+
+
+#: adapter class per pipeline attribute (the ``source`` of the specs it serves).
+ADAPTERS: dict[str, type[_Adapter]] = {"text_encoder": TextEncoderAdapter, "unet": UNetAdapter, "vae": VaeAdapter}
+
+
+def _load_library_component(folder: Path, entry: list[str]):
+    library, class_name = entry
+    return getattr(importlib.import_module(library), class_name).from_pretrained(folder)
+
+
+def load_pipeline(path: str | Path, *, task: str | None = None, verify: bool = True, **runtime_options: Any):
+    """Load an exported folder as a diffusers pipeline.
+
+    Args:
+        path: a folder written by ``diffship export``.
+        task: ``text2img``, ``img2img`` or ``inpaint`` (default: the task of the exported pipeline).
+            All tasks of a family share one export.
+        verify: check every file against the sha256 in the manifest first.
+        **runtime_options: passed to the backend runner (ONNX Runtime: ``provider``, ``threads``,
+            ``provider_options``).
+
+    Returns:
+        An instance of the diffusers pipeline class for ``task``, whose models are adapters over the
+        exported components. Schedulers swap as usual (``pipe.scheduler = X.from_config(...)``).
+
+    Raises:
+        ExportedModelError: not an export, an unfinished or tampered one.
+        MissingBackendError: the backend's runtime package is not installed.
+    """
+    path = Path(path)
+    manifest = read_manifest(path, verify=verify)
+    family = family_of(manifest["pipeline_class"])
+    cls = family.pipeline_class(task or family.task_of(manifest["pipeline_class"]))
+    configs: dict[str, dict[str, Any]] = {}
+    for name, component in manifest["components"].items():
+        configs.setdefault(component["source"], read_json(path / name / "config.json"))
+    specs = {s.name: s for s in family.specs(configs) if s.name in manifest["components"]}
+    parts: dict[str, dict[str, tuple[ComponentSpec, Runner]]] = {}
+    for name, spec in specs.items():
+        component = manifest["components"][name]
+        runner = open_runner(manifest["backend"], path / name, component, **runtime_options)
+        parts.setdefault(spec.source, {})[name] = (spec, runner)
+    modules: dict[str, Any] = {source: ADAPTERS[source](configs[source], p) for source, p in parts.items()}
+    index = read_json(path / "model_index.json")
+    for name, entry in index.items():
+        if name.startswith("_") or name in manifest["components"] or not isinstance(entry, list) or entry[0] is None:
+            continue
+        modules[name] = _load_library_component(path / name, entry)
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = {name: modules.get(name) for name in accepted if name != "self" and
+              accepted[name].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD}
+    if "requires_safety_checker" in accepted:
+        kwargs["requires_safety_checker"] = False
+    missing = [n for n, v in kwargs.items() if v is None and accepted[n].default is inspect.Parameter.empty
+               and n not in ("safety_checker", "feature_extractor", "image_encoder")]
+    if missing:
+        raise ExportedModelError(f"{path}: {cls.__name__} needs {', '.join(missing)}, which this export lacks; "
+                                 f"re-run diffship export")
+    pipe = cls(**kwargs)
+    pipe.diffship_manifest = manifest
+    return pipe

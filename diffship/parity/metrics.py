@@ -310,14 +310,13 @@ def format_pair(name: str, value: float, limit: float | None) -> tuple[str, str]
     """
     kind = _KINDS.get(name, "error")
     code, lo, hi, unit = _STYLES[kind]
-    # Without a limit, a similarity is still told apart from a perfect 1.
-    ref = limit if limit is not None else (1.0 if kind == "similarity" else None)
+    # The limit must print exactly and the value must not print like it; a similarity below 1 must
+    # not print like a perfect 1 either.
+    refs = [r for r in (limit, 1.0 if kind == "similarity" else None) if r is not None]
     for digits in range(lo, hi + 1):
         text = f"{value:.{digits}{code}}"
-        if ref is None:
-            break
-        ref_text = f"{ref:.{digits}{code}}"
-        if float(ref_text) == ref and (value == ref or text != ref_text):
+        shown = [f"{r:.{digits}{code}}" for r in refs]
+        if all(float(s) == r and (value == r or text != s) for r, s in zip(refs, shown)):
             break
     return text + unit, "" if limit is None else f"{limit:.{digits}{code}}{unit}"
 

@@ -239,7 +239,8 @@ def _about(report: ParityReport) -> dict[str, Any]:
 
 
 def _component_title(component: ComponentResult) -> str:
-    return f"{component.component}: {component.calls} calls, {component.seconds:.2f} s"
+    calls = f"{component.calls} call{'' if component.calls == 1 else 's'}"
+    return f"{component.component}: {calls}, {component.seconds:.2f} s"
 
 
 # --- Markdown ----------------------------------------------------------------------------------------
@@ -390,12 +391,14 @@ def _html_image(image: ImageResult, scale: float | None) -> str:
     head = f"<h3>{e(image.label)}: {verdict}, PSNR {e(psnr)}, SSIM {e(ssim)}</h3>"
     if not image.files:
         return head + "<p>The images were not kept.</p>"
-    captions = {"eager": "eager (PyTorch)", "exported": f"exported ({image.task})", "diff": ""}
-    if scale is not None:
+    captions = {"eager": "eager (PyTorch)", "exported": "exported", "diff": "difference"}
+    if scale:
         captions["diff"] = (
-            f"difference: mean |exported - eager| over channels, black = 0, yellow = {scale:.3g} "
+            f"difference: mean |exported - eager| over channels, from black = 0 to yellow = {scale:.3g} "
             "(the largest difference)"
         )
+    elif scale == 0:
+        captions["diff"] = "difference: none, the images are identical (scale max 0)"
     ramp = ", ".join(f"rgb({r:.0f},{g:.0f},{b:.0f})" for r, g, b in HEATMAP_STOPS)
     figures = []
     for kind, relative in image.files.items():

@@ -110,7 +110,7 @@ class ComponentSpec:
         method: the eager module's method whose calls map to this component (``forward``, ``encode``,
             ``decode``).
         to_inputs: maps a bound call of ``method`` (its ``inspect.BoundArguments.arguments``) to the
-            spec's input tensors.
+            spec's input tensors; use :meth:`inputs_for_call`.
         scale_factor: the VAE's spatial scale factor (latent -> pixels).
         batch_multiplier: how many rows of the component's batch one image takes under guidance.
         keep_fp32: export this component in fp32 even in an fp16 export (known to overflow).
@@ -156,11 +156,13 @@ class ComponentSpec:
                 out[t.name] = torch.randn(shape, generator=gen).to(dtype)
         return out
 
-    def bind_call(self, module: Any, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
-        """Map a diffusers-style call ``module.<method>(*args, **kwargs)`` to this spec's inputs."""
-        sig = inspect.signature(getattr(module, self.method))
+    def inputs_for_call(self, method: Callable, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        """Map a diffusers-style call ``method(*args, **kwargs)`` to this spec's input tensors.
+
+        ``method`` is the eager module's method (or an adapter's, which has the same signature).
+        """
         try:
-            bound = sig.bind(*args, **kwargs)
+            bound = inspect.signature(method).bind(*args, **kwargs)
         except TypeError as exc:
             raise ShapeError(f"{self.name}: {exc}") from None
         bound.apply_defaults()

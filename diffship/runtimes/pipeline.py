@@ -55,14 +55,8 @@ class _Adapter:
 
     @staticmethod
     def _run(spec: ComponentSpec, runner: Runner, method: Any, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
-        inputs = spec.to_inputs(_bind(method, args, kwargs))
+        inputs = spec.inputs_for_call(method, args, kwargs)
         return {k: v.float() if v.is_floating_point() else v for k, v in runner.infer(inputs).items()}
-
-
-def _bind(method: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
-    bound = inspect.signature(method).bind(*args, **kwargs)
-    bound.apply_defaults()
-    return bound.arguments
 
 
 class TextEncoderAdapter(_Adapter):
@@ -198,5 +192,7 @@ def load_pipeline(path: str | Path, *, task: str | None = None, verify: bool = T
         raise ExportedModelError(f"{path}: {cls.__name__} needs {', '.join(missing)}, which this export lacks; "
                                  f"re-run diffship export")
     pipe = cls(**kwargs)
+    # What diffship tools (parity, inspect) need beyond the diffusers interface.
     pipe.diffship_manifest = manifest
+    pipe.diffship_runners = {name: runner for p in parts.values() for name, (_, runner) in p.items()}
     return pipe

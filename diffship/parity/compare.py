@@ -1,0 +1,236 @@
+"""Parity of an export against the eager pipeline it came from.
+
+Two checks, both from one seeded run of each pipeline:
+
+* **component parity** -- every call the eager pipeline makes into a component (text encoder, each
+  UNet step, VAE encode/decode) is recorded with its real inputs; each recorded input is replayed
+  through the eager wrapper module and through the exported component, and the outputs compared.
+* **end-to-end parity** -- the same prompt, seed, scheduler and steps through the eager and the
+  exported pipeline (text-to-image, then image-to-image from the eager image); images compared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from diffship.configs import load_tolerances
+from diffship.errors import DiffshipError
+from diffship.manifest import read_manifest
+from diffship.parity.result import ComponentResult, ImageResult, OutputResult, ParityReport
+from diffship.reference import load_with_info
+from diffship.reference.families import family_of, specs_for_pipeline
+from diffship.reference.specs import ComponentSpec
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ParitySettings:
+    """What both pipelines are run with.
+
+    Attributes:
+        prompt / negative_prompt / seed / steps / guidance_scale: the generation request.
+        height / width: image size (default: the export's static size, else the pipeline default).
+        scheduler: a scheduler class name from ``pipe.scheduler.compatibles`` (default: the pipeline's).
+        tasks: ``text2img`` and optionally ``img2img`` (which also exercises the VAE encoder).
+        strength: image-to-image strength.
+        max_calls: calls recorded per component (the UNet is called once per step, twice the batch).
+    """
+
+    prompt: str = "a photograph of an astronaut riding a horse"
+    negative_prompt: str = "blurry, low quality"
+    seed: int = 0
+    steps: int = 10
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    scheduler: str | None = None
+    tasks: tuple[str, ...] = ("text2img", "img2img")
+    strength: float = 0.6
+    max_calls: int = 64
+
+
+@contextlib.contextmanager
+def record_calls(pipe: Any, specs: list[ComponentSpec], limit: int) -> Iterator[dict[str, list[dict]]]:
+    """Record the spec-form inputs of every call the pipeline makes into its components.
+
+    The eager modules' methods are shadowed by recording wrappers on the instances for the duration
+    of the block, then restored; the modules' classes and weights are never touched.
+    """
+    calls: dict[str, list[dict[str, torch.Tensor]]] = {s.name: [] for s in specs}
+    patched = []
+    for spec in specs:
+        module = getattr(pipe, spec.source)
+        original = getattr(module, spec.method)
+
+        def recorder(*args, _spec=spec, _original=original, **kwargs):
+            if len(calls[_spec.name]) < limit:
+                inputs = _spec.inputs_for_call(_original, args, kwargs)
+                calls[_spec.name].append({k: v.detach().clone() for k, v in inputs.items()})
+            return _original(*args, **kwargs)
+
+        setattr(module, spec.method, recorder)
+        patched.append((module, spec.method))
+    try:
+        yield calls
+    finally:
+        for module, name in patched:
+            delattr(module, name)
+
+
+def _as_outputs(spec: ComponentSpec, value: Any) -> dict[str, torch.Tensor]:
+    values = (value,) if isinstance(value, torch.Tensor) else tuple(value)
+    return dict(zip(spec.output_names, values))
+
+
+def compare_component(spec: ComponentSpec, eager_module: torch.nn.Module, runner: Any,
+                      recorded: list[dict[str, torch.Tensor]], tolerances: Any) -> ComponentResult:
+    """Replay recorded inputs through the eager wrapper and the exported runner; compare every output.
+
+    Metrics are over all replayed calls together (max over calls for ``max_abs``, means over all
+    elements), so one bad UNet step fails the output.
+    """
+    start = time.perf_counter()
+    wrapper = spec.wrapper(eager_module).eval()
+    expected: dict[str, list[np.ndarray]] = {n: [] for n in spec.output_names}
+    actual: dict[str, list[np.ndarray]] = {n: [] for n in spec.output_names}
+    for inputs in recorded:
+        with torch.no_grad():
+            ref = _as_outputs(spec, wrapper(*(inputs[n] for n in spec.input_names)))
+        got = runner.infer(inputs)
+        for name in spec.output_names:
+            expected[name].append(ref[name].float().numpy())
+            actual[name].append(got[name].float().numpy())
+    tolerance = tolerances.for_component(spec.name)
+    outputs = [OutputResult.evaluate(name, *_stack(expected[name], actual[name]), tolerance)
+               for name in spec.output_names]
+    return ComponentResult(component=spec.name, calls=len(recorded), outputs=outputs,
+                           seconds=time.perf_counter() - start)
+
+
+def _stack(expected: list[np.ndarray], actual: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """All calls as one array each; a call whose shapes differ is returned alone, so it fails visibly."""
+    for e, a in zip(expected, actual):
+        if e.shape != a.shape:
+            return e, a
+    return np.concatenate([e.ravel() for e in expected]), np.concatenate([a.ravel() for a in actual])
+
+
+def _set_scheduler(pipe: Any, name: str | None) -> None:
+    if name is None:
+        return
+    pipe.scheduler = scheduler_class(pipe, name).from_config(pipe.scheduler.config)
+
+
+def scheduler_class(pipe: Any, name: str) -> type:
+    """The scheduler class ``name`` if it is compatible with ``pipe`` (else an error listing those that are)."""
+    compatible = {cls.__name__: cls for cls in [type(pipe.scheduler), *pipe.scheduler.compatibles]}
+    if name not in compatible:
+        raise DiffshipError(f"unknown or incompatible scheduler {name!r}; choose one of: "
+                            f"{', '.join(sorted(compatible))}")
+    return compatible[name]
+
+
+def _generate(pipe: Any, settings: ParitySettings, task: str, init_image: Any, batch: int) -> np.ndarray:
+    kwargs: dict[str, Any] = dict(
+        prompt=settings.prompt, negative_prompt=settings.negative_prompt, num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance_scale, generator=torch.Generator("cpu").manual_seed(settings.seed),
+        num_images_per_prompt=batch, output_type="np",
+    )
+    if task == "text2img":
+        kwargs.update(height=settings.height, width=settings.width)
+    else:
+        kwargs.update(image=init_image, strength=settings.strength)
+    return np.asarray(pipe(**kwargs).images)
+
+
+def check_parity(
+    source: str | Path,
+    exported: str | Path,
+    *,
+    settings: ParitySettings | None = None,
+    tolerances_file: str | Path | None = None,
+    config: str | Path | None = None,
+    allow_pickle: bool = False,
+    runtime_options: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> ParityReport:
+    """Compare an export with the eager pipeline of ``source``, component by component and image by image.
+
+    Args:
+        source: the eager source (as for :func:`diffship.reference.load`); must be what was exported.
+        exported: the exported folder.
+        settings: the generation request both pipelines run.
+        tolerances_file: a TOML file replacing the bundled tolerances.
+        config / allow_pickle: as for :func:`diffship.reference.load`.
+        runtime_options: passed to the backend runners (e.g. ``provider``, ``threads``).
+        progress: called with a line of text before each step.
+
+    Returns:
+        The :class:`ParityReport`; ``report.passed`` says whether every check met its tolerance.
+    """
+    from diffship.runtimes.pipeline import load_pipeline
+
+    say = progress or (lambda _msg: None)
+    started = time.perf_counter()
+    manifest = read_manifest(exported)
+    say(f"loading {source}")
+    eager, info = load_with_info(source, config=config, allow_pickle=allow_pickle)
+    if info.fingerprint != manifest["source"]["fingerprint"]:
+        raise DiffshipError(
+            f"{exported} was exported from {manifest['source']['name']!r} (fingerprint "
+            f"{manifest['source']['fingerprint'][:12]}), not from {source!r} ({info.fingerprint[:12]}); "
+            f"compare an export with its own source"
+        )
+    say(f"loading {exported}")
+    exported_pipe = load_pipeline(exported, verify=False, **(runtime_options or {}))
+    tolerances = load_tolerances(manifest["backend"], manifest["precision"], tolerances_file)
+    settings = _resolve_size(settings or ParitySettings(), manifest)
+    batch = manifest["shapes"]["profile"]["batch_size"] if manifest["shapes"]["static"] else 1
+    for pipe in (eager, exported_pipe):
+        _set_scheduler(pipe, settings.scheduler)
+        pipe.set_progress_bar_config(disable=True)
+    family = family_of(manifest["pipeline_class"])
+    specs = [s for s in specs_for_pipeline(eager) if s.name in manifest["components"]]
+
+    images: list[ImageResult] = []
+    init_image = None
+    with record_calls(eager, specs, settings.max_calls) as calls:
+        for task in settings.tasks:
+            say(f"running {task}, eager and exported ({settings.steps} steps)")
+            cls = family.pipeline_class(task)
+            pair = [cls(**p.components, requires_safety_checker=False) for p in (eager, exported_pipe)]
+            for p in pair:
+                p.set_progress_bar_config(disable=True)
+            want = _generate(pair[0], settings, task, init_image, batch)
+            got = _generate(pair[1], settings, task, init_image, batch)
+            images += [ImageResult.evaluate(task, i, e, g, tolerances.image) for i, (e, g) in enumerate(zip(want, got))]
+            if init_image is None:
+                init_image = want[0]
+    components = []
+    runners = exported_pipe.diffship_runners
+    for spec in specs:
+        say(f"comparing {spec.name} on {len(calls[spec.name])} recorded calls")
+        if calls[spec.name]:
+            components.append(compare_component(spec, getattr(eager, spec.source), runners[spec.name],
+                                                calls[spec.name], tolerances))
+    return ParityReport(
+        source=str(source), export=str(exported), backend=manifest["backend"], precision=manifest["precision"],
+        evaluator=runners[specs[0].name].describe(), settings={**asdict(settings), "tasks": list(settings.tasks),
+                                                               "scheduler": type(eager.scheduler).__name__},
+        components=components, images=images, seconds=time.perf_counter() - started, versions=manifest["versions"],
+    )
+
+
+def _resolve_size(settings: ParitySettings, manifest: dict[str, Any]) -> ParitySettings:
+    from dataclasses import replace
+
+    profile = manifest["shapes"]["profile"]
+    return replace(settings, height=settings.height or profile["height"], width=settings.width or profile["width"])

@@ -1,0 +1,75 @@
+"""The ``diffship`` command line: one module per command group, one line per error."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+
+import click
+import typer
+
+from diffship.errors import DiffshipError
+
+app = typer.Typer(
+    name="diffship", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Export diffusers pipelines to ONNX, OpenVINO, Core ML and TensorRT; run them; prove parity.",
+)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Full tracebacks and library logs.")) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """Library progress bars and notices would drown our one-line messages."""
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore")
+    for name in ("diffusers", "transformers", "torch", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import diffusers.utils.logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+
+
+from diffship.cli import demo, export, generate, inspect, parity  # noqa: E402  (commands register on `app`)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code. DiffshipErrors print one line (traceback with --debug)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        app(args=args, prog_name="diffship", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("diffship: interrupted", file=sys.stderr)
+        return 130
+    except DiffshipError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"diffship: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # anything unexpected still gets one line, and the way to see more
+        if debug:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"diffship: error: unexpected {type(exc).__name__}: {first} (re-run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ["app", "demo", "export", "generate", "inspect", "main", "parity"]

@@ -1,0 +1,56 @@
+"""Pieces the commands share: size parsing, progress display, runtime options."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator
+
+from rich.console import Console
+
+from diffship.errors import ShapeError
+
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """``"512x768"`` -> ``(512, 768)`` (height x width); multiples of 8 only."""
+    if text is None:
+        return None
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ShapeError(f"size {text!r} is not HEIGHTxWIDTH, e.g. 512x512") from None
+    for name, value in (("height", height), ("width", width)):
+        if value < 8 or value % 8:
+            raise ShapeError(f"{name} {value} is not a positive multiple of 8; use e.g. {max(8, value // 8 * 8)}")
+    return height, width
+
+
+@contextlib.contextmanager
+def steps(title: str) -> Iterator:
+    """A live status line; each call of the yielded function closes the previous step with its time."""
+    state = {"name": None, "start": time.perf_counter()}
+
+    def close() -> None:
+        if state["name"]:
+            console.print(f"  [green]✓[/] {state['name']} [dim]({time.perf_counter() - state['start']:.1f}s)[/]")
+
+    with console.status(title) as status:
+        def say(message: str) -> None:
+            close()
+            state["name"], state["start"] = message, time.perf_counter()
+            status.update(f"{message}…")
+
+        yield say
+        close()
+
+
+def runtime_options(provider: str | None, threads: int | None) -> dict:
+    options = {}
+    if provider:
+        options["provider"] = provider.split(",") if "," in provider else provider
+    if threads:
+        options["threads"] = threads
+    return options

@@ -1,0 +1,50 @@
+"""``diffship demo``: the built-in pipeline through every backend usable here, end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from diffship.cli import app
+from diffship.cli._common import console, out, steps
+from diffship.errors import ParityFailure
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("diffship-demo"), "--out", help="Folder for exports, images and reports."),
+    steps_: int = typer.Option(10, "--steps", min=1, help="Denoising steps."),
+    prompt: str = typer.Option("a photograph of an astronaut riding a horse", "--prompt"),
+) -> None:
+    """Export `tiny` to every backend installed here, generate with each, check parity, say where it all is."""
+    import torch
+
+    from diffship.cli.parity import run_parity
+    from diffship.exporters import available_backends, export_pipeline
+    from diffship.runtimes import runtime_available
+    from diffship.runtimes.pipeline import load_pipeline
+
+    backends = [b for b in available_backends() if runtime_available(b)]
+    console.print(f"backends usable here: {', '.join(backends)}")
+    results = {}
+    for backend in backends:
+        folder = output / backend
+        with steps(f"{backend}: export") as say:
+            export_pipeline("tiny", folder / "export", backend=backend, overwrite=True, progress=say)
+            say("generating an image")
+            pipe = load_pipeline(folder / "export")
+            pipe.set_progress_bar_config(disable=True)
+            image = pipe(prompt, num_inference_steps=steps_, generator=torch.Generator().manual_seed(0)).images[0]
+            (folder / "images").mkdir(parents=True, exist_ok=True)
+            image.save(folder / "images" / "generated.png")
+        results[backend] = run_parity("tiny", folder / "export", steps_=steps_, report=folder / "report",
+                                      junit=folder / "report" / "junit.xml")
+    out.print("\n[bold]demo results[/]")
+    for backend, result in results.items():
+        verdict = "[green]parity passed[/]" if result.passed else "[red]parity FAILED[/]"
+        out.print(f"{backend}: {verdict}\n  export: {output / backend / 'export'}\n  image:  "
+                  f"{output / backend / 'images' / 'generated.png'}\n  report: {output / backend / 'report' / 'index.html'}")
+    failed = [b for b, r in results.items() if not r.passed]
+    if failed:
+        raise ParityFailure(f"parity failed for {', '.join(failed)}; see the reports above")

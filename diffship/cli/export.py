@@ -1,0 +1,49 @@
+"""``diffship export SOURCE OUT``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from diffship.cli import app
+from diffship.cli._common import out, parse_size, steps
+
+
+@app.command()
+def export(
+    source: str = typer.Argument(..., help="Diffusers folder, single-file .safetensors checkpoint, or preset (tiny)."),
+    output: Path = typer.Argument(..., metavar="OUT", help="Folder to create (written atomically)."),
+    backend: str = typer.Option("onnx", "--backend", "-b", help="Export backend."),
+    precision: str = typer.Option("fp32", "--precision", "-p", help="fp32 or fp16 (overflowing parts stay fp32)."),
+    static: Optional[str] = typer.Option(None, "--static", metavar="HxW", help="Fixed image size instead of dynamic shapes."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Images per call (fixed when --static)."),
+    component: Optional[list[str]] = typer.Option(None, "--component", help="Export only this component (repeatable)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Local diffusers folder with the configs of a single-file checkpoint."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .ckpt/.bin weights (torch.load weights_only)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+) -> None:
+    """Export every component of a pipeline to BACKEND, with a manifest of sha256 hashes."""
+    from diffship.exporters import export_pipeline
+
+    start = time.perf_counter()
+    with steps(f"exporting {source}") as say:
+        manifest = export_pipeline(
+            source, output, backend=backend, precision=precision, static=parse_size(static), batch_size=batch,
+            overwrite=overwrite, config=config, allow_pickle=allow_pickle, components=component, progress=say,
+        )
+    table = Table("component", "precision", "inputs", "outputs", "size", title=f"{backend} export")
+    for name, entry in manifest["components"].items():
+        size = sum((output / name / f).stat().st_size for f in entry["files"])
+        note = " (fp32 fallback)" if "fp32_fallback" in entry["details"] else ""
+        table.add_row(name, entry["precision"] + note, ", ".join(i["name"] for i in entry["inputs"]),
+                      ", ".join(o["name"] for o in entry["outputs"]), _mb(size))
+    out.print(table)
+    out.print(f"exported to {output} in {time.perf_counter() - start:.1f}s")
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"

@@ -1,0 +1,52 @@
+"""``diffship generate EXPORTED --prompt ...``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from diffship.cli import app
+from diffship.cli._common import out, parse_size, runtime_options, steps
+
+
+@app.command()
+def generate(
+    exported: Path = typer.Argument(..., help="Folder written by diffship export."),
+    prompt: str = typer.Option(..., "--prompt", help="Text prompt."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt."),
+    steps_: int = typer.Option(25, "--steps", min=1, help="Denoising steps."),
+    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (<= 1 turns it off)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the torch generator."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Scheduler class, e.g. EulerDiscreteScheduler."),
+    size: Optional[str] = typer.Option(None, "--size", metavar="HxW", help="Image size (default: the model's)."),
+    num_images: int = typer.Option(1, "--num-images", min=1, help="Images for the prompt."),
+    output: Path = typer.Option(Path("generated"), "--out", help="Folder for the PNG files."),
+    provider: Optional[str] = typer.Option(None, "--provider", help="Runtime provider/device (onnx: cpu, cuda, tensorrt)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Runtime threads."),
+) -> None:
+    """Generate images with an exported pipeline, exactly as diffusers would."""
+    import torch
+
+    from diffship.parity.compare import scheduler_class
+    from diffship.runtimes.pipeline import load_pipeline
+
+    hw = parse_size(size)
+    with steps("generating") as say:
+        say(f"loading {exported}")
+        pipe = load_pipeline(exported, **runtime_options(provider, threads))
+        pipe.set_progress_bar_config(disable=True)
+        if scheduler:
+            pipe.scheduler = scheduler_class(pipe, scheduler).from_config(pipe.scheduler.config)
+        say(f"running {steps_} steps with {type(pipe.scheduler).__name__}")
+        images = pipe(
+            prompt, negative_prompt=negative_prompt, num_inference_steps=steps_, guidance_scale=guidance,
+            height=hw[0] if hw else None, width=hw[1] if hw else None, num_images_per_prompt=num_images,
+            generator=torch.Generator("cpu").manual_seed(seed),
+        ).images
+    output.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        path = output / f"seed{seed}-{i}.png"
+        image.save(path)
+        out.print(f"wrote {path}")

@@ -1,0 +1,48 @@
+"""``diffship inspect EXPORTED``: components, IO, sizes, and verification of every file's sha256."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from diffship.cli import app
+from diffship.cli._common import out
+
+
+@app.command()
+def inspect(
+    exported: Path = typer.Argument(..., help="Folder written by diffship export."),
+    as_json: bool = typer.Option(False, "--json", help="Print the verified manifest as JSON."),
+) -> None:
+    """Show what an export holds, after checking every file against its manifest (exit 2 if tampered)."""
+    from diffship.manifest import read_manifest
+
+    manifest = read_manifest(exported, verify=True)
+    if as_json:
+        out.print_json(json.dumps(manifest))
+        return
+    src = manifest["source"]
+    shapes = manifest["shapes"]
+    profile = shapes["profile"]
+    out.print(f"[bold]{exported}[/]: {manifest['pipeline_class']} ({manifest['family']}), backend "
+              f"{manifest['backend']}, {manifest['precision']}")
+    out.print(f"source: {src['name']} ({src['kind']}, fingerprint {src['fingerprint'][:12]})")
+    kind = "static" if shapes["static"] else "dynamic (traced at)"
+    out.print(f"shapes: {kind} {profile['height']}x{profile['width']}, batch {profile['batch_size']}")
+    table = Table("component", "io", "name", "dtype", "dims", "files / size")
+    for name, entry in manifest["components"].items():
+        size = sum((exported / name / f).stat().st_size for f in entry["files"])
+        rows = [("in", io) for io in entry["inputs"]] + [("out", io) for io in entry["outputs"]]
+        for i, (direction, io) in enumerate(rows):
+            first = i == 0
+            prec = entry["precision"] + (" (fp32 fallback)" if "fp32_fallback" in entry["details"] else "")
+            table.add_row(f"{name} [{prec}]" if first else "", direction, io["name"], io["dtype"],
+                          "(" + ", ".join(map(str, io["dims"])) + ")",
+                          f"{', '.join(entry['files'])} {size / 1e6:.1f} MB" if first else "")
+    out.print(table)
+    versions = ", ".join(f"{k} {v}" for k, v in manifest["versions"].items())
+    out.print(f"versions: {versions}")
+    out.print(f"[green]verified[/]: {len(manifest['files'])} files match their sha256")

@@ -1,0 +1,86 @@
+"""``diffship parity SOURCE EXPORTED``: exit 1 when any comparison is outside its tolerance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from diffship.cli import app
+from diffship.cli._common import out, parse_size, runtime_options, steps
+from diffship.errors import ParityFailure
+
+
+@app.command()
+def parity(
+    source: str = typer.Argument(..., help="The eager source the export was made from."),
+    exported: Path = typer.Argument(..., help="Folder written by diffship export."),
+    steps_: int = typer.Option(10, "--steps", min=1, help="Denoising steps of the end-to-end runs."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt (default: a fixed test prompt)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of both runs."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Scheduler class for both runs."),
+    size: Optional[str] = typer.Option(None, "--size", metavar="HxW", help="Image size (default: the export's)."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML here."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write report.json, report.md and index.html here."),
+    tolerances: Optional[Path] = typer.Option(None, "--tolerances", help="TOML file replacing the bundled tolerances."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Configs folder for a single-file SOURCE."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights in SOURCE."),
+    provider: Optional[str] = typer.Option(None, "--provider", help="Runtime provider/device."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Runtime threads."),
+) -> None:
+    """Compare an export with eager PyTorch: every component on recorded inputs, and the final images."""
+    report_obj = run_parity(source, exported, steps_=steps_, prompt=prompt, seed=seed, scheduler=scheduler,
+                            size=size, junit=junit, report=report, tolerances=tolerances, config=config,
+                            allow_pickle=allow_pickle, options=runtime_options(provider, threads))
+    if not report_obj.passed:
+        failures = report_obj.failures()
+        raise ParityFailure(f"parity failed: {len(failures)} check(s) outside tolerance, first: {failures[0]}")
+
+
+def run_parity(source, exported, *, steps_=10, prompt=None, seed=0, scheduler=None, size=None, junit=None,
+               report=None, tolerances=None, config=None, allow_pickle=False, options=None):
+    """Run the checks, print the summary and write the requested reports (shared with ``demo``)."""
+    from dataclasses import replace
+
+    from diffship.parity.compare import ParitySettings, check_parity
+    from diffship.parity.report import write_junit, write_report
+
+    settings = ParitySettings(steps=steps_, seed=seed, scheduler=scheduler)
+    if prompt:
+        settings = replace(settings, prompt=prompt)
+    if hw := parse_size(size):
+        settings = replace(settings, height=hw[0], width=hw[1])
+    with steps(f"parity {exported}") as say:
+        result = check_parity(source, exported, settings=settings, tolerances_file=tolerances, config=config,
+                              allow_pickle=allow_pickle, runtime_options=options, progress=say)
+    print_summary(result)
+    if report:
+        paths = write_report(result, report)
+        out.print(f"report: {next(p for p in paths if p.name == 'index.html')}")
+    if junit:
+        write_junit(result, junit)
+        out.print(f"junit: {junit}")
+    return result
+
+
+def print_summary(result) -> None:
+    table = Table("check", "max abs", "cosine", "PSNR dB", "SSIM", "verdict",
+                  title=f"parity: {result.backend} {result.precision} vs eager ({result.evaluator})")
+    for comp in result.components:
+        for o in comp.outputs:
+            m = o.metrics
+            table.add_row(f"{comp.component}/{o.name} ({comp.calls} calls)", f"{m.max_abs:.2e}", f"{m.cosine:.6f}",
+                          f"{m.psnr:.1f}", "", _verdict(o.passed))
+    for img in result.images:
+        m = img.metrics
+        table.add_row(f"image {img.label}", f"{m.max_abs:.2e}", "", f"{m.psnr:.1f}", f"{m.ssim:.4f}", _verdict(img.passed))
+    out.print(table)
+    for failure in result.failures():
+        out.print(f"[red]FAIL[/] {failure}")
+    out.print("[green]parity passed[/]" if result.passed else "[red]parity failed[/]")
+
+
+def _verdict(passed: bool) -> str:
+    return "[green]pass[/]" if passed else "[red]FAIL[/]"

@@ -1,0 +1,68 @@
+"""Shared fixtures: a private cache with the tiny pipeline, and one export per backend per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def pytest_configure(config):
+    # Tests never touch the user's cache: the tiny pipeline is built afresh (seconds) for each session.
+    if "DIFFSHIP_CACHE" not in os.environ:
+        root = Path(config.rootpath) / ".pytest_cache" / "diffship-cache"
+        os.environ["DIFFSHIP_CACHE"] = str(root)
+
+
+def runnable_backends() -> list:
+    """Backends that can both export and run here, each with its marker."""
+    from diffship.exporters import available_backends
+    from diffship.runtimes import runtime_available
+
+    return [pytest.param(b, marks=getattr(pytest.mark, b)) for b in available_backends() if runtime_available(b)]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    from diffship.reference import tiny_path
+
+    return tiny_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_dir):
+    """The eager tiny pipeline (shared: do not modify it in tests)."""
+    from diffship.reference import load
+
+    return load("tiny")
+
+
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory):
+    """``export_dir(backend, precision="fp32", **kwargs)``: a session-cached export of ``tiny``."""
+    from diffship.exporters import export_pipeline
+
+    made: dict[tuple, Path] = {}
+
+    def make(backend: str, precision: str = "fp32", **kwargs) -> Path:
+        key = (backend, precision, tuple(sorted(kwargs.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"{backend}-{precision}") / "export"
+            export_pipeline("tiny", out, backend=backend, precision=precision, **kwargs)
+            made[key] = out
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(params=runnable_backends())
+def backend(request) -> str:
+    """Every backend that exports and runs on this machine (interface tests run once per backend)."""
+    return request.param
+
+
+@pytest.fixture
+def exported(backend, export_dir) -> Path:
+    """The fp32 export of ``tiny`` for ``backend``."""
+    return export_dir(backend)

@@ -46,7 +46,7 @@ def export_dir(tmp_path_factory):
     made: dict[tuple, Path] = {}
 
     def make(backend: str, precision: str = "fp32", **kwargs) -> Path:
-        key = (backend, precision, tuple(sorted(kwargs.items())))
+        key = (backend, precision, repr(sorted(kwargs.items())))
         if key not in made:
             out = tmp_path_factory.mktemp(f"{backend}-{precision}") / "export"
             export_pipeline("tiny", out, backend=backend, precision=precision, **kwargs)

@@ -168,8 +168,11 @@ def export_pipeline(
 
 def _write_pipeline_files(pipe: Any, folder: Path, backend: str, artifacts: dict[str, Any]) -> None:
     """``model_index.json``, ``scheduler/``, ``tokenizer/``: the diffusers layout around the exported parts."""
+    import diffusers
+
     exported_sources = {a["source"] for a in artifacts.values()}
-    index = {k: v for k, v in dict(pipe.config).items() if k not in exported_sources}
+    index = {"_class_name": type(pipe).__name__, "_diffusers_version": diffusers.__version__}
+    index.update((k, v) for k, v in dict(pipe.config).items() if k not in exported_sources and not k.startswith("_"))
     for name in artifacts:
         index[name] = ["diffship", backend]
     for name, value in list(index.items()):

@@ -38,6 +38,8 @@ class Runner:
         self.name = name
         self.inputs = list(inputs)
         self.outputs = list(outputs)
+        #: what the export accepts, in user terms, appended to shape errors (set by the pipeline loader).
+        self.shape_note = ""
 
     @property
     def input_names(self) -> list[str]:
@@ -72,7 +74,8 @@ class Runner:
                 if isinstance(want, int) and want != got:
                     raise ShapeError(
                         f"{self.name}: input {spec['name']} has shape {tuple(array.shape)}, but this export takes "
-                        f"{_fmt(dims)} (axis {axis} is fixed at {want}); re-export for this shape or without --static"
+                        f"{_fmt(dims)} (axis {axis} is fixed at {want}){self.shape_note}; re-export for this shape "
+                        f"or without --static"
                     )
                 if isinstance(want, str):
                     if want in seen and seen[want][0] != got:

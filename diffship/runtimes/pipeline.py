@@ -143,6 +143,14 @@ def _load_library_component(folder: Path, entry: list[str]):
     return getattr(importlib.import_module(library), class_name).from_pretrained(folder)
 
 
+def _static_note(manifest: dict[str, Any]) -> str:
+    if not manifest["shapes"]["static"]:
+        return ""
+    p = manifest["shapes"]["profile"]
+    guidance = " with classifier-free guidance" if p["guidance"] else ""
+    return f" -- this export is static: {p['height']}x{p['width']} images, batch {p['batch_size']}{guidance}"
+
+
 def load_pipeline(path: str | Path, *, task: str | None = None, verify: bool = True, **runtime_options: Any):
     """Load an exported folder as a diffusers pipeline.
 
@@ -174,6 +182,7 @@ def load_pipeline(path: str | Path, *, task: str | None = None, verify: bool = T
     for name, spec in specs.items():
         component = manifest["components"][name]
         runner = open_runner(manifest["backend"], path / name, component, **runtime_options)
+        runner.shape_note = _static_note(manifest)
         parts.setdefault(spec.source, {})[name] = (spec, runner)
     modules: dict[str, Any] = {source: ADAPTERS[source](configs[source], p) for source, p in parts.items()}
     index = read_json(path / "model_index.json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from typing import Iterator
 
@@ -11,7 +12,8 @@ from rich.console import Console
 from diffship.errors import ShapeError
 
 console = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# Piped or captured output (CI logs) gets wide tables instead of truncated cells.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:

@@ -161,12 +161,18 @@ class ComponentSpec:
 
         ``method`` is the eager module's method (or an adapter's, which has the same signature).
         """
+        sig = inspect.signature(method)
         try:
-            bound = inspect.signature(method).bind(*args, **kwargs)
+            bound = sig.bind(*args, **kwargs)
         except TypeError as exc:
             raise ShapeError(f"{self.name}: {exc}") from None
         bound.apply_defaults()
-        return self.to_inputs(bound.arguments)
+        arguments = dict(bound.arguments)
+        # Flatten **kwargs (transformers 5 takes output_hidden_states & co. that way).
+        for name, param in sig.parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(arguments.pop(name, {}))
+        return self.to_inputs(arguments)
 
 
 # --- wrapper modules: the exact graphs that get exported -------------------------------------------------

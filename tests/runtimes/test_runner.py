@@ -1,0 +1,64 @@
+"""Input checking shared by every runner, and the ONNX Runtime provider choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diffship.errors import MissingBackendError, ShapeError
+from diffship.runtimes.base import Runner
+
+INPUTS = [
+    {"name": "sample", "dtype": "float16", "dims": ["batch", 4, "latent_height", "latent_width"]},
+    {"name": "timestep", "dtype": "float32", "dims": ["batch"]},
+]
+
+
+class Echo(Runner):
+    def _run(self, feeds):
+        return {"out": feeds["sample"]}
+
+
+def runner():
+    return Echo("unet", INPUTS, [{"name": "out", "dtype": "float16", "dims": ["batch", 4, "h", "w"]}])
+
+
+def test_inputs_are_cast_to_declared_dtypes():
+    out = runner().infer({"sample": torch.randn(2, 4, 8, 8, dtype=torch.float64), "timestep": np.array([1, 2])})
+    assert out["out"].dtype == torch.float16 and out["out"].shape == (2, 4, 8, 8)
+    checked = runner().check_inputs({"sample": np.zeros((1, 4, 2, 2)), "timestep": [3]})
+    assert checked["timestep"].dtype == np.float32 and checked["timestep"].flags.c_contiguous
+
+
+@pytest.mark.parametrize("feeds, message", [
+    ({"sample": np.zeros((1, 4, 8, 8))}, r"expected inputs \['sample', 'timestep'\], got \['sample'\]"),
+    ({"sample": np.zeros((1, 4, 8, 8)), "timestep": [1], "extra": [1]}, "expected inputs"),
+    ({"sample": np.zeros((1, 4, 8)), "timestep": [1]}, r"has shape \(1, 4, 8\), expected 4 dims"),
+    ({"sample": np.zeros((1, 3, 8, 8)), "timestep": [1]}, r"axis 1 is fixed at 4"),
+    ({"sample": np.zeros((2, 4, 8, 8)), "timestep": [1]}, r"dim 'batch' is 2 in sample but 1 in timestep"),
+])
+def test_bad_inputs_are_refused(feeds, message):
+    with pytest.raises(ShapeError, match=message):
+        runner().infer(feeds)
+
+
+def test_shape_note_is_appended():
+    r = runner()
+    r.shape_note = " -- this export is static: 64x64 images"
+    with pytest.raises(ShapeError, match="static: 64x64 images; re-export"):
+        r.infer({"sample": np.zeros((1, 5, 8, 8)), "timestep": [1]})
+
+
+@pytest.mark.onnx
+def test_unavailable_provider_names_the_extra():
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    import onnxruntime as ort
+
+    from diffship.runtimes.onnxruntime import providers_for
+
+    assert providers_for(None) == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA; the refusal cannot be shown here")
+    with pytest.raises(MissingBackendError, match=r"diffship\[onnx-gpu\]"):
+        providers_for("cuda")

@@ -114,6 +114,12 @@ def _load_single_file(path: Path, config: Path | None, allow_pickle: bool):
                 f"from the Hugging Face Hub (unreachable here): pass --config DIR (Python: config=DIR), a local "
                 f"diffusers folder of the same architecture ({type(exc).__name__}: {exc})"
             ) from exc
+        if isinstance(exc, OSError) and "Unable to load weights" in str(exc):
+            # diffusers hides the reason (a corrupt file, or a pickle that weights_only refused).
+            raise SourceError(
+                f"could not read the checkpoint {path} ({exc.__cause__ or exc}); check that it is a complete "
+                f".safetensors file (pickle checkpoints may only hold tensors)"
+            ) from exc
         raise SourceError(
             f"loading the single-file checkpoint {path} with configs from {config} failed: {exc}; "
             f"check that {config} has the same architecture as the checkpoint"

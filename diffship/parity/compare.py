@@ -199,11 +199,13 @@ def check_parity(
         pipe.set_progress_bar_config(disable=True)
     family = family_of(manifest["pipeline_class"])
     specs = [s for s in specs_for_pipeline(eager) if s.name in manifest["components"]]
+    runnable = family.tasks_for(manifest["components"])
+    tasks = [t for t in settings.tasks if t in runnable]
 
     images: list[ImageResult] = []
     init_image = None
     with record_calls(eager, specs, settings.max_calls) as calls:
-        for task in settings.tasks:
+        for task in tasks:
             say(f"running {task}, eager and exported ({settings.steps} steps)")
             cls = family.pipeline_class(task)
             pair = [cls(**p.components, requires_safety_checker=False) for p in (eager, exported_pipe)]
@@ -223,7 +225,7 @@ def check_parity(
                                                 calls[spec.name], tolerances))
     return ParityReport(
         source=str(source), export=str(exported), backend=manifest["backend"], precision=manifest["precision"],
-        evaluator=runners[specs[0].name].describe(), settings={**asdict(settings), "tasks": list(settings.tasks),
+        evaluator=runners[specs[0].name].describe(), settings={**asdict(settings), "tasks": tasks,
                                                                "scheduler": type(eager.scheduler).__name__},
         components=components, images=images, seconds=time.perf_counter() - started, versions=manifest["versions"],
     )

@@ -6,7 +6,7 @@ A new family (SDXL, say) is one more :class:`Family` entry with its own spec fun
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from diffship.errors import UnsupportedPipelineError
@@ -24,12 +24,18 @@ class Family:
         pipelines: diffusers pipeline class name per task.
         modules: pipeline attributes holding the torch modules whose configs feed ``specs``.
         specs: builds the component specs from those modules' configs.
+        task_needs: components a task needs beyond text-to-image's (an export may omit them).
     """
 
     name: str
     pipelines: dict[str, str]
     modules: tuple[str, ...]
     specs: Callable[[dict[str, dict[str, Any]]], list[ComponentSpec]]
+    task_needs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def tasks_for(self, components: Any) -> list[str]:
+        """The tasks an export holding ``components`` can run."""
+        return [t for t in self.pipelines if all(c in components for c in self.task_needs.get(t, ()))]
 
     def pipeline_class(self, task: str):
         """The diffusers class for ``task``."""
@@ -55,6 +61,7 @@ FAMILIES: tuple[Family, ...] = (
         },
         modules=("text_encoder", "unet", "vae"),
         specs=stable_diffusion_specs,
+        task_needs={"img2img": ("vae_encoder",), "inpaint": ("vae_encoder",)},
     ),
 )
 

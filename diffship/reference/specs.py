@@ -238,10 +238,12 @@ def _text_encoder_inputs(a: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def _unet_inputs(a: dict[str, Any]) -> dict[str, torch.Tensor]:
+    # The exported graph cannot honour these; refusing beats silently returning a different result.
+    # (An empty cross_attention_kwargs dict changes nothing, so it passes.)
     unsupported = [k for k in ("class_labels", "timestep_cond", "added_cond_kwargs", "down_block_additional_residuals",
                                "mid_block_additional_residual", "down_intrablock_additional_residuals",
-                               "encoder_attention_mask", "attention_mask")
-                   if a.get(k) is not None]
+                               "encoder_attention_mask", "attention_mask", "cross_attention_kwargs")
+                   if a.get(k) is not None and not (k == "cross_attention_kwargs" and not a[k])]
     if unsupported:
         raise ShapeError(f"unet: this export does not take {', '.join(unsupported)}; call without them")
     sample = a["sample"]

@@ -46,11 +46,11 @@ def test_bundled_tolerances():
     assert fp32.image == ImageTolerance(psnr_min=40.0, ssim_min=0.99)
     assert fp32.source == str(BUNDLED_TOLERANCES)
     fp16 = load_tolerances("onnx", "fp16")
-    assert fp16.component == TensorTolerance(max_abs=5e-2, cosine_min=0.999, psnr_min=30.0)
+    assert fp16.component == TensorTolerance(max_abs=1e-2, cosine_min=0.9999, psnr_min=50.0)
     assert fp16.image == ImageTolerance(psnr_min=30.0, ssim_min=0.95)
     # Every table of the bundled file is valid, not only the two above.
     with open(BUNDLED_TOLERANCES, "rb") as f:
-        assert set(parse_tolerances(tomllib.load(f), "bundled")) == {("onnx", "fp32"), ("onnx", "fp16")}
+        assert set(parse_tolerances(tomllib.load(f), "bundled")) >= {("onnx", "fp32"), ("onnx", "fp16")}
 
 
 def test_user_file_with_override_merged_over_defaults(tmp_path):

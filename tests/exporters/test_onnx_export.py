@@ -101,6 +101,16 @@ def test_static_export_fixes_shapes_and_refuses_others(export_dir):
         pipe("a cat", num_inference_steps=2, height=128, width=128)
 
 
+def test_parity_of_a_partial_static_export_runs_what_it_can(export_dir):
+    from diffship.parity.compare import ParitySettings, check_parity
+
+    out = export_dir("onnx", static=(64, 64), batch_size=1, components=["text_encoder", "unet", "vae_decoder"])
+    report = check_parity("tiny", out, settings=ParitySettings(steps=2))
+    assert report.passed, report.failures()
+    assert [i.task for i in report.images] == ["text2img"]  # no vae_encoder: img2img is skipped
+    assert [c.component for c in report.components] == ["text_encoder", "unet", "vae_decoder"]
+
+
 def test_fp16_export_keeps_vae_decoder_fp32_and_passes_parity(export_dir):
     from diffship.parity.compare import ParitySettings, check_parity
 

@@ -9,6 +9,8 @@ output (so an export that ignored it could not pass).
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -79,7 +81,9 @@ def rebuild(pipe, cls=None, scheduler=None):
     """A new pipeline of ``cls`` over ``pipe``'s components, with its own scheduler (nothing shared mutates)."""
     components = dict(pipe.components)
     sched = scheduler or type(pipe.scheduler)
-    components["scheduler"] = sched.from_config(pipe.scheduler.config)
+    # SDE schedulers draw Brownian noise from their own seed (random unless set): fix it for a fair comparison.
+    extra = {"noise_sampler_seed": 0} if "noise_sampler_seed" in inspect.signature(sched.__init__).parameters else {}
+    components["scheduler"] = sched.from_config(pipe.scheduler.config, **extra)
     new = (cls or type(pipe))(**components, requires_safety_checker=False)
     new.set_progress_bar_config(disable=True)
     return new

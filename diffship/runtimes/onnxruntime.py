@@ -53,10 +53,13 @@ class OrtRunner(Runner):
         provider: provider short name (``cpu``, ``cuda``, ``tensorrt``...) or list, highest priority first.
         threads: intra-op threads (default: onnxruntime's choice, one per core).
         provider_options: per-provider option dicts, in the order of ``provider``.
+        session_config: ``SessionOptions`` config entries, e.g.
+            ``{"session.intra_op.allow_spinning": "0"}`` when sharing cores with other work.
     """
 
     def __init__(self, folder: Path, component: dict[str, Any], provider: str | list[str] | None = None,
-                 threads: int | None = None, provider_options: list[dict] | None = None):
+                 threads: int | None = None, provider_options: list[dict] | None = None,
+                 session_config: dict[str, str] | None = None):
         super().__init__(component["component"], component["inputs"], component["outputs"])
         import onnxruntime as ort
 
@@ -67,6 +70,8 @@ class OrtRunner(Runner):
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, str(value))
         providers = providers_for(provider)
         if provider_options:
             provider_options = list(provider_options) + [{}] * (len(providers) - len(provider_options))

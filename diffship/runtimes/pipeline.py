@@ -92,10 +92,14 @@ class UNetAdapter(_Adapter):
                  down_intrablock_additional_residuals=None, encoder_attention_mask=None, return_dict=True):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-        arguments = dict(locals())
-        arguments.pop("self")
-        arguments.pop("UNet2DConditionOutput")
-        out = self._run(self.spec, self.runner, self.__call__, (), arguments)["out_sample"]
+        extra = dict(class_labels=class_labels, timestep_cond=timestep_cond, attention_mask=attention_mask,
+                     cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs,
+                     down_block_additional_residuals=down_block_additional_residuals,
+                     mid_block_additional_residual=mid_block_additional_residual,
+                     down_intrablock_additional_residuals=down_intrablock_additional_residuals,
+                     encoder_attention_mask=encoder_attention_mask)
+        out = self._run(self.spec, self.runner, self.__call__, (sample, timestep, encoder_hidden_states),
+                        extra)["out_sample"]
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
     forward = __call__

@@ -62,3 +62,15 @@ def test_unavailable_provider_names_the_extra():
         pytest.skip("this onnxruntime has CUDA; the refusal cannot be shown here")
     with pytest.raises(MissingBackendError, match=r"diffship\[onnx-gpu\]"):
         providers_for("cuda")
+
+
+@pytest.mark.onnx
+def test_ort_runner_options(export_dir):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    from diffship.runtimes.pipeline import load_pipeline
+
+    pipe = load_pipeline(export_dir("onnx"), threads=1, session_config={"session.intra_op.allow_spinning": "0"})
+    session = pipe.diffship_runners["unet"].session
+    assert session.get_session_options().intra_op_num_threads == 1
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert "CPUExecutionProvider" in pipe.diffship_runners["unet"].describe()

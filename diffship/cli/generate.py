@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from diffship.cli import app
-from diffship.cli._common import out, parse_size, runtime_options, steps
+from diffship.cli._common import console, out, parse_size, runtime_options, steps
 
 
 @app.command()
@@ -33,17 +34,25 @@ def generate(
     from diffship.runtimes.pipeline import load_pipeline
 
     hw = parse_size(size)
-    with steps("generating") as say:
+    with steps("loading") as say:
         say(f"loading {exported}")
         pipe = load_pipeline(exported, **runtime_options(provider, threads))
         pipe.set_progress_bar_config(disable=True)
         if scheduler:
             pipe.scheduler = scheduler_class(pipe, scheduler).from_config(pipe.scheduler.config)
-        say(f"running {steps_} steps with {type(pipe.scheduler).__name__}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task(f"denoising ({type(pipe.scheduler).__name__})", total=steps_)
+
+        def advance(pipeline, step, _timestep, tensors):
+            # Schedulers may run more or fewer timesteps than asked (PNDM, img2img strength).
+            bar.update(task, total=pipeline.num_timesteps, completed=step + 1)
+            return tensors
+
         images = pipe(
             prompt, negative_prompt=negative_prompt, num_inference_steps=steps_, guidance_scale=guidance,
             height=hw[0] if hw else None, width=hw[1] if hw else None, num_images_per_prompt=num_images,
-            generator=torch.Generator("cpu").manual_seed(seed),
+            generator=torch.Generator("cpu").manual_seed(seed), callback_on_step_end=advance,
         ).images
     output.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):

@@ -7,6 +7,7 @@ Schema (``format: diffship.export/1``)::
 
     format, diffship_version, created (ISO time)
     backend, precision, family, pipeline_class
+    tasks: the pipeline tasks this export can run (text2img, img2img, inpaint)
     source: {name, kind, path, pipeline_class, fingerprint}
     shapes: {static: bool, profile: {batch_size, height, width, sequence_length, guidance}}
     components: {<name>: {source, precision, files, inputs, outputs, details}}

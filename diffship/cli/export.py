@@ -21,6 +21,8 @@ def export(
     precision: str = typer.Option("fp32", "--precision", "-p", help="fp32 or fp16 (overflowing parts stay fp32)."),
     static: Optional[str] = typer.Option(None, "--static", metavar="HxW", help="Fixed image size instead of dynamic shapes."),
     batch: int = typer.Option(1, "--batch", min=1, help="Images per call (fixed when --static)."),
+    guidance: bool = typer.Option(True, "--guidance/--no-guidance",
+                                  help="Requests use classifier-free guidance (a static UNet then takes 2x the batch)."),
     component: Optional[list[str]] = typer.Option(None, "--component", help="Export only this component (repeatable)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Local diffusers folder with the configs of a single-file checkpoint."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .ckpt/.bin weights (torch.load weights_only)."),
@@ -33,6 +35,7 @@ def export(
     with steps(f"exporting {source}") as say:
         manifest = export_pipeline(
             source, output, backend=backend, precision=precision, static=parse_size(static), batch_size=batch,
+            guidance=guidance,
             overwrite=overwrite, config=config, allow_pickle=allow_pickle, components=component, progress=say,
         )
     table = Table("component", "precision", "inputs", "outputs", "size", title=f"{backend} export")

@@ -36,7 +36,10 @@ def generate(
     hw = parse_size(size)
     with steps("loading") as say:
         say(f"loading {exported}")
-        pipe = load_pipeline(exported, **runtime_options(provider, threads))
+        pipe = load_pipeline(exported, task="text2img", **runtime_options(provider, threads))
+        shapes = pipe.diffship_manifest["shapes"]
+        if hw is None and shapes["static"]:  # a static export takes only its own size
+            hw = shapes["profile"]["height"], shapes["profile"]["width"]
         pipe.set_progress_bar_config(disable=True)
         if scheduler:
             pipe.scheduler = scheduler_class(pipe, scheduler).from_config(pipe.scheduler.config)

@@ -80,13 +80,13 @@ class Exporter(Protocol):
 
 
 def io_description(spec: ComponentSpec, options: ExportOptions) -> tuple[list[dict], list[dict]]:
-    """Inputs and outputs of ``spec`` as exported with ``options``: symbolic dims, or fixed when static."""
+    """Inputs and outputs of ``spec`` as exported with ``options``: dims stay named where symbolic."""
     dims = spec.dims(options.profile)
+    symbolic = spec.symbolic_dims(options.static)
 
     def describe(t):
         d = t.to_dict(options.precision)
-        if options.static:
-            d["dims"] = list(t.shape(dims))
+        d["dims"] = [x if isinstance(x, int) or x in symbolic else dims[x] for x in t.dims]
         return d
 
     return [describe(t) for t in spec.inputs], [describe(t) for t in spec.outputs]

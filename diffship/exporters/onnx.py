@@ -55,9 +55,12 @@ def check_model_file(path: str) -> None:
     onnx.checker.check_model(path, full_check=True)
 
 
-def _dynamic_shapes(spec: ComponentSpec) -> dict[str, dict[int, object]]:
+def _dynamic_shapes(spec: ComponentSpec, static: bool) -> dict[str, dict[int, object]] | None:
+    symbolic = spec.symbolic_dims(static)
+    if not symbolic:
+        return None
     dyn = torch.export.Dim.DYNAMIC
-    return {t.name: {i: dyn for i, d in enumerate(t.dims) if isinstance(d, str)} for t in spec.inputs}
+    return {t.name: {i: dyn for i, d in enumerate(t.dims) if d in symbolic} for t in spec.inputs}
 
 
 def _quiet():
@@ -88,13 +91,13 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
         with _quiet(), torch.no_grad():
             program = torch.onnx.export(
                 module, tuple(example.values()), input_names=spec.input_names, output_names=spec.output_names,
-                dynamic_shapes=None if options.static else _dynamic_shapes(spec), opset_version=options.opset,
+                dynamic_shapes=_dynamic_shapes(spec, options.static), opset_version=options.opset,
                 dynamo=True, optimize=True,
             )
     except Exception as exc:
         raise ExportError(f"exporting {spec.name} to ONNX failed ({type(exc).__name__}): {exc}".splitlines()[0]
                           + "; re-run with --debug for the exporter's report") from exc
-    if not options.static:
+    if spec.symbolic_dims(options.static):
         _name_dims(program, spec, inputs, outputs)
     external = needs_external_data(module, options.external_data)
     path = out_dir / MODEL_FILE

@@ -17,7 +17,8 @@ from diffship._registry import modules_with, registered
 from diffship.errors import DiffshipError, MissingBackendError
 from diffship.exporters.base import Artifact, ExportOptions
 from diffship.manifest import library_versions, write_manifest
-from diffship.reference import ShapeProfile, family_of, load_with_info, specs_for_pipeline
+from diffship.reference import ShapeProfile, family_of, load_with_info
+from diffship.reference.families import pipeline_configs
 from diffship.reference.specs import PRECISIONS, ComponentSpec, vae_scale_factor
 
 log = logging.getLogger("diffship")
@@ -46,13 +47,14 @@ def available_backends() -> list[str]:
     return out
 
 
-def default_profile(pipe: Any, batch_size: int = 1, size: tuple[int, int] | None = None) -> ShapeProfile:
+def default_profile(pipe: Any, batch_size: int = 1, size: tuple[int, int] | None = None,
+                    guidance: bool = True) -> ShapeProfile:
     """The pipeline's default request shape (diffusers' default height/width), or ``size``."""
     f = vae_scale_factor(dict(pipe.vae.config))
     default = pipe.unet.config.sample_size * f
     height, width = size or (default, default)
     profile = ShapeProfile(batch_size=batch_size, height=height, width=width,
-                           sequence_length=pipe.tokenizer.model_max_length)
+                           sequence_length=pipe.tokenizer.model_max_length, guidance=guidance)
     profile.validate(f)
     return profile
 
@@ -104,6 +106,7 @@ def export_pipeline(
     precision: str = "fp32",
     static: tuple[int, int] | None = None,
     batch_size: int = 1,
+    guidance: bool = True,
     overwrite: bool = False,
     config: str | Path | None = None,
     allow_pickle: bool = False,
@@ -120,6 +123,7 @@ def export_pipeline(
         precision: ``fp32`` or ``fp16``; in fp16, components that overflow are kept in fp32.
         static: ``(height, width)`` to export fixed shapes; dynamic batch/height/width otherwise.
         batch_size: images per call the static export takes (the UNet gets twice that, for guidance).
+        guidance: whether requests use classifier-free guidance (fixes the static UNet batch at 2x).
         overwrite: replace ``out`` if it exists.
         config: local diffusers folder with configs for a single-file ``source``.
         allow_pickle: allow pickle weights (read with ``torch.load(weights_only=True)``).
@@ -136,8 +140,10 @@ def export_pipeline(
     say = progress or (lambda _msg: None)
     say(f"loading {source}")
     pipe, info = load_with_info(source, config=config, allow_pickle=allow_pickle)
-    profile = default_profile(pipe, batch_size, static)
-    specs = specs_for_pipeline(pipe)
+    profile = default_profile(pipe, batch_size, static, guidance)
+    family = family_of(type(pipe).__name__)
+    configs = pipeline_configs(pipe)
+    specs = family.specs(configs)
     if components:
         unknown = sorted(set(components) - {s.name for s in specs})
         if unknown:
@@ -158,8 +164,9 @@ def export_pipeline(
         say("writing tokenizer, scheduler and manifest")
         _write_pipeline_files(pipe, tmp, backend, artifacts)
         manifest = write_manifest(tmp, {
-            "backend": backend, "precision": precision, "family": family_of(type(pipe).__name__).name,
-            "pipeline_class": type(pipe).__name__, "source": info.to_dict(),
+            "backend": backend, "precision": precision, "family": family.name,
+            "pipeline_class": type(pipe).__name__, "tasks": family.tasks_for(artifacts, configs),
+            "source": info.to_dict(),
             "shapes": {"static": static is not None, "profile": profile.to_dict()},
             "components": artifacts, "versions": library_versions(mod.versions()),
         })

@@ -39,7 +39,9 @@ class ParitySettings:
         prompt / negative_prompt / seed / steps / guidance_scale: the generation request.
         height / width: image size (default: the export's static size, else the pipeline default).
         scheduler: a scheduler class name from ``pipe.scheduler.compatibles`` (default: the pipeline's).
-        tasks: ``text2img`` and optionally ``img2img`` (which also exercises the VAE encoder).
+        tasks: which of ``text2img``, ``img2img``, ``inpaint`` to run, as far as the export supports
+            them (image-to-image and inpainting also exercise the VAE encoder). Their init image is
+            the eager text-to-image result, or a fixed synthetic image for inpainting-only models.
         strength: image-to-image strength.
         max_calls: calls recorded per component (the UNet is called once per step, twice the batch).
     """
@@ -52,7 +54,7 @@ class ParitySettings:
     height: int | None = None
     width: int | None = None
     scheduler: str | None = None
-    tasks: tuple[str, ...] = ("text2img", "img2img")
+    tasks: tuple[str, ...] = ("text2img", "img2img", "inpaint")
     strength: float = 0.6
     max_calls: int = 64
 
@@ -138,16 +140,34 @@ def scheduler_class(pipe: Any, name: str) -> type:
     return compatible[name]
 
 
-def _generate(pipe: Any, settings: ParitySettings, task: str, init_image: Any, batch: int) -> np.ndarray:
+def synthetic_image(height: int, width: int) -> np.ndarray:
+    """A deterministic smooth test image (HxWx3 in [0, 1]) for when no eager image exists yet."""
+    y, x = np.mgrid[0:height, 0:width] / np.array([max(height - 1, 1), max(width - 1, 1)])[:, None, None]
+    return np.stack([x, y, 0.5 + 0.5 * np.sin(6.0 * (x + y))], axis=-1).astype(np.float32)
+
+
+def center_mask(height: int, width: int) -> np.ndarray:
+    """Inpainting mask (HxW in {0, 1}): the central half of the image is repainted."""
+    mask = np.zeros((height, width), dtype=np.float32)
+    mask[height // 4 : height - height // 4, width // 4 : width - width // 4] = 1.0
+    return mask
+
+
+def _generate(pipe: Any, settings: ParitySettings, task: str, init_image: np.ndarray, batch: int) -> np.ndarray:
+    from PIL import Image
+
     kwargs: dict[str, Any] = dict(
         prompt=settings.prompt, negative_prompt=settings.negative_prompt, num_inference_steps=settings.steps,
         guidance_scale=settings.guidance_scale, generator=torch.Generator("cpu").manual_seed(settings.seed),
-        num_images_per_prompt=batch, output_type="np",
+        num_images_per_prompt=batch, output_type="np", height=settings.height, width=settings.width,
     )
-    if task == "text2img":
-        kwargs.update(height=settings.height, width=settings.width)
-    else:
-        kwargs.update(image=init_image, strength=settings.strength)
+    image = Image.fromarray((init_image * 255).round().astype(np.uint8))
+    if task == "img2img":
+        kwargs.update(image=image, strength=settings.strength)
+        del kwargs["height"], kwargs["width"]
+    elif task == "inpaint":
+        mask = Image.fromarray((center_mask(settings.height, settings.width) * 255).astype(np.uint8))
+        kwargs.update(image=image, mask_image=mask)
     return np.asarray(pipe(**kwargs).images)
 
 
@@ -181,6 +201,7 @@ def check_parity(
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
     manifest = read_manifest(exported)
+    tolerances = load_tolerances(manifest["backend"], manifest["precision"], tolerances_file)
     say(f"loading {source}")
     eager, info = load_with_info(source, config=config, allow_pickle=allow_pickle)
     if info.fingerprint != manifest["source"]["fingerprint"]:
@@ -191,7 +212,6 @@ def check_parity(
         )
     say(f"loading {exported}")
     exported_pipe = load_pipeline(exported, verify=False, **(runtime_options or {}))
-    tolerances = load_tolerances(manifest["backend"], manifest["precision"], tolerances_file)
     settings = _resolve_size(settings or ParitySettings(), manifest)
     batch = manifest["shapes"]["profile"]["batch_size"] if manifest["shapes"]["static"] else 1
     for pipe in (eager, exported_pipe):
@@ -199,11 +219,10 @@ def check_parity(
         pipe.set_progress_bar_config(disable=True)
     family = family_of(manifest["pipeline_class"])
     specs = [s for s in specs_for_pipeline(eager) if s.name in manifest["components"]]
-    runnable = family.tasks_for(manifest["components"])
-    tasks = [t for t in settings.tasks if t in runnable]
+    tasks = [t for t in settings.tasks if t in manifest["tasks"]]
 
     images: list[ImageResult] = []
-    init_image = None
+    init_image = synthetic_image(settings.height, settings.width)
     with record_calls(eager, specs, settings.max_calls) as calls:
         for task in tasks:
             say(f"running {task}, eager and exported ({settings.steps} steps)")
@@ -214,7 +233,7 @@ def check_parity(
             want = _generate(pair[0], settings, task, init_image, batch)
             got = _generate(pair[1], settings, task, init_image, batch)
             images += [ImageResult.evaluate(task, i, e, g, tolerances.image) for i, (e, g) in enumerate(zip(want, got))]
-            if init_image is None:
+            if task == "text2img":
                 init_image = want[0]
     components = []
     runners = exported_pipe.diffship_runners

@@ -25,6 +25,7 @@ class Family:
         modules: pipeline attributes holding the torch modules whose configs feed ``specs``.
         specs: builds the component specs from those modules' configs.
         task_needs: components a task needs beyond text-to-image's (an export may omit them).
+        extra_channel_tasks: the only tasks of a UNet that takes extra (mask) input channels.
     """
 
     name: str
@@ -32,10 +33,19 @@ class Family:
     modules: tuple[str, ...]
     specs: Callable[[dict[str, dict[str, Any]]], list[ComponentSpec]]
     task_needs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    extra_channel_tasks: tuple[str, ...] = ()
 
-    def tasks_for(self, components: Any) -> list[str]:
-        """The tasks an export holding ``components`` can run."""
-        return [t for t in self.pipelines if all(c in components for c in self.task_needs.get(t, ()))]
+    def tasks_for(self, components: Any, configs: dict[str, dict[str, Any]]) -> list[str]:
+        """The tasks an export holding ``components`` of a pipeline with ``configs`` can run.
+
+        A UNet with more input than output channels takes the masked image as extra channels: it is
+        an inpainting model and can only inpaint.
+        """
+        tasks = [t for t in self.pipelines if all(c in components for c in self.task_needs.get(t, ()))]
+        unet = configs.get("unet", {})
+        if unet.get("in_channels", 0) > unet.get("out_channels", 0):
+            tasks = [t for t in tasks if t in self.extra_channel_tasks]
+        return tasks
 
     def pipeline_class(self, task: str):
         """The diffusers class for ``task``."""
@@ -62,6 +72,7 @@ FAMILIES: tuple[Family, ...] = (
         modules=("text_encoder", "unet", "vae"),
         specs=stable_diffusion_specs,
         task_needs={"img2img": ("vae_encoder",), "inpaint": ("vae_encoder",)},
+        extra_channel_tasks=("inpaint",),
     ),
 )
 
@@ -86,7 +97,11 @@ def module_config(module: Any) -> dict[str, Any]:
     return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
 
 
+def pipeline_configs(pipe: Any) -> dict[str, dict[str, Any]]:
+    """The configs of an eager pipeline's modules, as its family's spec function takes them."""
+    return {name: module_config(getattr(pipe, name)) for name in family_of(type(pipe).__name__).modules}
+
+
 def specs_for_pipeline(pipe: Any) -> list[ComponentSpec]:
     """Component specs of an eager diffusers pipeline."""
-    fam = family_of(type(pipe).__name__)
-    return fam.specs({name: module_config(getattr(pipe, name)) for name in fam.modules})
+    return family_of(type(pipe).__name__).specs(pipeline_configs(pipe))

@@ -33,11 +33,14 @@ class TensorSpec:
         dtype: ``"float"`` (follows the export precision), ``"float32"`` or ``"int64"``.
         dims: per axis, a fixed size or the name of a symbolic dim (``batch``, ``height``, ``width``,
             ``latent_height``, ``latent_width``, ``sequence``).
+        scale: standard deviation of realistic values, for example inputs (decoder latents are
+            divided by the VAE's scaling factor, so they are ~5x larger than unit noise).
     """
 
     name: str
     dtype: str
     dims: tuple[int | str, ...]
+    scale: float = 1.0
 
     def torch_dtype(self, precision: str = "fp32") -> torch.dtype:
         """The concrete dtype of this tensor in an export of ``precision``."""
@@ -114,6 +117,9 @@ class ComponentSpec:
         scale_factor: the VAE's spatial scale factor (latent -> pixels).
         batch_multiplier: how many rows of the component's batch one image takes under guidance.
         keep_fp32: export this component in fp32 even in an fp16 export (known to overflow).
+        static_batch: whether a static export fixes the batch too. diffusers calls the text encoder
+            once per prompt list and the VAE encoder once per init image, whatever the number of
+            images, so their batch stays dynamic; the UNet and decoder batches are fixed.
     """
 
     name: str
@@ -126,7 +132,15 @@ class ComponentSpec:
     scale_factor: int = 8
     batch_multiplier: int = 1
     keep_fp32: bool = False
+    static_batch: bool = True
     config: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def symbolic_dims(self, static: bool) -> set[str]:
+        """The dims left symbolic in an export: all of them, or when ``static`` only an unfixed batch."""
+        names = {d for t in (*self.inputs, *self.outputs) for d in t.dims if isinstance(d, str)}
+        if static:
+            return names & ({"batch"} if not self.static_batch else set())
+        return names
 
     @property
     def input_names(self) -> list[str]:
@@ -153,7 +167,7 @@ class ComponentSpec:
             elif t.name == "timestep":
                 out[t.name] = torch.full(shape, 500.0, dtype=dtype)
             else:
-                out[t.name] = torch.randn(shape, generator=gen).to(dtype)
+                out[t.name] = (torch.randn(shape, generator=gen) * t.scale).to(dtype)
         return out
 
     def inputs_for_call(self, method: Callable, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
@@ -273,6 +287,7 @@ def stable_diffusion_specs(configs: dict[str, dict[str, Any]]) -> list[Component
     """
     te, unet, vae = configs["text_encoder"], configs["unet"], configs["vae"]
     f = vae_scale_factor(vae)
+    upcast = bool(vae.get("force_upcast", False))  # diffusers runs the whole VAE in fp32 then
     hidden = te["hidden_size"]
     latent = vae["latent_channels"]
     image = vae.get("in_channels", 3)
@@ -283,7 +298,7 @@ def stable_diffusion_specs(configs: dict[str, dict[str, Any]]) -> list[Component
             outputs=(TensorSpec("last_hidden_state", FLOAT, ("batch", "sequence", hidden)),
                      TensorSpec("pooler_output", FLOAT, ("batch", hidden))),
             wrapper=TextEncoderWrapper, method="forward", to_inputs=_text_encoder_inputs,
-            scale_factor=f, config=te,
+            scale_factor=f, static_batch=False, config=te,
         ),
         ComponentSpec(
             name="unet", source="unet",
@@ -299,13 +314,14 @@ def stable_diffusion_specs(configs: dict[str, dict[str, Any]]) -> list[Component
             inputs=(TensorSpec("sample", FLOAT, ("batch", image, "height", "width")),),
             outputs=(TensorSpec("latent_parameters", FLOAT, ("batch", 2 * latent, "latent_height", "latent_width")),),
             wrapper=VaeEncoderWrapper, method="encode", to_inputs=_vae_encoder_inputs,
-            scale_factor=f, config=vae,
+            scale_factor=f, keep_fp32=upcast, static_batch=False, config=vae,
         ),
         ComponentSpec(
             name="vae_decoder", source="vae",
-            inputs=(TensorSpec("latent_sample", FLOAT, ("batch", latent, "latent_height", "latent_width")),),
+            inputs=(TensorSpec("latent_sample", FLOAT, ("batch", latent, "latent_height", "latent_width"),
+                               scale=1.0 / vae.get("scaling_factor", 1.0)),),
             outputs=(TensorSpec("sample", FLOAT, ("batch", vae.get("out_channels", 3), "height", "width")),),
             wrapper=VaeDecoderWrapper, method="decode", to_inputs=_vae_decoder_inputs,
-            scale_factor=f, keep_fp32=bool(vae.get("force_upcast", False)), config=vae,
+            scale_factor=f, keep_fp32=upcast, config=vae,
         ),
     ]

@@ -147,6 +147,19 @@ def _load_library_component(folder: Path, entry: list[str]):
     return getattr(importlib.import_module(library), class_name).from_pretrained(folder)
 
 
+def _module_configs(path: Path, manifest: dict[str, Any], modules: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Each pipeline module's config: from its exported component(s), or from the torch module saved
+    beside them when an export left it out (``--component``)."""
+    folders = {c["source"]: name for name, c in manifest["components"].items()}
+    configs = {}
+    for module in modules:
+        config = path / folders.get(module, module) / "config.json"
+        if not config.is_file():
+            raise ExportedModelError(f"{path}: {config.relative_to(path)} is missing; re-run diffship export")
+        configs[module] = read_json(config)
+    return configs
+
+
 def _static_note(manifest: dict[str, Any]) -> str:
     if not manifest["shapes"]["static"]:
         return ""
@@ -177,10 +190,11 @@ def load_pipeline(path: str | Path, *, task: str | None = None, verify: bool = T
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
     family = family_of(manifest["pipeline_class"])
-    cls = family.pipeline_class(task or family.task_of(manifest["pipeline_class"]))
-    configs: dict[str, dict[str, Any]] = {}
-    for name, component in manifest["components"].items():
-        configs.setdefault(component["source"], read_json(path / name / "config.json"))
+    task = task or family.task_of(manifest["pipeline_class"])
+    if task not in manifest["tasks"]:
+        raise ExportedModelError(f"{path} cannot run {task!r}; it supports: {', '.join(manifest['tasks'])}")
+    cls = family.pipeline_class(task)
+    configs = _module_configs(path, manifest, family.modules)
     specs = {s.name: s for s in family.specs(configs) if s.name in manifest["components"]}
     parts: dict[str, dict[str, tuple[ComponentSpec, Runner]]] = {}
     for name, spec in specs.items():

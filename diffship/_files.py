@@ -32,12 +32,42 @@ def write_json(path: Path, data: Any) -> None:
         f.write("\n")
 
 
+def atomic_write(path: Path, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide reports from web servers and CI artifact uploads
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def png_bytes(image) -> bytes:
+    """A PIL image encoded as PNG."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def cache_dir() -> Path:
     """diffship's cache folder: ``$DIFFSHIP_CACHE``, else ``$XDG_CACHE_HOME/diffship``, else ``~/.cache/diffship``."""
     if env := os.environ.get("DIFFSHIP_CACHE"):
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "diffship"
+
+
+def replaceable(folder: Path) -> bool:
+    """Whether ``--overwrite`` may replace ``folder``: an empty folder, or a folder diffship wrote."""
+    return folder.is_dir() and (not any(folder.iterdir()) or (folder / "diffship.json").is_file())
 
 
 @contextlib.contextmanager
@@ -47,23 +77,27 @@ def atomic_folder(final: Path, overwrite: bool = False) -> Iterator[Path]:
     An interrupted or failed write leaves ``final`` untouched (or absent); the temporary folder is
     removed on errors, and is named ``.<name>.partial-*`` so it is never mistaken for a result.
     """
-    final = Path(final)
-    if final.exists() and not overwrite:
-        from diffship.errors import DiffshipError
+    from diffship.errors import DiffshipError
 
-        raise DiffshipError(f"{final} already exists; remove it or pass --overwrite")
+    final = Path(final)
+    if final.exists():
+        if not overwrite:
+            raise DiffshipError(f"{final} already exists; remove it or pass --overwrite")
+        if not replaceable(final):
+            raise DiffshipError(f"{final} exists and is not a diffship export (or an empty folder); "
+                                f"--overwrite only replaces those: choose another output folder")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     os.chmod(tmp, 0o755)
     try:
         yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 
 class DiffshipError(Exception):
-    """Base class of all diffship errors."""
+    """Base class of all diffship errors.
+
+    CLI exit codes: 1 parity outside tolerance, 2 a DiffshipError (bad input, missing package, a
+    failed step), 3 an unexpected internal error.
+    """
 
     exit_code = 2
 
@@ -24,10 +28,10 @@ class UnsupportedPipelineError(SourceError):
 class MissingBackendError(DiffshipError):
     """An optional backend package is not installed."""
 
-    def __init__(self, backend: str, package: str, extra: str):
+    def __init__(self, backend: str, package: str, extra: str, hint: str = ""):
         super().__init__(
             f"the {backend} backend needs the '{package}' package, which is not installed; "
-            f"install it with: pip install 'diffship[{extra}]'"
+            f"install it with: {hint}pip install 'diffship[{extra}]'"
         )
         self.backend = backend
         self.extra = extra
@@ -39,6 +43,10 @@ class ExportError(DiffshipError):
 
 class ExportedModelError(DiffshipError):
     """An exported folder is missing, incomplete, tampered with or unreadable."""
+
+
+class RuntimeFailure(DiffshipError):
+    """A backend runtime failed to load or run an exported component."""
 
 
 class ShapeError(DiffshipError, ValueError):

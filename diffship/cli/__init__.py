@@ -13,7 +13,7 @@ from diffship.errors import DiffshipError
 
 app = typer.Typer(
     name="diffship", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-    help="Export diffusers pipelines to ONNX, OpenVINO, Core ML and TensorRT; run them; prove parity.",
+    help="Export diffusers pipelines (ONNX today), run them like diffusers, and prove parity with PyTorch.",
 )
 
 
@@ -60,16 +60,26 @@ def main(argv: list[str] | None = None) -> int:
     except DiffshipError as exc:
         if debug:
             traceback.print_exc()
-        print(f"diffship: error: {exc}", file=sys.stderr)
+        print(f"diffship: error: {_one_line(exc, debug)}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # anything unexpected still gets one line, and the way to see more
         if debug:
             traceback.print_exc()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"diffship: error: unexpected {type(exc).__name__}: {first} (re-run with --debug for the traceback)",
-              file=sys.stderr)
-        return 1
+        print(f"diffship: error: unexpected {type(exc).__name__}: {_one_line(exc, True)} "
+              f"(re-run with --debug for the traceback)", file=sys.stderr)
+        return UNEXPECTED_EXIT
     return 0
+
+
+#: exit code of an unexpected internal error, distinct from parity failures (1) and diffship errors (2).
+UNEXPECTED_EXIT = 3
+
+
+def _one_line(exc: BaseException, quiet_hint: bool) -> str:
+    """The first line of a message; library text embedded in it may span several."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    more = "" if len(lines) == 1 or quiet_hint else " (more with --debug)"
+    return lines[0] + more
 
 
 __all__ = ["app", "demo", "export", "generate", "inspect", "main", "parity"]

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import typer
 
+from diffship._files import atomic_write, png_bytes
 from diffship.cli import app
 from diffship.cli._common import console, out, steps
-from diffship.errors import ParityFailure
+from diffship.errors import MissingBackendError, ParityFailure
 
 
 @app.command()
@@ -26,6 +27,8 @@ def demo(
     from diffship.runtimes.pipeline import load_pipeline
 
     backends = [b for b in available_backends() if runtime_available(b)]
+    if not backends:
+        raise MissingBackendError("onnx", "onnxruntime", "onnx")
     console.print(f"backends usable here: {', '.join(backends)}")
     results = {}
     for backend in backends:
@@ -36,8 +39,7 @@ def demo(
             pipe = load_pipeline(folder / "export")
             pipe.set_progress_bar_config(disable=True)
             image = pipe(prompt, num_inference_steps=steps_, generator=torch.Generator().manual_seed(0)).images[0]
-            (folder / "images").mkdir(parents=True, exist_ok=True)
-            image.save(folder / "images" / "generated.png")
+            atomic_write(folder / "images" / "generated.png", png_bytes(image))
         results[backend] = run_parity("tiny", folder / "export", steps_=steps_, report=folder / "report",
                                       junit=folder / "report" / "junit.xml")
     out.print("\n[bold]demo results[/]")

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from diffship._files import atomic_write, png_bytes
 from diffship.cli import app
 from diffship.cli._common import console, out, parse_size, runtime_options, steps
 
@@ -57,8 +58,6 @@ def generate(
             height=hw[0] if hw else None, width=hw[1] if hw else None, num_images_per_prompt=num_images,
             generator=torch.Generator("cpu").manual_seed(seed), callback_on_step_end=advance,
         ).images
-    output.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
-        path = output / f"seed{seed}-{i}.png"
-        image.save(path)
+        path = atomic_write(output / f"seed{seed}-{i}.png", png_bytes(image))
         out.print(f"wrote {path}")

@@ -48,13 +48,6 @@ def needs_external_data(module: nn.Module, requested: bool | None) -> bool:
     return requested if requested is not None else weight_bytes(module) > EXTERNAL_DATA_BYTES
 
 
-def check_model_file(path: str) -> None:
-    """``onnx.checker`` with full shape inference; runs in a child process (native code)."""
-    import onnx
-
-    onnx.checker.check_model(path, full_check=True)
-
-
 def _dynamic_shapes(spec: ComponentSpec, static: bool) -> dict[str, dict[int, object]] | None:
     symbolic = spec.symbolic_dims(static)
     if not symbolic:
@@ -102,7 +95,16 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     external = needs_external_data(module, options.external_data)
     path = out_dir / MODEL_FILE
     program.save(str(path), external_data=external)
-    run_isolated(f"checking {spec.name}/{MODEL_FILE}", check_model_file, str(path), error=ExportError)
+    import onnx.checker
+
+    # onnx.checker with full shape inference is native code: run it in a child interpreter, which
+    # imports only onnx (the function is passed by its own module name).
+    try:
+        run_isolated(f"checking {spec.name}/{MODEL_FILE}", onnx.checker.check_model, str(path), full_check=True,
+                     error=ExportError)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"the exported {spec.name} graph is invalid ({str(exc).splitlines()[0]}); "
+                          f"re-run with --debug and report it") from exc
     files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
     return Artifact(component=spec.name, files=files, precision=options.precision, inputs=inputs, outputs=outputs,
                     details={"opset": options.opset, "external_data": external})

@@ -15,12 +15,9 @@ sees a half-written file; that guards against interruptions, not power loss (no 
 from __future__ import annotations
 
 import html
-import io
 import json
 import math
-import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from diffship._files import atomic_write, png_bytes
 from diffship.parity.metrics import IMAGE_LIMITS, MAX, TENSOR_LIMITS, as_image, format_pair, within_limit
 from diffship.parity.result import ComponentResult, ImageResult, ParityReport
 
@@ -49,12 +47,12 @@ Cell = tuple[str, bool]
 def write_json(report: ParityReport, path: Path) -> Path:
     """Write the ``diffship.parity/1`` JSON document to ``path``; returns ``path``."""
     # allow_nan=False: to_dict already encodes non-finite floats, so a NaN here is a bug to surface.
-    return _atomic_write(Path(path), json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+    return atomic_write(Path(path), json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
 
 
 def write_markdown(report: ParityReport, path: Path) -> Path:
     """Write a Markdown summary (verdict, failures, settings, metric tables) to ``path``; returns ``path``."""
-    return _atomic_write(Path(path), _markdown(report))
+    return atomic_write(Path(path), _markdown(report))
 
 
 def write_junit(report: ParityReport, path: Path) -> Path:
@@ -63,7 +61,7 @@ def write_junit(report: ParityReport, path: Path) -> Path:
     Test cases are named ``component:unet/out_sample`` and ``image:text2img[0]``, with class name
     ``diffship.parity.<backend>.<precision>``; a failing one holds a ``<failure>`` with every failure.
     """
-    return _atomic_write(Path(path), _junit(report))
+    return atomic_write(Path(path), _junit(report))
 
 
 def write_html(report: ParityReport, folder: Path) -> list[Path]:
@@ -80,7 +78,7 @@ def write_html(report: ParityReport, folder: Path) -> list[Path]:
         paths, scale = _write_image_files(folder, image, stem)
         written += paths
         scales.append(scale)
-    written.append(_atomic_write(folder / INDEX_HTML, _html(report, scales)))
+    written.append(atomic_write(folder / INDEX_HTML, _html(report, scales)))
     return written
 
 
@@ -121,20 +119,6 @@ def difference_heatmap(eager: Any, exported: Any) -> tuple[np.ndarray, float]:
 # --- files -------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, data: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide reports from web servers and CI artifact uploads
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _stems(images: list[ImageResult]) -> list[str]:
     """File name stems per image, ``text2img-0``, made unique and safe for file names and URLs."""
     stems: list[str] = []
@@ -154,7 +138,7 @@ def _write_image_files(folder: Path, image: ImageResult, stem: str) -> tuple[lis
     paths = []
     for kind, value in pixels.items():
         relative = f"{IMAGES_DIR}/{stem}-{kind}.png"
-        paths.append(_atomic_write(folder / relative, _png(value)))
+        paths.append(atomic_write(folder / relative, _png(value)))
         image.files[kind] = relative
     return paths, scale
 
@@ -165,9 +149,7 @@ def _png(image: Any) -> bytes:
         pixels = (np.clip(np.nan_to_num(as_image(pixels), nan=0.0), 0.0, 1.0) * 255).round().astype(np.uint8)
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[:, :, 0]
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png_bytes(Image.fromarray(pixels))
 
 
 # --- tables shared by Markdown and HTML --------------------------------------------------------------

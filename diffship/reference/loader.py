@@ -82,11 +82,14 @@ def _load_folder(folder: Path, allow_pickle: bool):
         )
     try:
         return cls.from_pretrained(
-            folder, local_files_only=True, use_safetensors=not pickle_only, safety_checker=None,
+            # With --allow-pickle, each component takes safetensors where it has them, pickle elsewhere.
+            folder, local_files_only=True, use_safetensors=None if allow_pickle else True, safety_checker=None,
             feature_extractor=None, requires_safety_checker=False,
         )
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise SourceError(f"loading the diffusers folder {folder} failed: {exc}") from exc
+    except Exception as exc:  # diffusers/transformers raise many types for a broken folder
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SourceError(f"loading the diffusers folder {folder} failed ({type(exc).__name__}: {first}); "
+                          f"check that it is complete and was saved with save_pretrained()") from exc
 
 
 def _load_single_file(path: Path, config: Path | None, allow_pickle: bool):

@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from diffship._files import atomic_folder, cache_dir
+from diffship.errors import DiffshipError
 
 #: bump when the architecture or seeding changes, so stale caches are not reused.
 TINY_VERSION = 1
@@ -69,7 +70,7 @@ def build_tiny(out: Path) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     out = Path(out)
-    with atomic_folder(out, overwrite=True) as tmp:
+    with atomic_folder(out) as tmp:
         _write_tokenizer(tmp / "tokenizer")
         tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
         torch.manual_seed(SEED)
@@ -108,5 +109,9 @@ def tiny_path() -> Path:
     """The cached tiny pipeline folder, built on first use."""
     path = cache_dir() / f"tiny-v{TINY_VERSION}"
     if not (path / "model_index.json").is_file():
-        build_tiny(path)
+        try:
+            build_tiny(path)
+        except (DiffshipError, OSError):
+            if not (path / "model_index.json").is_file():  # not just another process finishing first
+                raise
     return path

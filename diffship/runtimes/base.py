@@ -14,12 +14,13 @@ implements ``_run`` only.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from diffship.errors import ShapeError
+from diffship.errors import DiffshipError, RuntimeFailure, ShapeError
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
@@ -87,7 +88,15 @@ class Runner:
 
     def infer(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Run the component on ``feeds`` (tensors or arrays by input name); outputs as torch tensors."""
-        outputs = self._run(self.check_inputs(feeds))
+        checked = self.check_inputs(feeds)
+        try:
+            outputs = self._run(checked)
+        except DiffshipError:
+            raise
+        except Exception as exc:  # the backend's own error types, translated once for every backend
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise RuntimeFailure(f"running {self.name} on {self.describe()} failed: {first}; re-run with "
+                                 f"--debug for details") from exc
         return {name: torch.as_tensor(outputs[name]) for name in self.output_names}
 
     def _run(self, feeds: dict[str, np.ndarray]) -> Mapping[str, Any]:
@@ -96,6 +105,15 @@ class Runner:
     def describe(self) -> str:
         """Where and how this runner computes, for reports (e.g. "onnxruntime 1.20 CPUExecutionProvider")."""
         return type(self).__name__
+
+
+def check_options(runner: type, options: dict[str, Any]) -> None:
+    """Refuse runtime options the runner class does not take, naming the ones it does."""
+    accepted = [n for n in inspect.signature(runner.__init__).parameters if n not in ("self", "folder", "component")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise DiffshipError(f"unknown runtime option(s) {', '.join(unknown)} for {runner.__name__}; "
+                            f"it takes: {', '.join(accepted)}")
 
 
 def _fmt(dims: list) -> str:

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from diffship._registry import require_modules
-from diffship.errors import ExportedModelError, MissingBackendError
-from diffship.runtimes.base import Runner
+from diffship.errors import DiffshipError, ExportedModelError, MissingBackendError, RuntimeFailure
+from diffship.runtimes.base import Runner, check_options
 
 BACKENDS = ("onnx",)
 EXTRA = "onnx"
@@ -30,7 +30,8 @@ def providers_for(provider: str | list[str] | None) -> list[str]:
     """Execution providers in priority order, always ending with the CPU provider as fallback.
 
     Raises:
-        MissingBackendError: a requested provider is not in this onnxruntime build.
+        DiffshipError: an unknown provider name.
+        MissingBackendError: a known provider that this onnxruntime build lacks.
     """
     import onnxruntime as ort
 
@@ -38,9 +39,17 @@ def providers_for(provider: str | list[str] | None) -> list[str]:
     names = [PROVIDERS.get(p.lower(), p) for p in requested]
     available = ort.get_available_providers()
     for name in names:
-        if name not in available:
-            raise MissingBackendError(f"onnxruntime provider {name}", "onnxruntime-gpu" if name in _EXTRA_FOR else
-                                      f"an onnxruntime build with {name}", _EXTRA_FOR.get(name, "onnx"))
+        if name in available:
+            continue
+        if name not in PROVIDERS.values():
+            raise DiffshipError(f"unknown onnxruntime provider {name!r}; use one of {', '.join(PROVIDERS)} "
+                                f"(this build has: {', '.join(available)})")
+        if name in _EXTRA_FOR:
+            # onnxruntime and onnxruntime-gpu install the same module: the CPU one must go first.
+            raise MissingBackendError(f"onnxruntime provider {name}", "onnxruntime-gpu", _EXTRA_FOR[name],
+                                      hint="pip uninstall onnxruntime && ")
+        raise DiffshipError(f"onnxruntime provider {name} is not in this onnxruntime build (it has: "
+                            f"{', '.join(available)}); install a build that includes it")
     return names + [p for p in ["CPUExecutionProvider"] if p not in names]
 
 
@@ -75,7 +84,12 @@ class OrtRunner(Runner):
         providers = providers_for(provider)
         if provider_options:
             provider_options = list(provider_options) + [{}] * (len(providers) - len(provider_options))
-        self.session = ort.InferenceSession(str(path), options, providers=providers, provider_options=provider_options)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers,
+                                                provider_options=provider_options)
+        except Exception as exc:
+            raise RuntimeFailure(f"onnxruntime could not load {path} "
+                                 f"({(str(exc).strip().splitlines() or [type(exc).__name__])[0]})") from exc
         self._version = ort.__version__
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -86,5 +100,6 @@ class OrtRunner(Runner):
 
 
 def open_runner(folder: Path, component: dict[str, Any], options: dict[str, Any]) -> OrtRunner:
-    require_modules("onnx", EXTRA, *PACKAGES)
+    require_modules(BACKENDS[0], EXTRA, *PACKAGES)
+    check_options(OrtRunner, options)
     return OrtRunner(folder, component, **options)

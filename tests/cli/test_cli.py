@@ -219,3 +219,25 @@ def test_debug_shows_traceback(capsys):
     code, _, err = run(capsys, "--debug", "inspect", "/no/such/export")
     assert code == 2
     assert "Traceback" in err and "diffship: error:" in err
+
+
+def test_overwrite_only_replaces_exports(tmp_path, capsys):
+    precious = tmp_path / "models"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("mine")
+    code, _, err = run(capsys, "export", "tiny", precious, "--component", "vae_decoder", "--overwrite")
+    assert code == 2 and "is not a diffship export" in one_error_line(err)
+    assert (precious / "keep.txt").read_text() == "mine"
+
+
+def test_unexpected_errors_exit_3(capsys, monkeypatch):
+    import diffship.manifest
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("first line\nsecond line")
+
+    monkeypatch.setattr(diffship.manifest, "read_manifest", boom)
+    code, _, err = run(capsys, "inspect", "whatever")
+    assert code == 3
+    line = one_error_line(err)
+    assert "unexpected RuntimeError: first line (re-run with --debug" in line and "second line" not in err

@@ -11,7 +11,6 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 
 from diffship.errors import ExportedModelError, ShapeError  # noqa: E402
 from diffship.exporters import export_pipeline  # noqa: E402
-from diffship.manifest import read_manifest  # noqa: E402
 from diffship.parity.compare import ParitySettings, check_parity  # noqa: E402
 from diffship.runtimes.pipeline import UNetAdapter, load_pipeline  # noqa: E402
 

@@ -60,7 +60,7 @@ def test_unavailable_provider_names_the_extra():
     assert providers_for(None) == ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA; the refusal cannot be shown here")
-    with pytest.raises(MissingBackendError, match=r"diffship\[onnx-gpu\]"):
+    with pytest.raises(MissingBackendError, match=r"pip uninstall onnxruntime && pip install .diffship\[onnx-gpu\]."):
         providers_for("cuda")
 
 
@@ -74,3 +74,28 @@ def test_ort_runner_options(export_dir):
     assert session.get_session_options().intra_op_num_threads == 1
     assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert "CPUExecutionProvider" in pipe.diffship_runners["unet"].describe()
+
+
+def test_backend_exceptions_become_one_diffship_error():
+    from diffship.errors import RuntimeFailure
+
+    class Broken(Echo):
+        def _run(self, feeds):
+            raise ValueError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : bad input\nsecond line")
+
+    r = Broken("unet", INPUTS, [])
+    with pytest.raises(RuntimeFailure, match=r"running unet on Broken failed: \[ONNXRuntimeError\].*bad input; re-run"):
+        r.infer({"sample": np.zeros((1, 4, 8, 8)), "timestep": [1]})
+
+
+@pytest.mark.onnx
+def test_unknown_provider_and_option_names(export_dir):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    from diffship.errors import DiffshipError
+    from diffship.runtimes.onnxruntime import providers_for
+    from diffship.runtimes.pipeline import load_pipeline
+
+    with pytest.raises(DiffshipError, match=r"unknown onnxruntime provider 'cdua'; use one of cpu, cuda"):
+        providers_for("cdua")
+    with pytest.raises(DiffshipError, match=r"unknown runtime option\(s\) thread for OrtRunner; it takes: provider, threads"):
+        load_pipeline(export_dir("onnx"), thread=2)

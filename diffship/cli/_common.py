@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from pathlib import Path
 from typing import Iterator
 
 from rich.console import Console
@@ -17,17 +18,24 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
-    """``"512x768"`` -> ``(512, 768)`` (height x width); multiples of 8 only."""
+    """``"512x768"`` -> ``(512, 768)`` (height x width), positive multiples of 8."""
+    from diffship.reference.specs import ShapeProfile
+
     if text is None:
         return None
     try:
         height, width = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise ShapeError(f"size {text!r} is not HEIGHTxWIDTH, e.g. 512x512") from None
-    for name, value in (("height", height), ("width", width)):
-        if value < 8 or value % 8:
-            raise ShapeError(f"{name} {value} is not a positive multiple of 8; use e.g. {max(8, value // 8 * 8)}")
+    ShapeProfile(height=height, width=width).validate(8)
     return height, width
+
+
+def component_summary(folder: Path, entry: dict) -> tuple[str, str]:
+    """A manifest component's precision (with any fp32 fallback) and its size on disk, for tables."""
+    size = sum((folder / f).stat().st_size for f in entry["files"])
+    fallback = " (fp32 fallback)" if "fp32_fallback" in entry["details"] else ""
+    return entry["precision"] + fallback, f"{size / 1e6:.1f} MB"
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from diffship.cli import app
-from diffship.cli._common import out, parse_size, steps
+from diffship.cli._common import component_summary, out, parse_size, steps
 
 
 @app.command()
@@ -40,13 +40,8 @@ def export(
         )
     table = Table("component", "precision", "inputs", "outputs", "size", title=f"{backend} export")
     for name, entry in manifest["components"].items():
-        size = sum((output / name / f).stat().st_size for f in entry["files"])
-        note = " (fp32 fallback)" if "fp32_fallback" in entry["details"] else ""
-        table.add_row(name, entry["precision"] + note, ", ".join(i["name"] for i in entry["inputs"]),
-                      ", ".join(o["name"] for o in entry["outputs"]), _mb(size))
+        precision_label, size = component_summary(output / name, entry)
+        table.add_row(name, precision_label, ", ".join(i["name"] for i in entry["inputs"]),
+                      ", ".join(o["name"] for o in entry["outputs"]), size)
     out.print(table)
     out.print(f"exported to {output} in {time.perf_counter() - start:.1f}s")
-
-
-def _mb(size: int) -> str:
-    return f"{size / 1e6:.1f} MB"

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from diffship.cli import app
-from diffship.cli._common import out
+from diffship.cli._common import component_summary, out
 
 
 @app.command()
@@ -34,14 +34,13 @@ def inspect(
     out.print(f"shapes: {kind} {profile['height']}x{profile['width']}, batch {profile['batch_size']}")
     table = Table("component", "io", "name", "dtype", "dims", "files / size")
     for name, entry in manifest["components"].items():
-        size = sum((exported / name / f).stat().st_size for f in entry["files"])
+        precision_label, size = component_summary(exported / name, entry)
         rows = [("in", io) for io in entry["inputs"]] + [("out", io) for io in entry["outputs"]]
         for i, (direction, io) in enumerate(rows):
             first = i == 0
-            prec = entry["precision"] + (" (fp32 fallback)" if "fp32_fallback" in entry["details"] else "")
-            table.add_row(f"{name} [{prec}]" if first else "", direction, io["name"], io["dtype"],
+            table.add_row(f"{name} [{precision_label}]" if first else "", direction, io["name"], io["dtype"],
                           "(" + ", ".join(map(str, io["dims"])) + ")",
-                          f"{', '.join(entry['files'])} {size / 1e6:.1f} MB" if first else "")
+                          f"{', '.join(entry['files'])} {size}" if first else "")
     out.print(table)
     versions = ", ".join(f"{k} {v}" for k, v in manifest["versions"].items())
     out.print(f"versions: {versions}")

@@ -293,11 +293,6 @@ def within_limit(value: float, limit: float | None, bound: str) -> bool:
     return bool(value <= limit) if bound == MAX else bool(value >= limit)
 
 
-def format_metric(name: str, value: float, limit: float | None = None) -> str:
-    """Format a metric for messages and reports (see :func:`format_pair`)."""
-    return format_pair(name, value, limit)[0]
-
-
 def format_pair(name: str, value: float, limit: float | None) -> tuple[str, str]:
     """Format a metric and its limit with the fewest digits that still tell them apart.
 

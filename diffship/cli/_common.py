@@ -57,8 +57,27 @@ def steps(title: str) -> Iterator:
         close()
 
 
-def runtime_options(provider: str | None, threads: int | None) -> dict:
+def parse_options(pairs: list[str] | None) -> dict:
+    """``["threads=4", "session_config={\"a\": \"0\"}"]`` -> dict; values are JSON where they parse."""
+    import json
+
+    from diffship.errors import DiffshipError
+
     options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise DiffshipError(f"option {pair!r} is not KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
+def runtime_options(provider: str | None, threads: int | None, pairs: list[str] | None = None) -> dict:
+    """Runner options from the common flags plus ``--option KEY=VALUE`` pairs."""
+    options = parse_options(pairs)
     if provider:
         options["provider"] = provider.split(",") if "," in provider else provider
     if threads:

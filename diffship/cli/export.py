@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from diffship.cli import app
-from diffship.cli._common import component_summary, out, parse_size, steps
+from diffship.cli._common import component_summary, out, parse_options, parse_size, steps
 
 
 @app.command()
@@ -27,6 +27,8 @@ def export(
     config: Optional[Path] = typer.Option(None, "--config", help="Local diffusers folder with the configs of a single-file checkpoint."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .ckpt/.bin weights (torch.load weights_only)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-o", metavar="KEY=VALUE",
+                                               help="Backend-specific export option (repeatable; JSON values)."),
 ) -> None:
     """Export every component of a pipeline to BACKEND, with a manifest of sha256 hashes."""
     from diffship.exporters import export_pipeline
@@ -35,7 +37,7 @@ def export(
     with steps(f"exporting {source}") as say:
         manifest = export_pipeline(
             source, output, backend=backend, precision=precision, static=parse_size(static), batch_size=batch,
-            guidance=guidance,
+            guidance=guidance, backend_options=parse_options(option),
             overwrite=overwrite, config=config, allow_pickle=allow_pickle, components=component, progress=say,
         )
     table = Table("component", "precision", "inputs", "outputs", "size", title=f"{backend} export")

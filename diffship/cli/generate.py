@@ -27,6 +27,8 @@ def generate(
     output: Path = typer.Option(Path("generated"), "--out", help="Folder for the PNG files."),
     provider: Optional[str] = typer.Option(None, "--provider", help="Runtime provider/device (onnx: cpu, cuda, tensorrt)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Runtime threads."),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-o", metavar="KEY=VALUE",
+                                               help="Backend-specific runtime option (repeatable; JSON values)."),
 ) -> None:
     """Generate images with an exported pipeline, exactly as diffusers would."""
     import torch
@@ -37,7 +39,7 @@ def generate(
     hw = parse_size(size)
     with steps("loading") as say:
         say(f"loading {exported}")
-        pipe = load_pipeline(exported, task="text2img", **runtime_options(provider, threads))
+        pipe = load_pipeline(exported, task="text2img", **runtime_options(provider, threads, option))
         shapes = pipe.diffship_manifest["shapes"]
         if hw is None and shapes["static"]:  # a static export takes only its own size
             hw = shapes["profile"]["height"], shapes["profile"]["width"]

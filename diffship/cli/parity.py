@@ -29,11 +29,13 @@ def parity(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights in SOURCE."),
     provider: Optional[str] = typer.Option(None, "--provider", help="Runtime provider/device."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Runtime threads."),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-o", metavar="KEY=VALUE",
+                                               help="Backend-specific runtime option (repeatable; JSON values)."),
 ) -> None:
     """Compare an export with eager PyTorch: every component on recorded inputs, and the final images."""
     report_obj = run_parity(source, exported, steps_=steps_, prompt=prompt, seed=seed, scheduler=scheduler,
                             size=size, junit=junit, report=report, tolerances=tolerances, config=config,
-                            allow_pickle=allow_pickle, options=runtime_options(provider, threads))
+                            allow_pickle=allow_pickle, options=runtime_options(provider, threads, option))
     if not report_obj.passed:
         failures = report_obj.failures()
         raise ParityFailure(f"parity failed: {len(failures)} check(s) outside tolerance, first: {failures[0]}")

@@ -74,6 +74,9 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     later tools (TensorRT profiles) can read them back.
     """
     require_modules(BACKEND, EXTRA, *PACKAGES)
+    if options.extra:
+        raise ExportError(f"unknown onnx export option(s) {', '.join(sorted(options.extra))}; "
+                          f"it takes: opset, external_data")
     if options.opset < MIN_OPSET:
         raise ExportError(f"ONNX opset {options.opset} is too old; use {MIN_OPSET} or newer")
     out_dir = Path(out_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import replace
+from dataclasses import fields, replace
 import shutil
 from pathlib import Path
 from types import ModuleType
@@ -150,8 +150,7 @@ def export_pipeline(
             raise DiffshipError(f"unknown component(s) {', '.join(unknown)}; this pipeline has: "
                                 f"{', '.join(s.name for s in specs)}")
         specs = [s for s in specs if s.name in components]
-    options = ExportOptions(precision=precision, profile=profile, static=static is not None,
-                            extra=dict(backend_options or {}))
+    options = _options(precision, profile, static is not None, backend_options or {})
     out = Path(out)
     artifacts: dict[str, dict[str, Any]] = {}
     with atomic_folder(out, overwrite=overwrite) as tmp:
@@ -171,6 +170,15 @@ def export_pipeline(
             "components": artifacts, "versions": library_versions(mod.versions()),
         })
     return manifest
+
+
+def _options(precision: str, profile: ShapeProfile, static: bool, backend_options: dict[str, Any]) -> ExportOptions:
+    """ExportOptions from the pipeline-level arguments; ``backend_options`` naming a common field
+    (``opset``, ``external_data``) set it, the rest go to ``extra`` for the backend to check."""
+    common = {f.name for f in fields(ExportOptions)} - {"precision", "profile", "static", "extra"}
+    return ExportOptions(precision=precision, profile=profile, static=static,
+                         **{k: v for k, v in backend_options.items() if k in common},
+                         extra={k: v for k, v in backend_options.items() if k not in common})
 
 
 def _write_pipeline_files(pipe: Any, folder: Path, backend: str, artifacts: dict[str, Any]) -> None:

@@ -241,3 +241,28 @@ def test_unexpected_errors_exit_3(capsys, monkeypatch):
     assert code == 3
     line = one_error_line(err)
     assert "unexpected RuntimeError: first line (re-run with --debug" in line and "second line" not in err
+
+
+def test_backend_and_runtime_options(tmp_path, capsys):
+    import onnx
+
+    out = tmp_path / "opset17"
+    code, _, err = run(capsys, "export", "tiny", out, "--component", "vae_decoder", "-o", "opset=17",
+                       "-o", "external_data=true")
+    assert code == 0, err
+    model = onnx.load(out / "vae_decoder" / "model.onnx", load_external_data=False)
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    assert (out / "vae_decoder" / "model.onnx.data").is_file()
+    code, _, err = run(capsys, "export", "tiny", tmp_path / "x", "-o", "fancy=1")
+    assert code == 2 and "unknown onnx export option(s) fancy; it takes: opset, external_data" in one_error_line(err)
+    code, _, err = run(capsys, "export", "tiny", tmp_path / "y", "-o", "novalue")
+    assert code == 2 and "option 'novalue' is not KEY=VALUE" in one_error_line(err)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_runtime_option_passthrough(cli_export, tmp_path, capsys):
+    code, _, err = run(capsys, "generate", cli_export, "--prompt", "x", "--steps", "2", "--threads", "1",
+                       "-o", 'session_config={"session.intra_op.allow_spinning": "0"}', "--out", tmp_path)
+    assert code == 0, err
+    code, _, err = run(capsys, "generate", cli_export, "--prompt", "x", "-o", "thread=2", "--out", tmp_path)
+    assert code == 2 and "unknown runtime option(s) thread" in one_error_line(err)

@@ -75,11 +75,11 @@ def parse_options(pairs: list[str] | None) -> dict:
     return options
 
 
-def runtime_options(provider: str | None, threads: int | None, pairs: list[str] | None = None) -> dict:
+def runtime_options(device: str | None, threads: int | None, pairs: list[str] | None = None) -> dict:
     """Runner options from the common flags plus ``--option KEY=VALUE`` pairs."""
     options = parse_options(pairs)
-    if provider:
-        options["provider"] = provider.split(",") if "," in provider else provider
+    if device:
+        options["device"] = device.split(",") if "," in device else device
     if threads:
         options["threads"] = threads
     return options

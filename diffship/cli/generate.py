@@ -25,7 +25,7 @@ def generate(
     size: Optional[str] = typer.Option(None, "--size", metavar="HxW", help="Image size (default: the model's)."),
     num_images: int = typer.Option(1, "--num-images", min=1, help="Images for the prompt."),
     output: Path = typer.Option(Path("generated"), "--out", help="Folder for the PNG files."),
-    provider: Optional[str] = typer.Option(None, "--provider", help="Runtime provider/device (onnx: cpu, cuda, tensorrt)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Where to run (onnx: cpu, cuda, tensorrt; comma list = fallbacks)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Runtime threads."),
     option: Optional[list[str]] = typer.Option(None, "--option", "-o", metavar="KEY=VALUE",
                                                help="Backend-specific runtime option (repeatable; JSON values)."),
@@ -39,7 +39,7 @@ def generate(
     hw = parse_size(size)
     with steps("loading") as say:
         say(f"loading {exported}")
-        pipe = load_pipeline(exported, task="text2img", **runtime_options(provider, threads, option))
+        pipe = load_pipeline(exported, task="text2img", **runtime_options(device, threads, option))
         shapes = pipe.diffship_manifest["shapes"]
         if hw is None and shapes["static"]:  # a static export takes only its own size
             hw = shapes["profile"]["height"], shapes["profile"]["width"]

@@ -27,7 +27,7 @@ def parity(
     tolerances: Optional[Path] = typer.Option(None, "--tolerances", help="TOML file replacing the bundled tolerances."),
     config: Optional[Path] = typer.Option(None, "--config", help="Configs folder for a single-file SOURCE."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights in SOURCE."),
-    provider: Optional[str] = typer.Option(None, "--provider", help="Runtime provider/device."),
+    device: Optional[str] = typer.Option(None, "--device", help="Where to run (onnx: cpu, cuda, tensorrt; comma list = fallbacks)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Runtime threads."),
     option: Optional[list[str]] = typer.Option(None, "--option", "-o", metavar="KEY=VALUE",
                                                help="Backend-specific runtime option (repeatable; JSON values)."),
@@ -35,7 +35,7 @@ def parity(
     """Compare an export with eager PyTorch: every component on recorded inputs, and the final images."""
     report_obj = run_parity(source, exported, steps_=steps_, prompt=prompt, seed=seed, scheduler=scheduler,
                             size=size, junit=junit, report=report, tolerances=tolerances, config=config,
-                            allow_pickle=allow_pickle, options=runtime_options(provider, threads, option))
+                            allow_pickle=allow_pickle, options=runtime_options(device, threads, option))
     if not report_obj.passed:
         failures = report_obj.failures()
         raise ParityFailure(f"parity failed: {len(failures)} check(s) outside tolerance, first: {failures[0]}")

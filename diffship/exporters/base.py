@@ -5,6 +5,7 @@ A backend is one module in ``diffship/exporters/`` defining::
     BACKEND: str                 # name used on the command line and in manifests ("onnx")
     EXTRA: str                   # pip extra that installs it
     PACKAGES: tuple[str, ...]    # top-level modules it needs (checked without importing them)
+    PRECISIONS: tuple[str, ...]  # export precisions it takes ("fp32", "fp16", ...)
     def versions() -> dict       # library versions recorded in the manifest
     def export(spec, module, out_dir, options) -> Artifact
 
@@ -12,6 +13,11 @@ Nothing else in diffship names a backend: the registry in ``diffship.exporters``
 """
 
 from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +79,7 @@ class Exporter(Protocol):
     BACKEND: str
     EXTRA: str
     PACKAGES: tuple[str, ...]
+    PRECISIONS: tuple[str, ...]
 
     def versions(self) -> dict[str, str]: ...
 
@@ -90,3 +97,14 @@ def io_description(spec: ComponentSpec, options: ExportOptions) -> tuple[list[di
         return d
 
     return [describe(t) for t in spec.inputs], [describe(t) for t in spec.outputs]
+
+
+def quiet_export() -> contextlib.ExitStack:
+    """Silence converters' chatter (progress lines, tracer warnings) unless diffship logs at DEBUG."""
+    stack = contextlib.ExitStack()
+    if not logging.getLogger("diffship").isEnabledFor(logging.DEBUG):
+        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    return stack

@@ -6,10 +6,6 @@ limit or when asked, the weights in ``<component>/model.onnx.data``.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +14,7 @@ from torch import nn
 from diffship._isolate import run_isolated
 from diffship.errors import ExportError
 from diffship._registry import require_modules
-from diffship.exporters.base import Artifact, ExportOptions, io_description
+from diffship.exporters.base import Artifact, ExportOptions, io_description, quiet_export
 from diffship.reference.specs import ComponentSpec
 
 BACKEND = "onnx"
@@ -28,6 +24,7 @@ MIN_OPSET = 17
 #: graphs whose weights exceed this are saved with external data (protobuf's hard limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2
 PACKAGES = ("onnx", "onnxscript")
+PRECISIONS = ("fp32", "fp16")
 
 
 def versions() -> dict[str, str]:
@@ -56,17 +53,6 @@ def _dynamic_shapes(spec: ComponentSpec, static: bool) -> dict[str, dict[int, ob
     return {t.name: {i: dyn for i, d in enumerate(t.dims) if d in symbolic} for t in spec.inputs}
 
 
-def _quiet():
-    """Silence the exporter's chatter (progress lines, torchvision notices) unless debugging."""
-    stack = contextlib.ExitStack()
-    if not logging.getLogger("diffship").isEnabledFor(logging.DEBUG):
-        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-        stack.enter_context(warnings.catch_warnings())
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    return stack
-
-
 def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions) -> Artifact:
     """Export ``module`` (the spec's wrapper, already in the target precision) to ``out_dir/model.onnx``.
 
@@ -84,7 +70,7 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     example = spec.example_inputs(options.profile, options.precision)
     inputs, outputs = io_description(spec, options)
     try:
-        with _quiet(), torch.no_grad():
+        with quiet_export(), torch.no_grad():
             program = torch.onnx.export(
                 module, tuple(example.values()), input_names=spec.input_names, output_names=spec.output_names,
                 dynamic_shapes=_dynamic_shapes(spec, options.static), opset_version=options.opset,

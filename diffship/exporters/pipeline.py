@@ -87,7 +87,7 @@ def _export_component(mod: ModuleType, spec: ComponentSpec, eager: torch.nn.Modu
         artifact.details["fp32_fallback"] = "config force_upcast: this component overflows in fp16"
         return artifact
     module = spec.wrapper(eager).eval()
-    if options.precision != "fp32":
+    if PRECISIONS.get(options.precision, torch.float32) != torch.float32:
         module = copy.deepcopy(module).to(PRECISIONS[options.precision])
     artifact = mod.export(spec, module, folder, options)
     if options.precision != "fp32" and (reason := _overflows(mod.BACKEND, folder, artifact, spec, options)):
@@ -120,7 +120,8 @@ def export_pipeline(
         source: what :func:`diffship.reference.load` accepts (folder, single file, preset).
         out: the folder to create. It appears only once complete (written beside it, then renamed).
         backend: exporter backend name (see :func:`backends`).
-        precision: ``fp32`` or ``fp16``; in fp16, components that overflow are kept in fp32.
+        precision: one of the backend's ``PRECISIONS`` (``fp32``, ``fp16``; weight formats such as
+            ``int8`` where the backend has them); components that overflow are kept in fp32.
         static: ``(height, width)`` to export fixed shapes; dynamic batch/height/width otherwise.
         batch_size: images per call the static export takes (the UNet gets twice that, for guidance).
         guidance: whether requests use classifier-free guidance (fixes the static UNet batch at 2x).
@@ -134,9 +135,9 @@ def export_pipeline(
     Returns:
         The manifest written to ``out/diffship.json``.
     """
-    if precision not in PRECISIONS:
-        raise DiffshipError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     mod = backend_module(backend)
+    if precision not in mod.PRECISIONS:
+        raise DiffshipError(f"unknown precision {precision!r} for {backend}; choose one of: {', '.join(mod.PRECISIONS)}")
     say = progress or (lambda _msg: None)
     say(f"loading {source}")
     pipe, info = load_with_info(source, config=config, allow_pickle=allow_pickle)

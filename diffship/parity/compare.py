@@ -190,7 +190,7 @@ def check_parity(
         settings: the generation request both pipelines run.
         tolerances_file: a TOML file replacing the bundled tolerances.
         config / allow_pickle: as for :func:`diffship.reference.load`.
-        runtime_options: passed to the backend runners (e.g. ``provider``, ``threads``).
+        runtime_options: passed to the backend runners (e.g. ``device``, ``threads``).
         progress: called with a line of text before each step.
 
     Returns:
@@ -212,6 +212,11 @@ def check_parity(
         )
     say(f"loading {exported}")
     exported_pipe = load_pipeline(exported, verify=False, **(runtime_options or {}))
+    runners = exported_pipe.diffship_runners
+    compute = {r.compute_precision for r in runners.values()} - {None}
+    precision = compute.pop() if len(compute) == 1 else manifest["precision"]
+    if precision != manifest["precision"]:  # e.g. OpenVINO computing in bf16: judged by bf16 tolerances
+        tolerances = load_tolerances(manifest["backend"], precision, tolerances_file)
     settings = _resolve_size(settings or ParitySettings(), manifest)
     batch = manifest["shapes"]["profile"]["batch_size"] if manifest["shapes"]["static"] else 1
     for pipe in (eager, exported_pipe):
@@ -236,14 +241,13 @@ def check_parity(
             if task == "text2img":
                 init_image = want[0]
     components = []
-    runners = exported_pipe.diffship_runners
     for spec in specs:
         say(f"comparing {spec.name} on {len(calls[spec.name])} recorded calls")
         if calls[spec.name]:
             components.append(compare_component(spec, getattr(eager, spec.source), runners[spec.name],
                                                 calls[spec.name], tolerances))
     return ParityReport(
-        source=str(source), export=str(exported), backend=manifest["backend"], precision=manifest["precision"],
+        source=str(source), export=str(exported), backend=manifest["backend"], precision=precision,
         evaluator=runners[specs[0].name].describe(), settings={**asdict(settings), "tasks": tasks,
                                                                "scheduler": type(eager.scheduler).__name__},
         components=components, images=images, seconds=time.perf_counter() - started, versions=manifest["versions"],

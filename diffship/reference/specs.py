@@ -21,6 +21,7 @@ from diffship.errors import ShapeError
 #: dtype names used in specs; ``float`` follows the export precision, ``float32`` never does.
 FLOAT = "float"
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
+#: torch dtype of the traced module per export precision; weight-only formats (int8) trace in fp32.
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -44,7 +45,7 @@ class TensorSpec:
 
     def torch_dtype(self, precision: str = "fp32") -> torch.dtype:
         """The concrete dtype of this tensor in an export of ``precision``."""
-        return PRECISIONS[precision] if self.dtype == FLOAT else TORCH_DTYPES[self.dtype]
+        return PRECISIONS.get(precision, torch.float32) if self.dtype == FLOAT else TORCH_DTYPES[self.dtype]
 
     def shape(self, dims: dict[str, int]) -> tuple[int, ...]:
         """The concrete shape for the symbolic dim values ``dims``."""

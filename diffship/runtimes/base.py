@@ -106,6 +106,12 @@ class Runner:
         """Where and how this runner computes, for reports (e.g. "onnxruntime 1.20 CPUExecutionProvider")."""
         return type(self).__name__
 
+    @property
+    def compute_precision(self) -> str | None:
+        """A precision coarser than the export's that this runner computes in (e.g. ``bf16``), which
+        parity then judges with that precision's tolerances; None when it computes as exported."""
+        return None
+
 
 def check_options(runner: type, options: dict[str, Any]) -> None:
     """Refuse runtime options the runner class does not take, naming the ones it does."""

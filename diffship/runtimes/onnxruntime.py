@@ -14,7 +14,7 @@ from diffship.runtimes.base import Runner, check_options
 BACKENDS = ("onnx",)
 EXTRA = "onnx"
 PACKAGES = ("onnxruntime",)
-#: short provider names accepted by ``provider=`` / ``--provider``; full names pass through.
+#: short provider names accepted by ``device=`` / ``--device``; full names pass through.
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -26,7 +26,7 @@ PROVIDERS = {
 _EXTRA_FOR = {"CUDAExecutionProvider": "onnx-gpu", "TensorrtExecutionProvider": "onnx-gpu"}
 
 
-def providers_for(provider: str | list[str] | None) -> list[str]:
+def providers_for(device: str | list[str] | None) -> list[str]:
     """Execution providers in priority order, always ending with the CPU provider as fallback.
 
     Raises:
@@ -35,7 +35,7 @@ def providers_for(provider: str | list[str] | None) -> list[str]:
     """
     import onnxruntime as ort
 
-    requested = [provider] if isinstance(provider, str) else list(provider or ["cpu"])
+    requested = [device] if isinstance(device, str) else list(device or ["cpu"])
     names = [PROVIDERS.get(p.lower(), p) for p in requested]
     available = ort.get_available_providers()
     for name in names:
@@ -59,14 +59,15 @@ class OrtRunner(Runner):
     Args:
         folder: the component folder holding ``model.onnx``.
         component: the component's manifest entry.
-        provider: provider short name (``cpu``, ``cuda``, ``tensorrt``...) or list, highest priority first.
+        device: execution provider, by short name (``cpu``, ``cuda``, ``tensorrt``...) or full name, or a
+            list of them, highest priority first (the CPU provider is always the last fallback).
         threads: intra-op threads (default: onnxruntime's choice, one per core).
-        provider_options: per-provider option dicts, in the order of ``provider``.
+        provider_options: per-provider option dicts, in the order of ``device``.
         session_config: ``SessionOptions`` config entries, e.g.
             ``{"session.intra_op.allow_spinning": "0"}`` when sharing cores with other work.
     """
 
-    def __init__(self, folder: Path, component: dict[str, Any], provider: str | list[str] | None = None,
+    def __init__(self, folder: Path, component: dict[str, Any], device: str | list[str] | None = None,
                  threads: int | None = None, provider_options: list[dict] | None = None,
                  session_config: dict[str, str] | None = None):
         super().__init__(component["component"], component["inputs"], component["outputs"])
@@ -81,7 +82,7 @@ class OrtRunner(Runner):
             options.intra_op_num_threads = threads
         for key, value in (session_config or {}).items():
             options.add_session_config_entry(key, str(value))
-        providers = providers_for(provider)
+        providers = providers_for(device)
         if provider_options:
             provider_options = list(provider_options) + [{}] * (len(providers) - len(provider_options))
         try:

@@ -40,7 +40,7 @@ class _Adapter:
         return torch.device("cpu")
 
     def to(self, *args: Any, **kwargs: Any) -> "_Adapter":
-        """Accepted for compatibility with ``pipe.to(...)``; placement is the runner's (provider) choice."""
+        """Accepted for compatibility with ``pipe.to(...)``; placement is the runner's (device) choice."""
         return self
 
     def eval(self) -> "_Adapter":
@@ -176,7 +176,7 @@ def load_pipeline(path: str | Path, *, task: str | None = None, verify: bool = T
         task: ``text2img``, ``img2img`` or ``inpaint`` (default: the task of the exported pipeline).
             All tasks of a family share one export.
         verify: check every file against the sha256 in the manifest first.
-        **runtime_options: passed to the backend runner (ONNX Runtime: ``provider``, ``threads``,
+        **runtime_options: passed to the backend runner (ONNX Runtime: ``device``, ``threads``,
             ``provider_options``).
 
     Returns:

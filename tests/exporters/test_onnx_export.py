@@ -242,7 +242,7 @@ def test_missing_backend_names_the_extra(tmp_path, monkeypatch):
 def test_unknown_backend_and_precision(tmp_path):
     with pytest.raises(DiffshipError, match="unknown backend 'nope'; choose one of: .*onnx"):
         export_pipeline("tiny", tmp_path / "a", backend="nope")
-    with pytest.raises(DiffshipError, match="unknown precision 'int3'"):
+    with pytest.raises(DiffshipError, match="unknown precision 'int3' for onnx; choose one of: fp32, fp16"):
         export_pipeline("tiny", tmp_path / "b", precision="int3")
 
 

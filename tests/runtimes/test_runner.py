@@ -97,5 +97,5 @@ def test_unknown_provider_and_option_names(export_dir):
 
     with pytest.raises(DiffshipError, match=r"unknown onnxruntime provider 'cdua'; use one of cpu, cuda"):
         providers_for("cdua")
-    with pytest.raises(DiffshipError, match=r"unknown runtime option\(s\) thread for OrtRunner; it takes: provider, threads"):
+    with pytest.raises(DiffshipError, match=r"unknown runtime option\(s\) thread for OrtRunner; it takes: device, threads"):
         load_pipeline(export_dir("onnx"), thread=2)

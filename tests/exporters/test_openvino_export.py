@@ -1,0 +1,113 @@
+"""OpenVINO: IR layout, weight formats with their measured tolerances, runtime options, shape cache.
+
+The pipeline-interface tests (tests/runtimes/test_pipeline_interface.py) run against OpenVINO too,
+through the ``backend`` fixture.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.openvino
+pytest.importorskip("openvino", reason="the openvino extra is not installed")
+
+from diffship.errors import DiffshipError  # noqa: E402
+from diffship.exporters import export_pipeline  # noqa: E402
+from diffship.manifest import read_manifest  # noqa: E402
+from diffship.parity.compare import ParitySettings, check_parity  # noqa: E402
+from diffship.runtimes.pipeline import load_pipeline  # noqa: E402
+
+FAST = ParitySettings(steps=4, tasks=("text2img",))
+
+
+def test_layout_and_manifest(export_dir):
+    out = export_dir("openvino")
+    m = read_manifest(out)
+    assert m["backend"] == "openvino" and "openvino" in m["versions"]
+    for name in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
+        assert sorted(m["components"][name]["files"]) == ["openvino_model.bin", "openvino_model.xml"]
+        assert (out / name / "config.json").is_file()
+    import openvino as ov
+
+    unet = ov.Core().read_model(out / "unet" / "openvino_model.xml")
+    assert [p.get_any_name() for p in unet.inputs] == ["sample", "timestep", "encoder_hidden_states"]
+    assert [p.get_any_name() for p in unet.outputs] == ["out_sample"]
+    assert unet.inputs[0].get_partial_shape().is_dynamic
+
+
+def test_fp32_parity_meets_the_onnx_bar(export_dir):
+    report = check_parity("tiny", export_dir("openvino"), settings=ParitySettings(steps=4))
+    assert report.passed, report.failures()
+    assert "f32" in report.evaluator
+    assert max(o.metrics.max_abs for c in report.components for o in c.outputs) <= 1e-4
+    assert min(i.metrics.psnr for i in report.images) >= 40
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_weight_formats_pass_their_tolerances(export_dir, precision):
+    out = export_dir("openvino", precision)
+    m = read_manifest(out)
+    assert m["components"]["unet"]["details"]["weights"] == precision
+    assert m["components"]["unet"]["inputs"][0]["dtype"] == "float32"  # IO stays f32 whatever the weights
+    fp32_size = (export_dir("openvino") / "unet" / "openvino_model.bin").stat().st_size
+    size = (out / "unet" / "openvino_model.bin").stat().st_size
+    assert size < fp32_size * (0.6 if precision == "fp16" else 0.4)
+    report = check_parity("tiny", out, settings=FAST)
+    assert report.passed, report.failures()
+    assert report.precision == precision
+    # Compressed weights are measurably different from fp32 -- the tolerance is doing work.
+    assert report.components[1].outputs[0].metrics.max_abs > 1e-4
+
+
+def test_bf16_speed_mode_is_judged_by_its_own_tolerance(export_dir):
+    report = check_parity("tiny", export_dir("openvino"), settings=FAST,
+                          runtime_options={"inference_precision": "bf16"})
+    assert report.precision == "bf16" and "bf16" in report.evaluator
+    assert report.passed, report.failures()
+
+
+def test_static_shapes_compile_once_per_shape(export_dir):
+    pipe = load_pipeline(export_dir("openvino"))
+    unet = pipe.diffship_runners["unet"]
+    run = lambda h: pipe("a cat", num_inference_steps=3, height=h, width=64, output_type="np",  # noqa: E731
+                         generator=torch.Generator().manual_seed(0)).images
+    first = run(64)
+    assert unet.compiles == 1  # three steps, one shape: compiled once
+    again = run(64)
+    assert unet.compiles == 1
+    np.testing.assert_array_equal(first, again)
+    assert run(96).shape == (1, 96, 64, 3)
+    assert unet.compiles == 2
+    dynamic = load_pipeline(export_dir("openvino"), static_shapes=False)
+    run_dynamic = dynamic("a cat", num_inference_steps=3, height=96, width=64, output_type="np",
+                          generator=torch.Generator().manual_seed(0)).images
+    assert dynamic.diffship_runners["unet"].compiles == 1
+    np.testing.assert_allclose(run_dynamic, run(96), atol=1e-5)
+
+
+def test_runtime_options_pass_through(export_dir, tmp_path):
+    cache = tmp_path / "ov-cache"
+    pipe = load_pipeline(export_dir("openvino"), device="cpu", threads=1, cache_dir=str(cache),
+                         ov_config={"NUM_STREAMS": "1"})
+    runner = pipe.diffship_runners["vae_decoder"]
+    assert runner.device == "CPU"
+    assert runner.config["INFERENCE_NUM_THREADS"] == 1 and runner.config["NUM_STREAMS"] == "1"
+    assert runner.config["PERFORMANCE_HINT"] == "LATENCY" and runner.config["INFERENCE_PRECISION_HINT"] == "f32"
+    runner.infer({"latent_sample": torch.randn(1, 4, 8, 8)})
+    assert any(cache.iterdir())  # OpenVINO wrote its model cache
+    with pytest.raises(DiffshipError, match=r"unknown runtime option\(s\) provider for OVRunner; it takes: device"):
+        load_pipeline(export_dir("openvino"), provider="cpu")
+
+
+def test_bad_device_and_options_are_one_error(export_dir, tmp_path):
+    from diffship.errors import RuntimeFailure
+
+    pipe = load_pipeline(export_dir("openvino"), device="NOSUCHDEVICE")
+    with pytest.raises(RuntimeFailure, match="could not compile vae_decoder for NOSUCHDEVICE"):
+        pipe.vae.decode(torch.randn(1, 4, 8, 8))
+    with pytest.raises(DiffshipError, match="unknown openvino export option"):
+        export_pipeline("tiny", tmp_path / "x", backend="openvino", backend_options={"weights": "int4"})
+    with pytest.raises(DiffshipError, match="unknown precision 'int4' for openvino; choose one of: fp32, fp16, int8"):
+        export_pipeline("tiny", tmp_path / "y", backend="openvino", precision="int4")

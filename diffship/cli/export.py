@@ -22,6 +22,8 @@ def export(
                                   help="fp32 or fp16 (overflowing parts stay fp32); openvino also int8 weights."),
     static: Optional[str] = typer.Option(None, "--static", metavar="HxW", help="Fixed image size instead of dynamic shapes."),
     batch: int = typer.Option(1, "--batch", min=1, help="Images per call (fixed when --static)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Activation quantization (openvino: "
+                                           "hybrid-int8, calibrated on eager runs); sets the precision."),
     guidance: bool = typer.Option(True, "--guidance/--no-guidance",
                                   help="Requests use classifier-free guidance (a static UNet then takes 2x the batch)."),
     component: Optional[list[str]] = typer.Option(None, "--component", help="Export only this component (repeatable)."),
@@ -37,7 +39,7 @@ def export(
     start = time.perf_counter()
     with steps(f"exporting {source}") as say:
         manifest = export_pipeline(
-            source, output, backend=backend, precision=precision, static=parse_size(static), batch_size=batch,
+            source, output, backend=backend, precision=quantize or precision, static=parse_size(static), batch_size=batch,
             guidance=guidance, backend_options=parse_options(option),
             overwrite=overwrite, config=config, allow_pickle=allow_pickle, components=component, progress=say,
         )

@@ -6,6 +6,7 @@ A backend is one module in ``diffship/exporters/`` defining::
     EXTRA: str                   # pip extra that installs it
     PACKAGES: tuple[str, ...]    # top-level modules it needs (checked without importing them)
     PRECISIONS: tuple[str, ...]  # export precisions it takes ("fp32", "fp16", ...)
+    CALIBRATED: tuple[str, ...]  # optional: precisions whose denoiser export needs calibration data
     def versions() -> dict       # library versions recorded in the manifest
     def export(spec, module, out_dir, options) -> Artifact
 
@@ -40,6 +41,8 @@ class ExportOptions:
         opset: ONNX opset for backends that go through ONNX.
         external_data: store weights next to the graph: ``True``, ``False``, or ``None`` to decide by
             size (graphs past the 2 GB protobuf limit must).
+        calibration: for precisions a backend lists in ``CALIBRATED``, the inputs this component
+            received in eager runs of the pipeline (spec-named tensors per call); None otherwise.
         extra: backend-specific options, passed through untouched.
     """
 
@@ -48,6 +51,7 @@ class ExportOptions:
     static: bool = False
     opset: int = 18
     external_data: bool | None = None
+    calibration: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

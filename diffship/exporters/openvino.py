@@ -2,7 +2,10 @@
 
 Layout per component, as optimum-intel writes it: ``<component>/openvino_model.xml`` + ``.bin``.
 Precisions are weight formats, computation stays float32 on the host side of the graph:
-``fp32``; ``fp16`` (weights compressed to fp16); ``int8`` (NNCF 8-bit weight compression).
+``fp32``; ``fp16`` (weights compressed to fp16); ``int8`` (NNCF 8-bit weight compression); and
+``hybrid-int8``: the denoiser (UNet) gets 8-bit weights *and* 8-bit activations on the operations
+without weights, calibrated on inputs recorded from eager runs of the pipeline; the other components
+get 8-bit weights.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from diffship.reference.specs import ComponentSpec
 BACKEND = "openvino"
 EXTRA = "openvino"
 PACKAGES = ("openvino",)
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "hybrid-int8")
+CALIBRATED = ("hybrid-int8",)
 MODEL_FILE = "openvino_model.xml"
 
 
@@ -71,18 +75,51 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
         port.get_tensor().set_names({name})
     for port, name in zip(model.outputs, spec.output_names):
         port.get_tensor().set_names({name})
-    if options.precision == "int8":
+    details = {"weights": "int8" if options.precision == "hybrid-int8" else options.precision}
+    if options.precision == "hybrid-int8" and options.calibration:
+        model = _hybrid_int8(model, options.calibration)
+        details["activations"] = f"int8, calibrated on {len(options.calibration)} recorded calls"
+    elif options.precision in ("int8", "hybrid-int8"):
         model = _compress_int8(model)
     ov.save_model(model, out_dir / MODEL_FILE, compress_to_fp16=options.precision == "fp16")
     files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
     return Artifact(component=spec.name, files=files, precision=options.precision, inputs=inputs, outputs=outputs,
-                    details={"weights": options.precision})
+                    details=details)
 
 
-def _compress_int8(model):
-    """8-bit weight compression (NNCF); activations stay float."""
+def _nncf():
     try:
         import nncf
     except ImportError:
         raise MissingBackendError("openvino int8", "nncf", EXTRA) from None
-    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    return nncf
+
+
+def _compress_int8(model, ignored: list[str] | None = None):
+    """8-bit weight compression (NNCF); activations stay float."""
+    nncf = _nncf()
+    scope = nncf.IgnoredScope(names=ignored) if ignored else None
+    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=scope)
+
+
+_WEIGHTED = ("Convolution", "GroupConvolution", "MatMul")
+
+
+def _hybrid_int8(model, calibration: list[dict]):
+    """8-bit weights on the ops that have weights, then 8-bit activations on the remaining ops
+    (attention products, additions...), with ranges from the recorded eager inputs."""
+    nncf = _nncf()
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+
+    weighted = [op.get_friendly_name() for op in model.get_ordered_ops()
+                if op.get_type_name() in _WEIGHTED and any(
+                    src.get_node().get_type_name() in ("Constant", "Convert")
+                    for src in (i.get_source_output() for i in op.inputs()))]
+    model = _compress_int8(model)
+    samples = [{k: v.numpy() for k, v in call.items()} for call in calibration]
+    with quiet_export():
+        return nncf.quantize(
+            model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples),
+            ignored_scope=nncf.IgnoredScope(names=weighted, validate=False),
+            advanced_parameters=AdvancedQuantizationParameters(smooth_quant_alpha=-1),
+        )

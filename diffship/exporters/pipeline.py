@@ -152,13 +152,20 @@ def export_pipeline(
                                 f"{', '.join(s.name for s in specs)}")
         specs = [s for s in specs if s.name in components]
     options = _options(precision, profile, static is not None, backend_options or {})
+    calibration = {}
+    if precision in getattr(mod, "CALIBRATED", ()):
+        from diffship.reference.recording import calibration_inputs
+
+        say(f"recording calibration inputs ({precision})")
+        calibration = calibration_inputs(pipe, [s for s in specs if s.denoiser])
     out = Path(out)
     artifacts: dict[str, dict[str, Any]] = {}
     with atomic_folder(out, overwrite=overwrite) as tmp:
         for spec in specs:
             say(f"exporting {spec.name} ({backend}, {precision})")
             eager = getattr(pipe, spec.source)
-            artifact = _export_component(mod, spec, eager, tmp / spec.name, options)
+            artifact = _export_component(mod, spec, eager, tmp / spec.name,
+                                         replace(options, calibration=calibration.get(spec.name)))
             save_module_config(eager, tmp / spec.name)
             artifacts[spec.name] = {"source": spec.source, **artifact.to_dict()}
         say("writing tokenizer, scheduler and manifest")

@@ -11,11 +11,10 @@ Two checks, both from one seeded run of each pipeline:
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -26,6 +25,7 @@ from diffship.manifest import read_manifest
 from diffship.parity.result import ComponentResult, ImageResult, OutputResult, ParityReport
 from diffship.reference import load_with_info
 from diffship.reference.families import family_of, specs_for_pipeline
+from diffship.reference.recording import record_calls
 from diffship.reference.specs import ComponentSpec
 
 Progress = Callable[[str], None]
@@ -57,34 +57,6 @@ class ParitySettings:
     tasks: tuple[str, ...] = ("text2img", "img2img", "inpaint")
     strength: float = 0.6
     max_calls: int = 64
-
-
-@contextlib.contextmanager
-def record_calls(pipe: Any, specs: list[ComponentSpec], limit: int) -> Iterator[dict[str, list[dict]]]:
-    """Record the spec-form inputs of every call the pipeline makes into its components.
-
-    The eager modules' methods are shadowed by recording wrappers on the instances for the duration
-    of the block, then restored; the modules' classes and weights are never touched.
-    """
-    calls: dict[str, list[dict[str, torch.Tensor]]] = {s.name: [] for s in specs}
-    patched = []
-    for spec in specs:
-        module = getattr(pipe, spec.source)
-        original = getattr(module, spec.method)
-
-        def recorder(*args, _spec=spec, _original=original, **kwargs):
-            if len(calls[_spec.name]) < limit:
-                inputs = _spec.inputs_for_call(_original, args, kwargs)
-                calls[_spec.name].append({k: v.detach().clone() for k, v in inputs.items()})
-            return _original(*args, **kwargs)
-
-        setattr(module, spec.method, recorder)
-        patched.append((module, spec.method))
-    try:
-        yield calls
-    finally:
-        for module, name in patched:
-            delattr(module, name)
 
 
 def _as_outputs(spec: ComponentSpec, value: Any) -> dict[str, torch.Tensor]:

@@ -118,6 +118,8 @@ class ComponentSpec:
         scale_factor: the VAE's spatial scale factor (latent -> pixels).
         batch_multiplier: how many rows of the component's batch one image takes under guidance.
         keep_fp32: export this component in fp32 even in an fp16 export (known to overflow).
+        denoiser: called once per denoising step -- the compute bottleneck, where activation
+            quantization pays off (calibrated precisions apply to it).
         static_batch: whether a static export fixes the batch too. diffusers calls the text encoder
             once per prompt list and the VAE encoder once per init image, whatever the number of
             images, so their batch stays dynamic; the UNet and decoder batches are fixed.
@@ -133,6 +135,7 @@ class ComponentSpec:
     scale_factor: int = 8
     batch_multiplier: int = 1
     keep_fp32: bool = False
+    denoiser: bool = False
     static_batch: bool = True
     config: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -308,7 +311,7 @@ def stable_diffusion_specs(configs: dict[str, dict[str, Any]]) -> list[Component
                     TensorSpec("encoder_hidden_states", FLOAT, ("batch", "sequence", unet["cross_attention_dim"]))),
             outputs=(TensorSpec("out_sample", FLOAT, ("batch", unet["out_channels"], "latent_height", "latent_width")),),
             wrapper=UNetWrapper, method="forward", to_inputs=_unet_inputs,
-            scale_factor=f, batch_multiplier=2, config=unet,
+            scale_factor=f, batch_multiplier=2, denoiser=True, config=unet,
         ),
         ComponentSpec(
             name="vae_encoder", source="vae",

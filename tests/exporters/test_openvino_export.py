@@ -50,6 +50,7 @@ def test_weight_formats_pass_their_tolerances(export_dir, precision):
     out = export_dir("openvino", precision)
     m = read_manifest(out)
     assert m["components"]["unet"]["details"]["weights"] == precision
+    assert "activations" not in m["components"]["unet"]["details"]
     assert m["components"]["unet"]["inputs"][0]["dtype"] == "float32"  # IO stays f32 whatever the weights
     fp32_size = (export_dir("openvino") / "unet" / "openvino_model.bin").stat().st_size
     size = (out / "unet" / "openvino_model.bin").stat().st_size
@@ -111,3 +112,32 @@ def test_bad_device_and_options_are_one_error(export_dir, tmp_path):
         export_pipeline("tiny", tmp_path / "x", backend="openvino", backend_options={"weights": "int4"})
     with pytest.raises(DiffshipError, match="unknown precision 'int4' for openvino; choose one of: fp32, fp16, int8"):
         export_pipeline("tiny", tmp_path / "y", backend="openvino", precision="int4")
+
+
+def test_hybrid_int8_quantizes_unet_activations_on_calibration_data(tmp_path):
+    out = tmp_path / "hybrid"
+    m = export_pipeline("tiny", out, backend="openvino", precision="hybrid-int8",
+                        components=["text_encoder", "unet", "vae_decoder"])
+    unet = m["components"]["unet"]
+    assert unet["precision"] == "hybrid-int8" and unet["details"]["weights"] == "int8"
+    # 4 calibration prompts x (10 steps + PNDM's extra first step), one UNet call per step.
+    assert unet["details"]["activations"] == "int8, calibrated on 44 recorded calls"
+    assert "activations" not in m["components"]["text_encoder"]["details"]  # weights only
+    xml = (out / "unet" / "openvino_model.xml").read_text()
+    assert xml.count('type="FakeQuantize"') > 0  # activation quantizers are in the graph
+    report = check_parity("tiny", out, settings=FAST)
+    assert report.precision == "hybrid-int8"
+    assert report.passed, report.failures()
+
+
+def test_static_export_has_static_ir(tmp_path):
+    import openvino as ov
+
+    out = tmp_path / "static"
+    export_pipeline("tiny", out, backend="openvino", static=(64, 64), components=["text_encoder", "unet"])
+    unet = ov.Core().read_model(out / "unet" / "openvino_model.xml")
+    assert [list(p.get_shape()) for p in unet.inputs] == [[2, 4, 8, 8], [2], [2, 77, 32]]
+    text = ov.Core().read_model(out / "text_encoder" / "openvino_model.xml")
+    assert text.inputs[0].get_partial_shape().is_dynamic  # per prompt list: dynamic batch
+    pipe = load_pipeline(out)
+    assert pipe("a cat", num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)

@@ -1,0 +1,56 @@
+"""Recording what an eager pipeline feeds its components: the realistic inputs that parity replays
+and that calibrated (activation-quantized) exports are calibrated on."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+
+from diffship.reference.specs import ComponentSpec
+
+#: prompts for calibration runs: varied subjects and styles, short and long.
+CALIBRATION_PROMPTS = (
+    "a photograph of an astronaut riding a horse",
+    "a watercolor painting of a lighthouse at dawn, soft light",
+    "close-up portrait of an old fisherman, detailed skin, 85mm",
+    "isometric pixel art of a tiny city with trees and cars",
+)
+
+
+@contextlib.contextmanager
+def record_calls(pipe: Any, specs: list[ComponentSpec], limit: int) -> Iterator[dict[str, list[dict]]]:
+    """Record the spec-form inputs of every call the pipeline makes into its components.
+
+    The eager modules' methods are shadowed by recording wrappers on the instances for the duration
+    of the block, then restored; the modules' classes and weights are never touched.
+    """
+    calls: dict[str, list[dict[str, torch.Tensor]]] = {s.name: [] for s in specs}
+    patched = []
+    for spec in specs:
+        module = getattr(pipe, spec.source)
+        original = getattr(module, spec.method)
+
+        def recorder(*args, _spec=spec, _original=original, **kwargs):
+            if len(calls[_spec.name]) < limit:
+                inputs = _spec.inputs_for_call(_original, args, kwargs)
+                calls[_spec.name].append({k: v.detach().clone() for k, v in inputs.items()})
+            return _original(*args, **kwargs)
+
+        setattr(module, spec.method, recorder)
+        patched.append((module, spec.method))
+    try:
+        yield calls
+    finally:
+        for module, name in patched:
+            delattr(module, name)
+
+
+def calibration_inputs(pipe: Any, specs: list[ComponentSpec], steps: int = 10,
+                       prompts: tuple[str, ...] = CALIBRATION_PROMPTS) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Inputs each component receives while ``pipe`` generates ``prompts`` (seeded, ``steps`` steps)."""
+    with record_calls(pipe, specs, limit=10_000) as calls:
+        for seed, prompt in enumerate(prompts):
+            pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="latent")
+    return calls

@@ -84,7 +84,7 @@ def _export_component(mod: ModuleType, spec: ComponentSpec, eager: torch.nn.Modu
     """Export one component; an fp16 export that overflows is replaced by an fp32 one."""
     if options.precision != "fp32" and spec.keep_fp32:
         artifact = mod.export(spec, spec.wrapper(eager).eval(), folder, replace(options, precision="fp32"))
-        artifact.details["fp32_fallback"] = "config force_upcast: this component overflows in fp16"
+        artifact.details["fp32_fallback"] = "kept in fp32: the VAE config sets force_upcast (diffusers runs it in fp32)"
         return artifact
     module = spec.wrapper(eager).eval()
     if PRECISIONS.get(options.precision, torch.float32) != torch.float32:

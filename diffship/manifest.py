@@ -27,6 +27,8 @@ from diffship.errors import ExportedModelError
 
 MANIFEST = "diffship.json"
 FORMAT = "diffship.export/1"
+REQUIRED = ("backend", "precision", "family", "pipeline_class", "tasks", "source", "shapes", "components",
+            "versions", "files")
 
 
 def library_versions(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -90,6 +92,9 @@ def read_manifest(folder: str | Path, verify: bool = True) -> dict[str, Any]:
         raise ExportedModelError(f"{path} is not valid JSON ({exc}); re-run diffship export") from None
     if manifest.get("format") != FORMAT:
         raise ExportedModelError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}; re-export")
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise ExportedModelError(f"{path} lacks {', '.join(missing)} (written by an older diffship?); re-export")
     if verify:
         verify_files(folder, manifest)
     return manifest

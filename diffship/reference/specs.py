@@ -120,6 +120,8 @@ class ComponentSpec:
         keep_fp32: export this component in fp32 even in an fp16 export (known to overflow).
         denoiser: called once per denoising step -- the compute bottleneck, where activation
             quantization pays off (calibrated precisions apply to it).
+        multiples: symbolic dims whose sizes the exported graph only handles in multiples (the UNet
+            interpolates odd sizes in eager mode, a branch tracing fixes); checked by the adapters.
         static_batch: whether a static export fixes the batch too. diffusers calls the text encoder
             once per prompt list and the VAE encoder once per init image, whatever the number of
             images, so their batch stays dynamic; the UNet and decoder batches are fixed.
@@ -136,8 +138,21 @@ class ComponentSpec:
     batch_multiplier: int = 1
     keep_fp32: bool = False
     denoiser: bool = False
+    multiples: dict[str, int] = field(default_factory=dict)
     static_batch: bool = True
     config: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def check_multiples(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Raise :class:`ShapeError` for sizes the exported graph does not handle (see ``multiples``)."""
+        for t in self.inputs:
+            for dim, size in zip(t.dims, inputs[t.name].shape):
+                m = self.multiples.get(dim) if isinstance(dim, str) else None
+                if m and size % m:
+                    raise ShapeError(
+                        f"{self.name}: {dim} {size} is not a multiple of {m}; exported graphs take image sizes "
+                        f"that are multiples of {m * self.scale_factor} (e.g. {size // m * m * self.scale_factor} "
+                        f"or {(size // m + 1) * m * self.scale_factor})"
+                    )
 
     def symbolic_dims(self, static: bool) -> set[str]:
         """The dims left symbolic in an export: all of them, or when ``static`` only an unfixed batch."""
@@ -312,6 +327,7 @@ def stable_diffusion_specs(configs: dict[str, dict[str, Any]]) -> list[Component
             outputs=(TensorSpec("out_sample", FLOAT, ("batch", unet["out_channels"], "latent_height", "latent_width")),),
             wrapper=UNetWrapper, method="forward", to_inputs=_unet_inputs,
             scale_factor=f, batch_multiplier=2, denoiser=True, config=unet,
+            multiples=dict.fromkeys(("latent_height", "latent_width"), 2 ** (len(unet["block_out_channels"]) - 1)),
         ),
         ComponentSpec(
             name="vae_encoder", source="vae",

@@ -76,6 +76,7 @@ class OrtRunner(Runner):
         path = Path(folder) / "model.onnx"
         if not path.is_file():
             raise ExportedModelError(f"{path} is missing; re-run diffship export")
+        ort.set_default_logger_severity(3)  # failures reach the user as one RuntimeFailure, not log spam
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:

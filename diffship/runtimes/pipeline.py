@@ -56,6 +56,7 @@ class _Adapter:
     @staticmethod
     def _run(spec: ComponentSpec, runner: Runner, method: Any, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
         inputs = spec.inputs_for_call(method, args, kwargs)
+        spec.check_multiples(inputs)
         return {k: v.float() if v.is_floating_point() else v for k, v in runner.infer(inputs).items()}
 
 

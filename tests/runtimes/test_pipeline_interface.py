@@ -613,3 +613,10 @@ def test_unet_unsupported_arguments_are_rejected(exp, argument):
     value = {"text_embeds": torch.zeros(1, 32)} if argument == "added_cond_kwargs" else torch.zeros(1, 32)
     with pytest.raises(ShapeError, match=argument):
         exp.unet(sample, 500, encoder_hidden_states=emb, **{argument: value})
+
+
+def test_sizes_the_graph_cannot_take_are_refused(exp, eager):
+    """Eager UNets interpolate latents that are not a multiple of 2**upsamplers; traced graphs cannot."""
+    assert images(eager, height=72, width=64).shape == (1, 72, 64, 3)  # eager copes
+    with pytest.raises(ShapeError, match=r"latent_height 9 is not a multiple of 2; .* multiples of 16 \(e.g. 64 or 80\)"):
+        images(exp, height=72, width=64)

@@ -249,3 +249,15 @@ def test_unknown_backend_and_precision(tmp_path):
 def test_manifest_is_json_with_format(export_dir):
     data = json.loads((export_dir("onnx") / "diffship.json").read_text())
     assert data["format"] == "diffship.export/1"
+
+
+def test_manifest_missing_keys_is_refused(tmp_path, export_dir):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(export_dir("onnx"), old)
+    data = json.loads((old / "diffship.json").read_text())
+    del data["tasks"]
+    (old / "diffship.json").write_text(json.dumps(data))
+    with pytest.raises(ExportedModelError, match=r"lacks tasks \(written by an older diffship\?\); re-export"):
+        load_pipeline(old)

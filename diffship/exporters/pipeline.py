@@ -68,7 +68,7 @@ def save_module_config(module: Any, folder: Path) -> None:
 
 
 def _overflows(backend: str, folder: Path, artifact: Artifact, spec: ComponentSpec, options: ExportOptions) -> str | None:
-    """Run a freshly exported fp16 component once; describe any non-finite output, else None."""
+    """Run a freshly exported reduced-precision component once; describe any non-finite output, else None."""
     from diffship.runtimes import open_runner, runtime_available
 
     if not runtime_available(backend):
@@ -76,12 +76,12 @@ def _overflows(backend: str, folder: Path, artifact: Artifact, spec: ComponentSp
     runner = open_runner(backend, folder, artifact.to_dict())
     outputs = runner.infer(spec.example_inputs(options.profile, options.precision))
     bad = [name for name, value in outputs.items() if not torch.isfinite(value).all()]
-    return f"non-finite values in {', '.join(bad)} at fp16" if bad else None
+    return f"non-finite values in {', '.join(bad)} at {options.precision}" if bad else None
 
 
 def _export_component(mod: ModuleType, spec: ComponentSpec, eager: torch.nn.Module, folder: Path,
                       options: ExportOptions) -> Artifact:
-    """Export one component; an fp16 export that overflows is replaced by an fp32 one."""
+    """Export one component; a reduced-precision export that overflows is replaced by an fp32 one."""
     if options.precision != "fp32" and spec.keep_fp32:
         artifact = mod.export(spec, spec.wrapper(eager).eval(), folder, replace(options, precision="fp32"))
         artifact.details["fp32_fallback"] = "kept in fp32: the VAE config sets force_upcast (diffusers runs it in fp32)"

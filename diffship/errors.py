@@ -7,6 +7,11 @@ and exits non-zero (the traceback only with ``--debug``).
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library messages often span many), or its type name."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class DiffshipError(Exception):
     """Base class of all diffship errors.
 

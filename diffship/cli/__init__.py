@@ -9,7 +9,7 @@ import traceback
 import click
 import typer
 
-from diffship.errors import DiffshipError
+from diffship.errors import DiffshipError, first_line
 
 app = typer.Typer(
     name="diffship", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -77,9 +77,8 @@ UNEXPECTED_EXIT = 3
 
 def _one_line(exc: BaseException, quiet_hint: bool) -> str:
     """The first line of a message; library text embedded in it may span several."""
-    lines = str(exc).strip().splitlines() or [type(exc).__name__]
-    more = "" if len(lines) == 1 or quiet_hint else " (more with --debug)"
-    return lines[0] + more
+    more = "" if quiet_hint or len(str(exc).strip().splitlines()) <= 1 else " (more with --debug)"
+    return first_line(exc) + more
 
 
 __all__ = ["app", "demo", "export", "generate", "inspect", "main", "parity"]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from diffship._isolate import run_isolated
-from diffship.errors import ExportError
+from diffship.errors import ExportError, first_line
 from diffship._registry import require_modules
 from diffship.exporters.base import Artifact, ExportOptions, io_description, quiet_export
 from diffship.reference.specs import ComponentSpec
@@ -77,8 +77,8 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
                 dynamo=True, optimize=True,
             )
     except Exception as exc:
-        raise ExportError(f"exporting {spec.name} to ONNX failed ({type(exc).__name__}): {exc}".splitlines()[0]
-                          + "; re-run with --debug for the exporter's report") from exc
+        raise ExportError(f"exporting {spec.name} to ONNX failed ({type(exc).__name__}): {first_line(exc)}; "
+                          f"re-run with --debug for the exporter's report") from exc
     if spec.symbolic_dims(options.static):
         _name_dims(program, spec, inputs, outputs)
     external = needs_external_data(module, options.external_data)
@@ -92,7 +92,7 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
         run_isolated(f"checking {spec.name}/{MODEL_FILE}", onnx.checker.check_model, str(path), full_check=True,
                      error=ExportError)
     except onnx.checker.ValidationError as exc:
-        raise ExportError(f"the exported {spec.name} graph is invalid ({str(exc).splitlines()[0]}); "
+        raise ExportError(f"the exported {spec.name} graph is invalid ({first_line(exc)}); "
                           f"re-run with --debug and report it") from exc
     files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
     return Artifact(component=spec.name, files=files, precision=options.precision, inputs=inputs, outputs=outputs,

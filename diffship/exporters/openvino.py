@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from diffship._registry import require_modules
-from diffship.errors import ExportError, MissingBackendError
+from diffship.errors import ExportError, MissingBackendError, first_line
 from diffship.exporters.base import Artifact, ExportOptions, io_description, quiet_export
 from diffship.reference.specs import ComponentSpec
 
@@ -69,7 +69,7 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
             model = ov.convert_model(module, example_input=tuple(example.values()), input=shapes)
     except Exception as exc:
         raise ExportError(f"converting {spec.name} to OpenVINO failed ({type(exc).__name__}): "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}; "
+                          f"{first_line(exc)}; "
                           f"re-run with --debug") from exc
     for port, name in zip(model.inputs, spec.input_names):
         port.get_tensor().set_names({name})

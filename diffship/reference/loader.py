@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from diffship._files import read_json, sha256_file
-from diffship.errors import SourceError
+from diffship.errors import SourceError, first_line
 from diffship.reference.families import family_of
 from diffship.reference.tiny import tiny_path
 
@@ -87,8 +87,7 @@ def _load_folder(folder: Path, allow_pickle: bool):
             feature_extractor=None, requires_safety_checker=False,
         )
     except Exception as exc:  # diffusers/transformers raise many types for a broken folder
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SourceError(f"loading the diffusers folder {folder} failed ({type(exc).__name__}: {first}); "
+        raise SourceError(f"loading the diffusers folder {folder} failed ({type(exc).__name__}: {first_line(exc)}); "
                           f"check that it is complete and was saved with save_pretrained()") from exc
 
 

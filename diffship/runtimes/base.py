@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from diffship.errors import DiffshipError, RuntimeFailure, ShapeError
+from diffship.errors import DiffshipError, RuntimeFailure, ShapeError, first_line
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
@@ -94,8 +94,7 @@ class Runner:
         except DiffshipError:
             raise
         except Exception as exc:  # the backend's own error types, translated once for every backend
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise RuntimeFailure(f"running {self.name} on {self.describe()} failed: {first}; re-run with "
+            raise RuntimeFailure(f"running {self.name} on {self.describe()} failed: {first_line(exc)}; re-run with "
                                  f"--debug for details") from exc
         return {name: torch.as_tensor(outputs[name]) for name in self.output_names}
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from diffship._registry import require_modules
-from diffship.errors import DiffshipError, ExportedModelError, MissingBackendError, RuntimeFailure
+from diffship.errors import DiffshipError, ExportedModelError, MissingBackendError, RuntimeFailure, first_line
 from diffship.runtimes.base import Runner, check_options
 
 BACKENDS = ("onnx",)
@@ -91,7 +91,7 @@ class OrtRunner(Runner):
                                                 provider_options=provider_options)
         except Exception as exc:
             raise RuntimeFailure(f"onnxruntime could not load {path} "
-                                 f"({(str(exc).strip().splitlines() or [type(exc).__name__])[0]})") from exc
+                                 f"({first_line(exc)})") from exc
         self._version = ort.__version__
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from diffship._registry import require_modules
-from diffship.errors import ExportedModelError, RuntimeFailure
+from diffship.errors import ExportedModelError, RuntimeFailure, first_line
 from diffship.runtimes.base import Runner, check_options
 
 BACKENDS = ("openvino",)
@@ -60,7 +60,7 @@ class OVRunner(Runner):
         try:
             self._model = self._core.read_model(path)
         except Exception as exc:
-            raise RuntimeFailure(f"OpenVINO could not read {path} ({_first_line(exc)})") from exc
+            raise RuntimeFailure(f"OpenVINO could not read {path} ({first_line(exc)})") from exc
         self.static_shapes = static_shapes
         self._compiled: dict[tuple, Any] = {}
         self.compiles = 0
@@ -76,7 +76,7 @@ class OVRunner(Runner):
                 compiled = self._core.compile_model(model, self.device, self.config)
             except Exception as exc:
                 raise RuntimeFailure(f"OpenVINO could not compile {self.name} for {self.device} "
-                                     f"({_first_line(exc)}); check the device name and ov_config") from exc
+                                     f"({first_line(exc)}); check the device name and ov_config") from exc
             self._compiled[key] = compiled.create_infer_request()
             self.compiles += 1
         return self._compiled[key]
@@ -94,10 +94,6 @@ class OVRunner(Runner):
 
     def describe(self) -> str:
         return f"OpenVINO {self._version.split('-')[0]} ({self.device}, {self.config['INFERENCE_PRECISION_HINT']})"
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def open_runner(folder: Path, component: dict[str, Any], options: dict[str, Any]) -> OVRunner:

@@ -22,8 +22,6 @@ import torch
 
 from diffship.errors import DiffshipError, RuntimeFailure, ShapeError, first_line
 
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
-
 
 class Runner:
     """Runs one exported component.
@@ -83,7 +81,7 @@ class Runner:
                         raise ShapeError(f"{self.name}: dim {want!r} is {seen[want][0]} in {seen[want][1]} but "
                                          f"{got} in {spec['name']}")
                     seen.setdefault(want, (got, spec["name"]))
-            arrays[spec["name"]] = np.ascontiguousarray(array, dtype=_NP_DTYPES[spec["dtype"]])
+            arrays[spec["name"]] = np.ascontiguousarray(array, dtype=np.dtype(spec["dtype"]))  # manifest dtype names are numpy's
         return arrays
 
     def infer(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ def write_json(path: Path, data: Any) -> None:
         f.write("\n")
 
 
-def atomic_write(path: Path, data: str | bytes) -> Path:
+def atomic_write(path: Path, data: str | bytes | memoryview) -> Path:
     """Write ``data`` to ``path`` through a temporary file and a rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

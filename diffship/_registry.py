@@ -29,18 +29,25 @@ def modules_with(package: str, attribute: str) -> tuple[ModuleType, ...]:
 
 
 def require_modules(backend: str, extra: str, *names: str) -> None:
-    """Raise :class:`MissingBackendError` naming the pip extra if a module is missing (without importing it)."""
+    """Raise :class:`MissingBackendError` naming the pip extra if a module is missing (without importing it).
+
+    A name ``"a|b"`` is satisfied by either module (TensorRT ships as ``tensorrt`` or ``tensorrt_rtx``).
+    """
     for n in names:
-        if importlib.util.find_spec(n) is None:
-            raise MissingBackendError(backend, n, extra)
+        if not any(importlib.util.find_spec(alt) is not None for alt in n.split("|")):
+            raise MissingBackendError(backend, n.replace("|", "' or '"), extra)
 
 
 def registered(package: str, attribute: str, name: str) -> ModuleType:
     """The module of ``package`` whose ``attribute`` names (or lists) ``name``, with its packages installed.
 
+    A module may also define ``check_platform()``, raising
+    :class:`~diffship.errors.UnavailableRuntimeError` where this machine cannot run it (no GPU, not macOS).
+
     Raises:
         DiffshipError: no such backend (the message lists the known ones).
         MissingBackendError: its packages are missing (the message names the pip extra).
+        UnavailableRuntimeError: the packages are there but this platform cannot run the backend.
     """
     from diffship.errors import DiffshipError
 
@@ -53,4 +60,6 @@ def registered(package: str, attribute: str, name: str) -> ModuleType:
         raise DiffshipError(f"unknown backend {name!r}; choose one of: {', '.join(found)}")
     mod = found[name]
     require_modules(name, mod.EXTRA, *mod.PACKAGES)
+    if hasattr(mod, "check_platform"):
+        mod.check_platform()
     return mod

@@ -42,6 +42,10 @@ class MissingBackendError(DiffshipError):
         self.extra = extra
 
 
+class UnavailableRuntimeError(DiffshipError):
+    """A backend's packages are installed but this machine cannot run it (no NVIDIA GPU, not macOS)."""
+
+
 class ExportError(DiffshipError):
     """Exporting a component failed."""
 

@@ -66,3 +66,21 @@ def backend(request) -> str:
 def exported(backend, export_dir) -> Path:
     """The fp32 export of ``tiny`` for ``backend``."""
     return export_dir(backend)
+
+
+@pytest.fixture(scope="session")
+def hot_vae_source(tmp_path_factory, tiny_pipe) -> Path:
+    """A copy of ``tiny`` whose VAE decoder overflows fp16 (activations past 65504) and does not ask
+    for fp32 (no ``force_upcast``), for the reduced-precision fallback tests."""
+    import copy
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    vae = copy.deepcopy(tiny_pipe.vae)
+    vae.register_to_config(force_upcast=False)
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(1e6)
+    src = tmp_path_factory.mktemp("hot-vae") / "pipeline"
+    StableDiffusionPipeline(**{**tiny_pipe.components, "vae": vae}, requires_safety_checker=False).save_pretrained(src)
+    return src

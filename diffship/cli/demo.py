@@ -18,18 +18,27 @@ def demo(
     steps_: int = typer.Option(10, "--steps", min=1, help="Denoising steps."),
     prompt: str = typer.Option("a photograph of an astronaut riding a horse", "--prompt"),
 ) -> None:
-    """Export `tiny` to every backend installed here, generate with each, check parity, say where it all is."""
+    """Export `tiny` to every backend installed here, generate with each, check parity, say where it all is.
+
+    Backends that export here but cannot run here (TensorRT engines without an NVIDIA GPU) are
+    exported, and the reason they are not run is printed."""
     import torch
 
     from diffship.cli.parity import run_parity
     from diffship.exporters import available_backends, export_pipeline
-    from diffship.runtimes import runtime_available
+    from diffship.runtimes import runtime_unavailable_reason
     from diffship.runtimes.pipeline import load_pipeline
 
-    backends = [b for b in available_backends() if runtime_available(b)]
+    exportable = available_backends()
+    export_only = {b: reason for b in exportable if (reason := runtime_unavailable_reason(b))}
+    backends = [b for b in exportable if b not in export_only]
     if not backends:
         raise MissingBackendError("onnx", "onnxruntime", "onnx")
-    console.print(f"backends usable here: {', '.join(backends)}")
+    console.print(f"backends usable here: {', '.join(backends)}"
+                  + (f"; export only: {', '.join(export_only)}" if export_only else ""))
+    for backend, reason in export_only.items():
+        with steps(f"{backend}: export") as say:
+            export_pipeline("tiny", output / backend / "export", backend=backend, overwrite=True, progress=say)
     results = {}
     for backend in backends:
         folder = output / backend
@@ -47,6 +56,8 @@ def demo(
         verdict = "[green]parity passed[/]" if result.passed else "[red]parity FAILED[/]"
         out.print(f"{backend}: {verdict}\n  export: {output / backend / 'export'}\n  image:  "
                   f"{output / backend / 'images' / 'generated.png'}\n  report: {output / backend / 'report' / 'index.html'}")
+    for backend, reason in export_only.items():
+        out.print(f"{backend}: exported, not run ({reason})\n  export: {output / backend / 'export'}")
     failed = [b for b, r in results.items() if not r.passed]
     if failed:
         raise ParityFailure(f"parity failed for {', '.join(failed)}; see the reports above")

@@ -49,4 +49,9 @@ def export(
         table.add_row(name, precision_label, ", ".join(i["name"] for i in entry["inputs"]),
                       ", ".join(o["name"] for o in entry["outputs"]), size)
     out.print(table)
+    for name, entry in manifest["components"].items():
+        if timings := entry["details"].get("timings"):
+            notes = entry["details"].get("notes", [])
+            out.print(f"{name}: " + ", ".join(f"{step.replace('_', ' ')} {sec:.2f}s" for step, sec in timings.items())
+                      + "".join(f"; {note}" for note in notes))
     out.print(f"exported to {output} in {time.perf_counter() - start:.1f}s")

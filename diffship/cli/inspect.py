@@ -42,6 +42,39 @@ def inspect(
                           "(" + ", ".join(map(str, io["dims"])) + ")",
                           f"{', '.join(entry['files'])} {size}" if first else "")
     out.print(table)
+    _print_details(manifest)
     versions = ", ".join(f"{k} {v}" for k, v in manifest["versions"].items())
     out.print(f"versions: {versions}")
     out.print(f"[green]verified[/]: {len(manifest['files'])} files match their sha256")
+
+
+#: detail keys shown elsewhere (profiles get their own table) or too bulky for one line.
+_SEPARATE = ("profiles", "timings", "notes", "onnx")
+
+
+def _print_details(manifest: dict) -> None:
+    """Backend facts per component (engine, targets, ...), and shape-profile tables where recorded."""
+    from diffship.reference.specs import ShapeRange
+
+    for name, entry in manifest["components"].items():
+        details = {k: v for k, v in entry["details"].items() if k not in _SEPARATE}
+        if details:
+            out.print(f"[bold]{name}[/]: " + "; ".join(f"{k} {_compact(v)}" for k, v in details.items()))
+        for index, profile in enumerate(entry["details"].get("profiles", [])):
+            table = Table("input", "min", "opt", "max",
+                          title=f"{name} profile {index}: {ShapeRange.from_dict(profile['request']).describe()}")
+            for input_name, r in profile["inputs"].items():
+                table.add_row(input_name, *(_fmt(r[k]) for k in ("min", "opt", "max")))
+            out.print(table)
+
+
+def _compact(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_compact(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return "/".join(map(str, value))
+    return str(value)
+
+
+def _fmt(dims: list) -> str:
+    return "(" + ", ".join(map(str, dims)) + ")"

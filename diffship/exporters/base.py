@@ -43,6 +43,8 @@ class ExportOptions:
             size (graphs past the 2 GB protobuf limit must).
         calibration: for precisions a backend lists in ``CALIBRATED``, the inputs this component
             received in eager runs of the pipeline (spec-named tensors per call); None otherwise.
+        size_multiple: image sizes (pixels) the whole pipeline takes are multiples of this (the VAE
+            factor times the UNet's latent multiple); backends that fix shape ranges validate with it.
         extra: backend-specific options, passed through untouched.
     """
 
@@ -52,6 +54,7 @@ class ExportOptions:
     opset: int = 18
     external_data: bool | None = None
     calibration: list[dict[str, Any]] | None = None
+    size_multiple: int = 8
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -85,13 +85,14 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     path = out_dir / MODEL_FILE
     program.save(str(path), external_data=external)
     import onnx.checker
+    import onnx.shape_inference
 
     # onnx.checker with full shape inference is native code: run it in a child interpreter, which
     # imports only onnx (the function is passed by its own module name).
     try:
         run_isolated(f"checking {spec.name}/{MODEL_FILE}", onnx.checker.check_model, str(path), full_check=True,
                      error=ExportError)
-    except onnx.checker.ValidationError as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"the exported {spec.name} graph is invalid ({first_line(exc)}); "
                           f"re-run with --debug and report it") from exc
     files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())

@@ -19,7 +19,7 @@ from diffship.exporters.base import Artifact, ExportOptions
 from diffship.manifest import library_versions, write_manifest
 from diffship.reference import ShapeProfile, family_of, load_with_info
 from diffship.reference.families import pipeline_configs
-from diffship.reference.specs import PRECISIONS, ComponentSpec, vae_scale_factor
+from diffship.reference.specs import PRECISIONS, ComponentSpec, size_multiple, vae_scale_factor
 
 log = logging.getLogger("diffship")
 Progress = Callable[[str], None]
@@ -67,34 +67,54 @@ def save_module_config(module: Any, folder: Path) -> None:
         module.config.save_pretrained(folder)
 
 
+def _non_finite(outputs: dict[str, torch.Tensor] | tuple | torch.Tensor, names: list[str], precision: str) -> str | None:
+    values = outputs.values() if isinstance(outputs, dict) else (outputs,) if isinstance(outputs, torch.Tensor) else outputs
+    bad = [name for name, value in zip(names, values) if not torch.isfinite(value).all()]
+    return f"non-finite values in {', '.join(bad)} at {precision}" if bad else None
+
+
 def _overflows(backend: str, folder: Path, artifact: Artifact, spec: ComponentSpec, options: ExportOptions) -> str | None:
     """Run a freshly exported reduced-precision component once; describe any non-finite output, else None."""
-    from diffship.runtimes import open_runner, runtime_available
+    from diffship.runtimes import open_runner
 
-    if not runtime_available(backend):
-        return None
     runner = open_runner(backend, folder, artifact.to_dict())
     outputs = runner.infer(spec.example_inputs(options.profile, options.precision))
-    bad = [name for name, value in outputs.items() if not torch.isfinite(value).all()]
-    return f"non-finite values in {', '.join(bad)} at {options.precision}" if bad else None
+    return _non_finite(outputs, spec.output_names, options.precision)
+
+
+def _overflows_in_torch(spec: ComponentSpec, module: torch.nn.Module, options: ExportOptions) -> str | None:
+    """The same probe on the reduced-precision torch module, for backends that cannot run here (a
+    TensorRT engine built without a GPU): the module computes in the precision the engine will."""
+    with torch.no_grad():
+        outputs = module(*spec.example_inputs(options.profile, options.precision).values())
+    return _non_finite(outputs, spec.output_names, options.precision)
 
 
 def _export_component(mod: ModuleType, spec: ComponentSpec, eager: torch.nn.Module, folder: Path,
                       options: ExportOptions) -> Artifact:
     """Export one component; a reduced-precision export that overflows is replaced by an fp32 one."""
+    from diffship.runtimes import runtime_available
+
     if options.precision != "fp32" and spec.keep_fp32:
         artifact = mod.export(spec, spec.wrapper(eager).eval(), folder, replace(options, precision="fp32"))
         artifact.details["fp32_fallback"] = "kept in fp32: the VAE config sets force_upcast (diffusers runs it in fp32)"
         return artifact
     module = spec.wrapper(eager).eval()
-    if PRECISIONS.get(options.precision, torch.float32) != torch.float32:
+    reduced = PRECISIONS.get(options.precision, torch.float32) != torch.float32
+    if reduced:
         module = copy.deepcopy(module).to(PRECISIONS[options.precision])
-    artifact = mod.export(spec, module, folder, options)
-    if options.precision != "fp32" and (reason := _overflows(mod.BACKEND, folder, artifact, spec, options)):
-        log.warning("%s: %s; exporting it in fp32 instead", spec.name, reason)
+    runnable = runtime_available(mod.BACKEND)
+    reason = _overflows_in_torch(spec, module, options) if reduced and not runnable else None
+    if reason is None:
+        artifact = mod.export(spec, module, folder, options)
+        if options.precision != "fp32" and runnable:
+            reason = _overflows(mod.BACKEND, folder, artifact, spec, options)
+        if reason is None:
+            return artifact
         shutil.rmtree(folder)
-        artifact = mod.export(spec, spec.wrapper(eager).eval(), folder, replace(options, precision="fp32"))
-        artifact.details["fp32_fallback"] = reason
+    log.warning("%s: %s; exporting it in fp32 instead", spec.name, reason)
+    artifact = mod.export(spec, spec.wrapper(eager).eval(), folder, replace(options, precision="fp32"))
+    artifact.details["fp32_fallback"] = reason
     return artifact
 
 
@@ -145,13 +165,14 @@ def export_pipeline(
     family = family_of(type(pipe).__name__)
     configs = pipeline_configs(pipe)
     specs = family.specs(configs)
+    multiple = size_multiple(specs)
     if components:
         unknown = sorted(set(components) - {s.name for s in specs})
         if unknown:
             raise DiffshipError(f"unknown component(s) {', '.join(unknown)}; this pipeline has: "
                                 f"{', '.join(s.name for s in specs)}")
         specs = [s for s in specs if s.name in components]
-    options = _options(precision, profile, static is not None, backend_options or {})
+    options = replace(_options(precision, profile, static is not None, backend_options or {}), size_multiple=multiple)
     calibration = {}
     if precision in getattr(mod, "CALIBRATED", ()):
         from diffship.reference.recording import calibration_inputs
@@ -183,7 +204,8 @@ def export_pipeline(
 def _options(precision: str, profile: ShapeProfile, static: bool, backend_options: dict[str, Any]) -> ExportOptions:
     """ExportOptions from the pipeline-level arguments; ``backend_options`` naming a common field
     (``opset``, ``external_data``) set it, the rest go to ``extra`` for the backend to check."""
-    common = {f.name for f in fields(ExportOptions)} - {"precision", "profile", "static", "extra"}
+    common = {f.name for f in fields(ExportOptions)} - {"precision", "profile", "static", "extra", "calibration",
+                                                         "size_multiple"}
     return ExportOptions(precision=precision, profile=profile, static=static,
                          **{k: v for k, v in backend_options.items() if k in common},
                          extra={k: v for k, v in backend_options.items() if k not in common})

@@ -80,8 +80,8 @@ def compare_component(spec: ComponentSpec, eager_module: torch.nn.Module, runner
             ref = _as_outputs(spec, wrapper(*(inputs[n] for n in spec.input_names)))
         got = runner.infer(inputs)
         for name in spec.output_names:
-            expected[name].append(ref[name].float().numpy())
-            actual[name].append(got[name].float().numpy())
+            expected[name].append(ref[name].float().cpu().numpy())
+            actual[name].append(got[name].float().cpu().numpy())  # CUDA runners return GPU tensors
     tolerance = tolerances.for_component(spec.name)
     outputs = [OutputResult.evaluate(name, *_stack(expected[name], actual[name]), tolerance)
                for name in spec.output_names]

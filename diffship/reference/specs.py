@@ -20,9 +20,10 @@ from diffship.errors import ShapeError
 
 #: dtype names used in specs; ``float`` follows the export precision, ``float32`` never does.
 FLOAT = "float"
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "int64": torch.int64, "int32": torch.int32}
 #: torch dtype of the traced module per export precision; weight-only formats (int8) trace in fp32.
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,68 @@ class ShapeProfile:
                 "sequence_length": self.sequence_length, "guidance": self.guidance}
 
 
+#: (min, opt, max) of one request dimension.
+Range = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """A range of request shapes one engine serves (a TensorRT optimization profile), in user terms.
+
+    Attributes:
+        batch: (min, opt, max) images per pipeline call (prompts x images per prompt).
+        height: (min, opt, max) image height in pixels.
+        width: (min, opt, max) image width in pixels.
+        sequence_length: token sequence length (fixed).
+        guidance: whether requests use classifier-free guidance, which doubles the denoiser's batch.
+    """
+
+    batch: Range
+    height: Range
+    width: Range
+    sequence_length: int = 77
+    guidance: bool = True
+
+    @classmethod
+    def fixed(cls, profile: ShapeProfile) -> "ShapeRange":
+        """The one shape of ``profile`` (a static engine)."""
+        return cls(batch=(profile.batch_size,) * 3, height=(profile.height,) * 3, width=(profile.width,) * 3,
+                   sequence_length=profile.sequence_length, guidance=profile.guidance)
+
+    @property
+    def is_fixed(self) -> bool:
+        return all(r[0] == r[2] for r in (self.batch, self.height, self.width))
+
+    def validate(self, size_multiple: int) -> None:
+        """Raise :class:`ShapeError` unless min <= opt <= max, batches are >= 1 and sizes are multiples
+        of ``size_multiple`` (the image sizes the exported UNet takes)."""
+        for name, r in (("batch", self.batch), ("height", self.height), ("width", self.width)):
+            if len(r) != 3 or not r[0] <= r[1] <= r[2]:
+                raise ShapeError(f"profile {name} {list(r)} is not [min, opt, max] with min <= opt <= max")
+            if r[0] < 1:
+                raise ShapeError(f"profile {name} {list(r)} must be at least 1")
+            if name != "batch" and any(v % size_multiple for v in r):
+                bad = next(v for v in r if v % size_multiple)
+                raise ShapeError(f"profile {name} {list(r)}: {bad} is not a multiple of {size_multiple}, the image "
+                                 f"sizes this model's UNet takes (e.g. {max(size_multiple, bad // size_multiple * size_multiple)})")
+
+    def describe(self) -> str:
+        """e.g. ``"1-4 images of 256-1024 x 256-1024 px"``."""
+        def span(r: Range) -> str:
+            return str(r[0]) if r[0] == r[2] else f"{r[0]}-{r[2]}"
+
+        return f"{span(self.batch)} image(s) of {span(self.height)} x {span(self.width)} px"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch": list(self.batch), "height": list(self.height), "width": list(self.width),
+                "sequence_length": self.sequence_length, "guidance": self.guidance}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ShapeRange":
+        return cls(batch=tuple(data["batch"]), height=tuple(data["height"]), width=tuple(data["width"]),
+                   sequence_length=data.get("sequence_length", 77), guidance=data.get("guidance", True))
+
+
 @dataclass(frozen=True)
 class ComponentSpec:
     """Everything needed to export, run and check one pipeline component.
@@ -172,6 +235,23 @@ class ComponentSpec:
     def dims(self, profile: ShapeProfile) -> dict[str, int]:
         """Symbolic dim values of this component for ``profile``."""
         return profile.dims(self.scale_factor, self.batch_multiplier if profile.guidance else 1)
+
+    def input_ranges(self, shapes: ShapeRange) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """(min, opt, max) shape of each input over the requests ``shapes`` describes.
+
+        Guidance doubling: the denoiser's batch runs from ``batch[0]`` (a call without guidance) to twice
+        ``batch[2]``, unless the range is fixed, when it is exactly what the requests give. Components
+        diffusers calls once per prompt list or init image (``static_batch`` False) take 1 to ``batch[2]``.
+        """
+        points = [ShapeProfile(batch_size=shapes.batch[i], height=shapes.height[i], width=shapes.width[i],
+                               sequence_length=shapes.sequence_length, guidance=shapes.guidance) for i in range(3)]
+        dims = [self.dims(p) for p in points]
+        if not shapes.is_fixed and self.batch_multiplier > 1:
+            dims[0]["batch"] = shapes.batch[0]
+        if not self.static_batch:
+            for d, b in zip(dims, (1, 1, shapes.batch[2])):
+                d["batch"] = b
+        return {t.name: tuple(t.shape(d) for d in dims) for t in self.inputs}
 
     def example_inputs(self, profile: ShapeProfile, precision: str = "fp32", seed: int = 0) -> dict[str, torch.Tensor]:
         """Seeded example inputs of the right names, dtypes and shapes for ``profile``."""
@@ -296,6 +376,12 @@ def _vae_decoder_inputs(a: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def vae_scale_factor(vae_config: dict[str, Any]) -> int:
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def size_multiple(specs: list[ComponentSpec]) -> int:
+    """The image sizes (pixels) every component of a pipeline takes are multiples of this: the VAE
+    factor times the latent multiple the UNet needs (64 for SD)."""
+    return max([s.scale_factor * m for s in specs for m in s.multiples.values()] + [s.scale_factor for s in specs])
 
 
 def stable_diffusion_specs(configs: dict[str, dict[str, Any]]) -> list[ComponentSpec]:

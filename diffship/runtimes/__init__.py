@@ -7,7 +7,7 @@ from types import ModuleType
 from typing import Any
 
 from diffship._registry import registered
-from diffship.errors import MissingBackendError
+from diffship.errors import MissingBackendError, UnavailableRuntimeError
 from diffship.runtimes.base import Runner
 
 
@@ -17,11 +17,17 @@ def runtime_module(backend: str) -> ModuleType:
 
 
 def runtime_available(backend: str) -> bool:
+    """Whether ``backend`` exports can run here: packages installed and the platform able (GPU, macOS)."""
+    return runtime_unavailable_reason(backend) is None
+
+
+def runtime_unavailable_reason(backend: str) -> str | None:
+    """Why ``backend`` exports cannot run here (the error's message), or None when they can."""
     try:
         runtime_module(backend)
-    except MissingBackendError:
-        return False
-    return True
+    except (MissingBackendError, UnavailableRuntimeError) as exc:
+        return str(exc)
+    return None
 
 
 def open_runner(backend: str, folder: str | Path, component: dict[str, Any], **options: Any) -> Runner:
@@ -38,4 +44,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["Runner", "load_pipeline", "open_runner", "runtime_available", "runtime_module"]
+__all__ = ["Runner", "load_pipeline", "open_runner", "runtime_available", "runtime_module", "runtime_unavailable_reason"]

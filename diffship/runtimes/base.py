@@ -9,7 +9,7 @@ A backend runtime is one module in ``diffship/runtimes/`` defining::
 
 where ``component`` is the component's entry in the export manifest (its IO description) and
 ``options`` the user's runtime options (provider, threads, ...). Its :class:`Runner` subclass
-implements ``_run`` only.
+implements ``_run`` (and, to keep tensors on a device, ``device`` and ``_convert``).
 """
 
 from __future__ import annotations
@@ -26,12 +26,19 @@ from diffship.errors import DiffshipError, RuntimeFailure, ShapeError, first_lin
 class Runner:
     """Runs one exported component.
 
+    Attributes:
+        device: where the runner takes inputs and returns outputs. The pipeline adapters report it as
+            their module device, so diffusers keeps latents there between steps (a CUDA runner never
+            round-trips through the host).
+
     Args:
         name: component name, for messages.
         inputs: per input ``{"name", "dtype", "dims"}`` as recorded in the manifest; ``dims`` holds
             ints for fixed sizes and names for symbolic ones.
         outputs: same for outputs.
     """
+
+    device = torch.device("cpu")
 
     def __init__(self, name: str, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]):
         self.name = name
@@ -48,8 +55,8 @@ class Runner:
     def output_names(self) -> list[str]:
         return [o["name"] for o in self.outputs]
 
-    def check_inputs(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Validate names, ranks and sizes, and cast to the declared dtypes.
+    def check_inputs(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate names, ranks and sizes, and convert to the declared dtypes (with :meth:`_convert`).
 
         Symbolic dims must agree across inputs (one ``batch`` for all); fixed dims must match.
 
@@ -64,15 +71,17 @@ class Runner:
         arrays = {}
         for spec in self.inputs:
             value = feeds[spec["name"]]
-            array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+            if not isinstance(value, (torch.Tensor, np.ndarray)):
+                value = np.asarray(value)
+            shape = tuple(value.shape)
             dims = spec["dims"]
-            if array.ndim != len(dims):
-                raise ShapeError(f"{self.name}: input {spec['name']} has shape {tuple(array.shape)}, "
+            if len(shape) != len(dims):
+                raise ShapeError(f"{self.name}: input {spec['name']} has shape {shape}, "
                                  f"expected {len(dims)} dims {_fmt(dims)}")
-            for axis, (want, got) in enumerate(zip(dims, array.shape)):
+            for axis, (want, got) in enumerate(zip(dims, shape)):
                 if isinstance(want, int) and want != got:
                     raise ShapeError(
-                        f"{self.name}: input {spec['name']} has shape {tuple(array.shape)}, but this export takes "
+                        f"{self.name}: input {spec['name']} has shape {shape}, but this export takes "
                         f"{_fmt(dims)} (axis {axis} is fixed at {want}){self.shape_note}; re-export for this shape "
                         f"or without --static"
                     )
@@ -81,8 +90,13 @@ class Runner:
                         raise ShapeError(f"{self.name}: dim {want!r} is {seen[want][0]} in {seen[want][1]} but "
                                          f"{got} in {spec['name']}")
                     seen.setdefault(want, (got, spec["name"]))
-            arrays[spec["name"]] = np.ascontiguousarray(array, dtype=np.dtype(spec["dtype"]))  # manifest dtype names are numpy's
+            arrays[spec["name"]] = self._convert(value, spec["dtype"])
         return arrays
+
+    def _convert(self, value: torch.Tensor | np.ndarray, dtype: str) -> Any:
+        """One checked input as the backend takes it: here a contiguous host array of ``dtype``."""
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+        return np.ascontiguousarray(array, dtype=np.dtype(dtype))  # manifest dtype names are numpy's
 
     def infer(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Run the component on ``feeds`` (tensors or arrays by input name); outputs as torch tensors."""
@@ -96,7 +110,7 @@ class Runner:
                                  f"--debug for details") from exc
         return {name: torch.as_tensor(outputs[name]) for name in self.output_names}
 
-    def _run(self, feeds: dict[str, np.ndarray]) -> Mapping[str, Any]:
+    def _run(self, feeds: dict[str, Any]) -> Mapping[str, Any]:
         raise NotImplementedError
 
     def describe(self) -> str:

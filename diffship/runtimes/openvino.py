@@ -50,7 +50,7 @@ class OVRunner(Runner):
             raise ExportedModelError(f"{path} is missing; re-run diffship export")
         self._core = ov.Core()
         self._version = ov.__version__
-        self.device = device.upper() if isinstance(device, str) else device
+        self.ov_device = device.upper() if isinstance(device, str) else device
         self.config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": inference_precision}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -73,9 +73,9 @@ class OVRunner(Runner):
                 model = model.clone()
                 model.reshape({name: list(feeds[name].shape) for name in self.input_names})
             try:
-                compiled = self._core.compile_model(model, self.device, self.config)
+                compiled = self._core.compile_model(model, self.ov_device, self.config)
             except Exception as exc:
-                raise RuntimeFailure(f"OpenVINO could not compile {self.name} for {self.device} "
+                raise RuntimeFailure(f"OpenVINO could not compile {self.name} for {self.ov_device} "
                                      f"({first_line(exc)}); check the device name and ov_config") from exc
             self._compiled[key] = compiled.create_infer_request()
             self.compiles += 1
@@ -93,7 +93,7 @@ class OVRunner(Runner):
         return {"bf16": "bf16", "f16": "fp16"}.get(hint)
 
     def describe(self) -> str:
-        return f"OpenVINO {self._version.split('-')[0]} ({self.device}, {self.config['INFERENCE_PRECISION_HINT']})"
+        return f"OpenVINO {self._version.split('-')[0]} ({self.ov_device}, {self.config['INFERENCE_PRECISION_HINT']})"
 
 
 def open_runner(folder: Path, component: dict[str, Any], options: dict[str, Any]) -> OVRunner:

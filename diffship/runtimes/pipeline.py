@@ -25,19 +25,26 @@ from diffship.runtimes import open_runner
 from diffship.runtimes.base import Runner
 
 
-class _Adapter:
-    """Common surface of the adapters: config, dtype, device, and the call mapping of a spec."""
+class _Adapter(torch.nn.Module):
+    """Common surface of the adapters: config, dtype, device, and the call mapping of a spec.
+
+    An ``nn.Module`` without parameters, so diffusers counts it when it asks where the pipeline runs
+    (``pipe.device``): a pipeline over CUDA runners creates its latents on the GPU and keeps them there.
+    """
 
     dtype = torch.float32
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: dict[str, Any], runners: list[Runner]):
         from diffusers.configuration_utils import FrozenDict
 
+        super().__init__()
         self.config = FrozenDict(config)
+        self._device = runners[0].device if runners else torch.device("cpu")
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cpu")
+        """Where the runners take and return tensors (the CPU, or the GPU of a CUDA runtime)."""
+        return self._device
 
     def to(self, *args: Any, **kwargs: Any) -> "_Adapter":
         """Accepted for compatibility with ``pipe.to(...)``; placement is the runner's (device) choice."""
@@ -51,7 +58,7 @@ class _Adapter:
         config = self.__dict__.get("config")
         if config is not None and name in config:
             return config[name]
-        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return super().__getattr__(name)
 
     @staticmethod
     def _run(spec: ComponentSpec, runner: Runner, method: Any, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
@@ -60,11 +67,15 @@ class _Adapter:
         return {k: v.float() if v.is_floating_point() else v for k, v in runner.infer(inputs).items()}
 
 
+def _runners(parts: dict[str, tuple[ComponentSpec, Runner]]) -> list[Runner]:
+    return [runner for _, runner in parts.values()]
+
+
 class TextEncoderAdapter(_Adapter):
     """Stands in for ``CLIPTextModel``: ``text_encoder(input_ids)[0]`` is the last hidden state."""
 
     def __init__(self, config: dict[str, Any], parts: dict[str, tuple[ComponentSpec, Runner]]):
-        super().__init__(config)
+        super().__init__(config, _runners(parts))
         self.spec, self.runner = parts["text_encoder"]
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, output_attentions=None,
@@ -84,7 +95,7 @@ class UNetAdapter(_Adapter):
     """Stands in for ``UNet2DConditionModel``: ``unet(latents, t, encoder_hidden_states=emb).sample``."""
 
     def __init__(self, config: dict[str, Any], parts: dict[str, tuple[ComponentSpec, Runner]]):
-        super().__init__(config)
+        super().__init__(config, _runners(parts))
         self.spec, self.runner = parts["unet"]
 
     def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None, timestep_cond=None,
@@ -110,7 +121,7 @@ class VaeAdapter(_Adapter):
     """Stands in for ``AutoencoderKL``: ``encode`` (latent distribution sampled on the host) and ``decode``."""
 
     def __init__(self, config: dict[str, Any], parts: dict[str, tuple[ComponentSpec, Runner]]):
-        super().__init__(config)
+        super().__init__(config, _runners(parts))
         self.encoder = parts.get("vae_encoder")
         self.decoder = parts.get("vae_decoder")
 

@@ -93,7 +93,7 @@ def test_runtime_options_pass_through(export_dir, tmp_path):
     pipe = load_pipeline(export_dir("openvino"), device="cpu", threads=1, cache_dir=str(cache),
                          ov_config={"NUM_STREAMS": "1"})
     runner = pipe.diffship_runners["vae_decoder"]
-    assert runner.device == "CPU"
+    assert runner.ov_device == "CPU" and runner.device == torch.device("cpu")  # OpenVINO device; torch tensors on the host
     assert runner.config["INFERENCE_NUM_THREADS"] == 1 and runner.config["NUM_STREAMS"] == "1"
     assert runner.config["PERFORMANCE_HINT"] == "LATENCY" and runner.config["INFERENCE_PRECISION_HINT"] == "f32"
     runner.infer({"latent_sample": torch.randn(1, 4, 8, 8)})

@@ -234,7 +234,7 @@ def _check_targets(flavour: str, targets: tuple[str, ...]) -> None:
         known = {"sm75", "sm80", "sm86", "sm89", "sm120", "sm121"}
         hint = "e.g. sm86,sm89 (" + ", ".join(sorted(known)) + ")"
     else:
-        known = {"ampere+", "same"}
+        known = {"ampere+"}
         hint = "ampere+ (hardware-compatible) or leave it out (the building GPU)"
     bad = [t for t in targets if t not in known]
     if bad:
@@ -300,7 +300,9 @@ def _cache_note(path: str | None, facts: dict[str, Any], flavour: str) -> str:
 
 
 def default_timing_cache(flavour: str, version: str) -> Path:
-    return cache_dir() / "tensorrt" / f"{flavour}-{version}.timing.cache"
+    """One file per flavour, version and GPU model (a cache of one GPU does not help another)."""
+    gpu = torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "gpu"
+    return cache_dir() / "tensorrt" / f"{flavour}-{version}-{gpu}.timing.cache"
 
 
 # --- export ----------------------------------------------------------------------------------------------
@@ -400,7 +402,10 @@ def build_engine(request: dict[str, Any]) -> dict[str, Any]:
     if request["timing_cache"]:
         path = Path(request["timing_cache"])
         blob = path.read_bytes() if path.is_file() else b""
-        cache = config.create_timing_cache(blob)
+        try:
+            cache = config.create_timing_cache(blob)
+        except Exception:  # written by another TensorRT version: start afresh
+            blob, cache = b"", config.create_timing_cache(b"")
         if not config.set_timing_cache(cache, ignore_mismatch=False):  # made on another GPU: start afresh
             blob = b""
             config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False)
@@ -436,8 +441,6 @@ def _set_targets(trt, config, targets: list[str], rtx: bool) -> dict[str, Any]:
     if "ampere+" in targets:
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
         return {"targets": "ampere+"}
-    import torch
-
     major, minor = torch.cuda.get_device_capability()
     return {"targets": [f"sm{major}{minor}"], "note": "the GPU it was built on"}
 

@@ -15,8 +15,10 @@ the GPU, so later loads skip the compilation).
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,8 @@ from diffship._registry import require_modules
 from diffship.errors import ExportedModelError, RuntimeFailure, ShapeError, UnavailableRuntimeError
 from diffship.reference.specs import TORCH_DTYPES, ShapeRange
 from diffship.runtimes.base import Runner, check_options
+
+log = logging.getLogger("diffship")
 
 BACKENDS = ("tensorrt",)
 EXTRA = "tensorrt"
@@ -106,14 +110,19 @@ def installed_versions() -> dict[str, str]:
 
 
 class TrtRunner(Runner):
-    """One deserialized engine and execution context per component.
+    """One deserialized engine per component, with one execution context per optimization profile used.
+
+    A context per profile (created on first use, its profile set once) avoids switching profiles on a
+    shared context, which would invalidate captured CUDA graphs; usually only one profile is used.
 
     Args:
         folder: the component folder holding the engine.
         component: the component's manifest entry.
         device: the CUDA device (``cuda``, ``cuda:1``).
-        cuda_graph: replay captured CUDA graphs (see the module docstring).
-        runtime_cache: TensorRT-RTX runtime-cache file, loaded if present and saved after each new shape.
+        cuda_graph: replay captured CUDA graphs (see the module docstring); inputs and outputs then
+            go through fixed buffers per shape, as graph replay needs stable addresses.
+        runtime_cache: TensorRT-RTX runtime-cache file, loaded if present and saved by :meth:`close`
+            (also at interpreter exit).
     """
 
     def __init__(self, folder: Path, component: dict[str, Any], device: str = "cuda", cuda_graph: bool = False,
@@ -128,46 +137,85 @@ class TrtRunner(Runner):
         if not path.is_file():
             raise ExportedModelError(f"{path} is missing; re-run diffship export")
         trt = self._trt = importlib.import_module(details["flavour"])
-        self._logger = trt.Logger(trt.Logger.ERROR)
         self._rtx = details["flavour"] == "tensorrt_rtx"
+        self.cuda_graph = cuda_graph
+        self._runtime_cache_path = Path(runtime_cache) if runtime_cache else None
+        self._runtime_cache = None
         blob = path.read_bytes()
         with torch.cuda.device(self.device):
-            runtime = trt.Runtime(self._logger)
-            self._check_validity(runtime, blob)
-            self.engine = runtime.deserialize_cuda_engine(blob)
+            self._runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+            self._check_validity(blob)
+            self.engine = self._runtime.deserialize_cuda_engine(blob)
             if self.engine is None:
                 raise RuntimeFailure(f"TensorRT could not load {path}; re-run with --debug, or re-export")
-            self._runtime_cache_path = Path(runtime_cache) if runtime_cache else None
-            self.context = self._create_context(cuda_graph)
+            self._check_io()
+            self._runtime_config = self._make_runtime_config()
             self.stream = torch.cuda.Stream(self.device)
-        self.cuda_graph = cuda_graph
-        self._graphs: dict[tuple, tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
-        self._profile = -1
-        self._seen: set[tuple] = set()
+        self._contexts: dict[int, Any] = {}
+        #: per (profile, input shapes) with cuda_graph: (graph or None, input buffers, output buffers)
+        self._static: dict[tuple, tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+        if self._runtime_cache is not None:
+            atexit.register(self.close)
 
-    def _check_validity(self, runtime, blob: bytes) -> None:
+    def _check_validity(self, blob: bytes) -> None:
         """TensorRT's own header check, where the flavour has it, for what the manifest cannot know."""
-        if not hasattr(runtime, "get_engine_validity"):
+        trt = self._trt
+        if not hasattr(self._runtime, "get_engine_validity"):  # standard TensorRT 10 has no such check
             return
-        validity, diagnostics = runtime.get_engine_validity(blob[: runtime.engine_header_size])
-        if validity == self._trt.EngineValidity.INVALID:
-            reasons = [n for n, flag in self._trt.EngineInvalidityDiagnostics.__members__.items()
-                       if int(diagnostics) & int(flag)] or ["no reason given"]
-            raise ExportedModelError(f"{self.details['engine']} cannot run on this GPU ({', '.join(reasons)}); "
+        validity, diagnostics = self._runtime.get_engine_validity(blob[: self._runtime.engine_header_size])
+        reasons = [n for n, flag in trt.EngineInvalidityDiagnostics.__members__.items()
+                   if int(diagnostics) & int(flag)] or ["no reason given"]
+        if validity == trt.EngineValidity.INVALID:
+            raise ExportedModelError(f"TensorRT refuses {self.details['engine']} here ({', '.join(reasons)}); "
                                      f"re-export it with diffship export ... --backend tensorrt")
+        if validity == trt.EngineValidity.SUBOPTIMAL:
+            log.warning("%s runs on this GPU but not at its best (%s); re-export it here for full speed",
+                        self.details["engine"], ", ".join(reasons))
 
-    def _create_context(self, cuda_graph: bool):
+    def _check_io(self) -> None:
+        """The engine's IO tensors are the manifest's, with the same dtypes."""
+        trt = self._trt
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        want = {io["name"]: io["dtype"] for io in (*self.inputs, *self.outputs)}
+        if sorted(names) != sorted(want):
+            raise ExportedModelError(f"{self.details['engine']} has IO {names}, the manifest {sorted(want)}; re-export")
+        for name in names:
+            got = str(trt.nptype(self.engine.get_tensor_dtype(name)).__name__) if \
+                self.engine.get_tensor_dtype(name) != trt.DataType.BF16 else "bfloat16"
+            if got != want[name]:
+                raise ExportedModelError(f"{self.details['engine']}: {name} is {got} in the engine but {want[name]} in "
+                                         f"the manifest; re-export")
+
+    def _make_runtime_config(self):
+        """TensorRT-RTX: CUDA-graph strategy and runtime cache (kept alive with the runner)."""
         if not self._rtx:
-            return self.engine.create_execution_context()
+            return None
         config = self.engine.create_runtime_config()
-        if cuda_graph:
+        if self.cuda_graph:
             config.cuda_graph_strategy = self._trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
         if self._runtime_cache_path:
+            # Compile shape-specialised kernels up front, so the saved cache holds them (not fallbacks).
+            config.dynamic_shapes_kernel_specialization_strategy = \
+                self._trt.DynamicShapesKernelSpecializationStrategy.EAGER
             self._runtime_cache = config.create_runtime_cache()
-            if self._runtime_cache_path.is_file():
-                self._runtime_cache.deserialize(self._runtime_cache_path.read_bytes())
+            if self._runtime_cache_path.is_file() and not self._runtime_cache.deserialize(
+                    self._runtime_cache_path.read_bytes()):
+                log.warning("%s does not fit this TensorRT-RTX, GPU or driver; starting a fresh runtime cache",
+                            self._runtime_cache_path)
             config.set_runtime_cache(self._runtime_cache)
-        return self.engine.create_execution_context(config)
+        return config
+
+    def _context(self, profile: int):
+        if profile not in self._contexts:
+            context = (self.engine.create_execution_context(self._runtime_config) if self._rtx
+                       else self.engine.create_execution_context())
+            if context is None:
+                raise RuntimeFailure(f"TensorRT could not create an execution context for {self.name} (out of GPU "
+                                     f"memory?)")
+            if not context.set_optimization_profile_async(profile, self.stream.cuda_stream):
+                raise RuntimeFailure(f"TensorRT could not select optimization profile {profile} of {self.name}")
+            self._contexts[profile] = context
+        return self._contexts[profile]
 
     def _convert(self, value: torch.Tensor | np.ndarray, dtype: str) -> torch.Tensor:
         return torch.as_tensor(value).to(device=self.device, dtype=TORCH_DTYPES[dtype]).contiguous()
@@ -175,68 +223,86 @@ class TrtRunner(Runner):
     def _run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         shapes = {n: tuple(t.shape) for n, t in feeds.items()}
         profile = select_profile(self.details["profiles"], shapes, self.name)
-        current = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(current)  # inputs were produced on the caller's stream
-        if profile != self._profile:
-            if not self.context.set_optimization_profile_async(profile, self.stream.cuda_stream):
-                raise RuntimeFailure(f"TensorRT could not switch {self.name} to optimization profile {profile}")
-            self._profile = profile
-        key = (profile, *shapes.values())
-        static = all(r["min"] == r["max"] for r in self.details["profiles"][profile]["inputs"].values())
-        if self.cuda_graph and not self._rtx and static:
-            outputs = self._graph_run(key, feeds)
-        else:
-            outputs = self._enqueue(feeds)
-        for t in (*feeds.values(), *outputs.values()):
-            t.record_stream(self.stream)  # the caching allocator must not reuse them before the engine is done
-        current.wait_stream(self.stream)
-        if key not in self._seen:
-            self._seen.add(key)
-            self._save_runtime_cache()  # TensorRT-RTX compiled kernels for a new shape
-        return outputs
+        with torch.cuda.device(self.device):
+            current = torch.cuda.current_stream(self.device)
+            self.stream.wait_stream(current)  # inputs were produced on the caller's stream
+            for t in feeds.values():
+                t.record_stream(self.stream)  # ... and must outlive the engine's use of them
+            context = self._context(profile)
+            if self.cuda_graph:
+                static_out = self._replay(context, (profile, *shapes.values()), feeds)
+                current.wait_stream(self.stream)
+                return {n: t.clone() for n, t in static_out.items()}  # on the caller's stream
+            outputs = self._enqueue(context, feeds)
+            current.wait_stream(self.stream)
+            return outputs
 
-    def _bind(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Set input shapes and addresses; allocate and bind outputs of the shapes TensorRT infers."""
+    def _bind(self, context, feeds: dict[str, torch.Tensor],
+              outputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Set input shapes and addresses; bind ``outputs``, or new ones of the shapes TensorRT infers."""
         for name, tensor in feeds.items():
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
+            if not context.set_input_shape(name, tuple(tensor.shape)) or \
+                    not context.set_tensor_address(name, tensor.data_ptr()):
+                raise RuntimeFailure(f"TensorRT refused {self.name} input {name} of shape {tuple(tensor.shape)}")
+        if outputs is not None:
+            for name, tensor in outputs.items():
+                context.set_tensor_address(name, tensor.data_ptr())
+            return outputs
         outputs = {}
         for spec in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(spec["name"]))
-            outputs[spec["name"]] = torch.empty(shape, dtype=TORCH_DTYPES[spec["dtype"]], device=self.device)
-            self.context.set_tensor_address(spec["name"], outputs[spec["name"]].data_ptr())
-        return outputs
-
-    def _enqueue(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        outputs = self._bind(feeds)
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise RuntimeFailure(f"TensorRT failed to run {self.name} on {', '.join(f'{n} {tuple(t.shape)}' for n, t in feeds.items())}")
-        return outputs
-
-    def _graph_run(self, key: tuple, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Static shapes: capture one enqueue into a CUDA graph on first use, then copy in and replay."""
-        if key not in self._graphs:
-            outputs = self._enqueue(feeds)  # warm-up: TensorRT finishes lazy initialisation outside capture
-            static_in = {n: t.clone() for n, t in feeds.items()}
+            shape = tuple(context.get_tensor_shape(spec["name"]))
+            if any(d < 0 for d in shape):
+                raise RuntimeFailure(f"TensorRT could not infer the shape of {self.name} output {spec['name']}")
             with torch.cuda.stream(self.stream):
-                static_out = self._bind(static_in)
+                outputs[spec["name"]] = torch.empty(shape, dtype=TORCH_DTYPES[spec["dtype"]], device=self.device)
+            context.set_tensor_address(spec["name"], outputs[spec["name"]].data_ptr())
+        return outputs
+
+    def _enqueue(self, context, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        outputs = self._bind(context, feeds)
+        if not context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeFailure(f"TensorRT failed to run {self.name} on "
+                                 f"{', '.join(f'{n} {tuple(t.shape)}' for n, t in feeds.items())}")
+        for t in outputs.values():
+            t.record_stream(torch.cuda.current_stream(self.device))  # read by the caller after its wait
+        return outputs
+
+    def _replay(self, context, key: tuple, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """CUDA graphs: fixed input/output buffers per shape. Standard TensorRT with a static profile: bind
+        them, warm up once (TensorRT finishes lazy set-up outside capture), capture one enqueue through
+        torch, then copy in and replay. TensorRT-RTX captures by itself (its runtime config), given
+        stable addresses."""
+        if key not in self._static:
+            static_in = {n: torch.empty_like(t) for n, t in feeds.items()}
+            for n, t in feeds.items():
+                static_in[n].copy_(t)
+            static_out = self._enqueue(context, static_in)  # binds the buffers and warms up
+            graph = None
+            profile = self.details["profiles"][key[0]]["inputs"].values()
+            if not self._rtx and all(r["min"] == r["max"] for r in profile):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, stream=self.stream):
-                    self.context.execute_async_v3(self.stream.cuda_stream)
-            self._graphs[key] = (graph, static_in, static_out)
-            return outputs
-        graph, static_in, static_out = self._graphs[key]
+                    if not context.execute_async_v3(self.stream.cuda_stream):
+                        raise RuntimeFailure(f"TensorRT could not be captured in a CUDA graph for {self.name}")
+            self._static[key] = (graph, static_in, static_out)
+            return static_out
+        graph, static_in, static_out = self._static[key]
         with torch.cuda.stream(self.stream):
-            for name, tensor in feeds.items():
-                static_in[name].copy_(tensor)
+            for n, t in feeds.items():
+                static_in[n].copy_(t)
+        if graph is not None:  # a static profile: this context only ever ran these buffers
             graph.replay()
-            return {n: t.clone() for n, t in static_out.items()}
+        else:  # the context may have run other shapes since: point it back at this shape's buffers
+            self._bind(context, static_in, static_out)
+            if not context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeFailure(f"TensorRT failed to run {self.name}")
+        return static_out
 
-    def _save_runtime_cache(self) -> None:
+    def close(self) -> None:
         """Save the TensorRT-RTX runtime cache, so the next load skips kernel compilation."""
-        cache = getattr(self, "_runtime_cache", None)
-        if cache is not None and self._runtime_cache_path:
-            atomic_write(self._runtime_cache_path, memoryview(cache.serialize()))
+        if self._runtime_cache is not None and self._runtime_cache_path:
+            torch.cuda.synchronize(self.device)
+            atomic_write(self._runtime_cache_path, memoryview(self._runtime_cache.serialize()))
 
     def describe(self) -> str:
         flavour = FLAVOUR_NAMES[self.details["flavour"]]

@@ -1,5 +1,5 @@
-"""diffship: export diffusers pipelines component by component (ONNX today; OpenVINO, Core ML and
-TensorRT are next), run them behind the diffusers pipeline interface, and prove parity with eager PyTorch."""
+"""diffship: export diffusers pipelines component by component (ONNX, OpenVINO, Core ML, TensorRT), run
+them behind the diffusers pipeline interface, and prove parity with eager PyTorch."""
 
 from __future__ import annotations
 

@@ -65,14 +65,16 @@ def cache_dir() -> Path:
     return Path(base) / "diffship"
 
 
-def replaceable(folder: Path) -> bool:
-    """Whether ``--overwrite`` may replace ``folder``: an empty folder, or a folder diffship wrote."""
-    return folder.is_dir() and (not any(folder.iterdir()) or (folder / "diffship.json").is_file())
+def replaceable(folder: Path, marker: str = "diffship.json") -> bool:
+    """Whether ``--overwrite`` may replace ``folder``: an empty folder, or one diffship wrote (has ``marker``)."""
+    return folder.is_dir() and (not any(folder.iterdir()) or (folder / marker).is_file())
 
 
 @contextlib.contextmanager
-def atomic_folder(final: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_folder(final: Path, overwrite: bool = False, marker: str = "diffship.json") -> Iterator[Path]:
     """Yield a temporary sibling folder that becomes ``final`` only if the block completes.
+
+    ``overwrite`` replaces an existing ``final`` only if it is empty or holds ``marker`` (diffship wrote it).
 
     An interrupted or failed write leaves ``final`` untouched (or absent); the temporary folder is
     removed on errors, and is named ``.<name>.partial-*`` so it is never mistaken for a result.
@@ -83,8 +85,8 @@ def atomic_folder(final: Path, overwrite: bool = False) -> Iterator[Path]:
     if final.exists():
         if not overwrite:
             raise DiffshipError(f"{final} already exists; remove it or pass --overwrite")
-        if not replaceable(final):
-            raise DiffshipError(f"{final} exists and is not a diffship export (or an empty folder); "
+        if not replaceable(final, marker):
+            raise DiffshipError(f"{final} exists and is not a diffship output (or an empty folder); "
                                 f"--overwrite only replaces those: choose another output folder")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))

@@ -16,11 +16,15 @@ def pytest_configure(config):
 
 
 def runnable_backends() -> list:
-    """Backends that can both export and run here, each with its marker."""
-    from diffship.exporters import available_backends
+    """Backends that can both export and run here with dynamic shapes, each with its marker.
+
+    Backends whose exports have fixed shapes (Core ML: ``FIXED_SHAPES``) cannot take the sizes and
+    batches the interface tests vary; their own tests run the interface at the export's size."""
+    from diffship.exporters import available_backends, backend_module
     from diffship.runtimes import runtime_available
 
-    return [pytest.param(b, marks=getattr(pytest.mark, b)) for b in available_backends() if runtime_available(b)]
+    return [pytest.param(b, marks=getattr(pytest.mark, b)) for b in available_backends()
+            if runtime_available(b) and not getattr(backend_module(b), "FIXED_SHAPES", False)]
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from diffship.errors import DiffshipError, first_line
 
 app = typer.Typer(
     name="diffship", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-    help="Export diffusers pipelines (ONNX today), run them like diffusers, and prove parity with PyTorch.",
+    help="Export diffusers pipelines (ONNX, OpenVINO, Core ML, TensorRT), run them like diffusers, and prove parity with PyTorch.",
 )
 
 
@@ -32,15 +32,16 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # converters' pass-by-pass progress bars (coremltools)
     warnings.filterwarnings("ignore")
-    for name in ("diffusers", "transformers", "torch", "onnxscript"):
+    for name in ("diffusers", "transformers", "torch", "onnxscript", "coremltools"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import diffusers.utils.logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
 
 
-from diffship.cli import demo, export, generate, inspect, parity  # noqa: E402  (commands register on `app`)
+from diffship.cli import demo, export, generate, inspect, package, parity  # noqa: E402  (commands register on `app`)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,4 +82,4 @@ def _one_line(exc: BaseException, quiet_hint: bool) -> str:
     return first_line(exc) + more
 
 
-__all__ = ["app", "demo", "export", "generate", "inspect", "main", "parity"]
+__all__ = ["app", "demo", "export", "generate", "inspect", "main", "package", "parity"]

@@ -7,6 +7,8 @@ A backend is one module in ``diffship/exporters/`` defining::
     PACKAGES: tuple[str, ...]    # top-level modules it needs (checked without importing them)
     PRECISIONS: tuple[str, ...]  # export precisions it takes ("fp32", "fp16", ...)
     CALIBRATED: tuple[str, ...]  # optional: precisions whose denoiser export needs calibration data
+    COMPUTE: dict[str, str]      # optional: weight formats -> the precision they compute in ({"int8": "fp16"})
+    FIXED_SHAPES: bool           # optional: exports take only the sizes they were made for (Core ML)
     def versions() -> dict       # library versions recorded in the manifest
     def export(spec, module, out_dir, options) -> Artifact
 
@@ -45,6 +47,8 @@ class ExportOptions:
             received in eager runs of the pipeline (spec-named tensors per call); None otherwise.
         size_multiple: image sizes (pixels) the whole pipeline takes are multiples of this (the VAE
             factor times the UNet's latent multiple); backends that fix shape ranges validate with it.
+        metadata: facts about the export for backends that embed metadata in their files: source
+            (name), source_fingerprint, diffship_version, pipeline_class.
         extra: backend-specific options, passed through untouched.
     """
 
@@ -55,6 +59,7 @@ class ExportOptions:
     external_data: bool | None = None
     calibration: list[dict[str, Any]] | None = None
     size_multiple: int = 8
+    metadata: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

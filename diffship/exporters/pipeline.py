@@ -100,11 +100,13 @@ def _export_component(mod: ModuleType, spec: ComponentSpec, eager: torch.nn.Modu
         artifact.details["fp32_fallback"] = "kept in fp32: the VAE config sets force_upcast (diffusers runs it in fp32)"
         return artifact
     module = spec.wrapper(eager).eval()
-    reduced = PRECISIONS.get(options.precision, torch.float32) != torch.float32
+    # Weight formats (Core ML palettes, int8) say which precision they compute in.
+    compute = getattr(mod, "COMPUTE", {}).get(options.precision, options.precision)
+    reduced = PRECISIONS.get(compute, torch.float32) != torch.float32
     if reduced:
-        module = copy.deepcopy(module).to(PRECISIONS[options.precision])
+        module = copy.deepcopy(module).to(PRECISIONS[compute])
     runnable = runtime_available(mod.BACKEND)
-    reason = _overflows_in_torch(spec, module, options) if reduced and not runnable else None
+    reason = _overflows_in_torch(spec, module, replace(options, precision=compute)) if reduced and not runnable else None
     if reason is None:
         artifact = mod.export(spec, module, folder, options)
         if options.precision != "fp32" and runnable:
@@ -172,7 +174,11 @@ def export_pipeline(
             raise DiffshipError(f"unknown component(s) {', '.join(unknown)}; this pipeline has: "
                                 f"{', '.join(s.name for s in specs)}")
         specs = [s for s in specs if s.name in components]
-    options = replace(_options(precision, profile, static is not None, backend_options or {}), size_multiple=multiple)
+    from diffship import __version__
+
+    options = replace(_options(precision, profile, static is not None, backend_options or {}), size_multiple=multiple,
+                      metadata={"source": info.name, "source_fingerprint": info.fingerprint,
+                                "diffship_version": __version__, "pipeline_class": type(pipe).__name__})
     calibration = {}
     if precision in getattr(mod, "CALIBRATED", ()):
         from diffship.reference.recording import calibration_inputs
@@ -205,7 +211,7 @@ def _options(precision: str, profile: ShapeProfile, static: bool, backend_option
     """ExportOptions from the pipeline-level arguments; ``backend_options`` naming a common field
     (``opset``, ``external_data``) set it, the rest go to ``extra`` for the backend to check."""
     common = {f.name for f in fields(ExportOptions)} - {"precision", "profile", "static", "extra", "calibration",
-                                                         "size_multiple"}
+                                                         "size_multiple", "metadata"}
     return ExportOptions(precision=precision, profile=profile, static=static,
                          **{k: v for k, v in backend_options.items() if k in common},
                          extra={k: v for k, v in backend_options.items() if k not in common})

@@ -44,8 +44,10 @@ class Runner:
         self.name = name
         self.inputs = list(inputs)
         self.outputs = list(outputs)
-        #: what the export accepts, in user terms, appended to shape errors (set by the pipeline loader).
+        #: what the export accepts, in user terms, appended to shape errors (set by the runner or the
+        #: pipeline loader), and what to do about a refused shape.
         self.shape_note = ""
+        self.shape_advice = "re-export for this shape or without --static"
 
     @property
     def input_names(self) -> list[str]:
@@ -82,8 +84,7 @@ class Runner:
                 if isinstance(want, int) and want != got:
                     raise ShapeError(
                         f"{self.name}: input {spec['name']} has shape {shape}, but this export takes "
-                        f"{_fmt(dims)} (axis {axis} is fixed at {want}){self.shape_note}; re-export for this shape "
-                        f"or without --static"
+                        f"{_fmt(dims)} (axis {axis} is fixed at {want}){self.shape_note}; {self.shape_advice}"
                     )
                 if isinstance(want, str):
                     if want in seen and seen[want][0] != got:

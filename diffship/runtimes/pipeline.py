@@ -212,7 +212,7 @@ def load_pipeline(path: str | Path, *, task: str | None = None, verify: bool = T
     for name, spec in specs.items():
         component = manifest["components"][name]
         runner = open_runner(manifest["backend"], path / name, component, **runtime_options)
-        runner.shape_note = _static_note(manifest)
+        runner.shape_note = runner.shape_note or _static_note(manifest)
         parts.setdefault(spec.source, {})[name] = (spec, runner)
     modules: dict[str, Any] = {source: ADAPTERS[source](configs[source], p) for source, p in parts.items()}
     index = read_json(path / "model_index.json")

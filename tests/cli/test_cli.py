@@ -226,7 +226,7 @@ def test_overwrite_only_replaces_exports(tmp_path, capsys):
     precious.mkdir()
     (precious / "keep.txt").write_text("mine")
     code, _, err = run(capsys, "export", "tiny", precious, "--component", "vae_decoder", "--overwrite")
-    assert code == 2 and "is not a diffship export" in one_error_line(err)
+    assert code == 2 and "is not a diffship output" in one_error_line(err)
     assert (precious / "keep.txt").read_text() == "mine"
 
 

@@ -1,0 +1,355 @@
+"""Core ML exporter: one ML Program (``.mlpackage``) per component, converted with coremltools.
+
+Conversion goes through ``torch.export`` (then ``run_decompositions({})``), not ``torch.jit.trace``:
+coremltools 9.0's TorchScript path breaks on numpy >= 2.4 (its ``_cast`` calls ``int()`` on an array),
+while the exported-program path works with any numpy. ``aten.alias`` nodes that the CLIP text
+encoder's export keeps (and coremltools has no converter for) are removed first: an alias is its input.
+
+Layout per component: ``<component>/model.mlpackage``. Inputs and outputs are float32 (compute may be
+fp16) and follow Apple's Swift pipeline (ml-stable-diffusion) where it differs from the other
+backends, so the packages load there unchanged (``diffship package --target swift``): the text
+encoder takes ``input_ids`` as float32, the UNet takes ``encoder_hidden_states`` as (B, D, 1, S),
+the layout the Neural Engine prefers. The manifest records these model-level inputs, and the
+diffship runtime converts the usual (B, S, D) tensors, so pipelines use Core ML exports like any other.
+
+Shapes are fixed at the export's size by default (what the Neural Engine runs best); ``-o sizes=...``
+adds enumerated sizes, several resolutions in one model.
+
+Precisions: ``fp32``, ``fp16`` (compute precision; the VAE stays fp32 under ``force_upcast``, any
+component that overflows fp16 is exported in fp32), and weight formats on an fp16 model:
+``palette4``/``palette6``/``palette8`` (k-means palettization) and ``int8`` (linear symmetric
+quantization), through ``coremltools.optimize.coreml``.
+
+Options (``-o KEY=VALUE``): ``attention`` (``original`` or ``split_einsum``, see
+:mod:`diffship.reference.attention`), ``deployment_target`` (``macOS13`` default, ``macOS14``,
+``macOS15``, ``iOS16``, ``iOS17``, ``iOS18``), ``sizes`` (``512x512,768x768``: enumerated image sizes;
+the export's own size comes first and is the default), and metadata ``author``, ``license``, ``version``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffship._isolate import run_isolated
+from diffship._registry import require_modules
+from diffship.errors import ExportError, ShapeError, first_line
+from diffship.exporters.base import Artifact, ExportOptions, io_description, quiet_export
+from diffship.reference.attention import VARIANTS, with_attention
+from diffship.reference.specs import ComponentSpec, ShapeProfile
+
+BACKEND = "coreml"
+EXTRA = "coreml"
+PACKAGES = ("coremltools",)
+PRECISIONS = ("fp32", "fp16", "palette4", "palette6", "palette8", "int8")
+#: weight formats compress an fp16 model.
+COMPUTE = {"palette4": "fp16", "palette6": "fp16", "palette8": "fp16", "int8": "fp16"}
+MODEL_FILE = "model.mlpackage"
+#: exports take the sizes they were made for (one, or the enumerated ones), not any size.
+FIXED_SHAPES = True
+TARGETS = ("macOS13", "macOS14", "macOS15", "iOS16", "iOS17", "iOS18")
+OPTIONS = ("attention", "deployment_target", "sizes", "author", "license", "version")
+#: dims whose sizes vary between enumerated image sizes.
+SPATIAL = ("height", "width", "latent_height", "latent_width")
+
+#: model inputs that differ from the spec's for Apple's Swift pipeline: spec name -> (dtype, layout).
+#: ``bc1s``: a (B, S, D) tensor passed as (B, D, 1, S).
+APPLE_INPUTS = {"text_encoder": {"input_ids": ("float32", None)},
+                "unet": {"encoder_hidden_states": ("float32", "bc1s")}}
+
+DESCRIPTIONS = {
+    "input_ids": "CLIP token ids (as float32, as Apple's Swift pipeline passes them), padded to the sequence length",
+    "last_hidden_state": "text embeddings: the text encoder's last hidden state",
+    "pooler_output": "pooled text embedding (the end-of-text token's)",
+    "sample": "latents (UNet) or image in [-1, 1] (VAE encoder input, VAE decoder output)",
+    "timestep": "denoising timestep, one per batch row",
+    "encoder_hidden_states": "text embeddings as (batch, channels, 1, sequence)",
+    "out_sample": "the UNet's prediction (noise, or v for v-prediction models)",
+    "latent_parameters": "mean and log-variance of the latent distribution (sampled by the pipeline)",
+    "latent_sample": "latents divided by the VAE scaling factor",
+}
+
+
+def versions() -> dict[str, str]:
+    import coremltools
+
+    return {"coremltools": coremltools.__version__}
+
+
+@dataclass(frozen=True)
+class CoreMLOptions:
+    """The validated ``-o`` options of a Core ML export."""
+
+    attention: str = "original"
+    deployment_target: str = "macOS13"
+    sizes: tuple[tuple[int, int], ...] = ()
+    author: str | None = None
+    license: str | None = None
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, extra: dict[str, Any]) -> "CoreMLOptions":
+        unknown = sorted(set(extra) - set(OPTIONS))
+        if unknown:
+            raise ExportError(f"unknown coreml export option(s) {', '.join(unknown)}; it takes: {', '.join(OPTIONS)}")
+        opts = dict(extra)
+        if opts.get("attention", "original") not in VARIANTS:
+            raise ExportError(f"unknown attention {opts['attention']!r}; choose one of: {', '.join(VARIANTS)}")
+        if opts.get("deployment_target", "macOS13") not in TARGETS:
+            raise ExportError(f"unknown deployment_target {opts['deployment_target']!r}; choose one of: "
+                              f"{', '.join(TARGETS)}")
+        opts["sizes"] = tuple(_parse_sizes(opts.get("sizes", ())))
+        for key in ("author", "license", "version"):
+            if key in opts:
+                opts[key] = str(opts[key])
+        return cls(**opts)
+
+
+def _parse_sizes(value: Any) -> list[tuple[int, int]]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    sizes = []
+    for item in items:
+        try:
+            h, w = (int(v) for v in (item.lower().split("x") if isinstance(item, str) else item))
+        except (ValueError, TypeError):
+            raise ShapeError(f"sizes: {item!r} is not HEIGHTxWIDTH (e.g. -o sizes=512x512,768x768)") from None
+        sizes.append((h, w))
+    return sizes
+
+
+# --- the graphs that are converted --------------------------------------------------------------------
+
+
+class AppleIO(nn.Module):
+    """A component wrapper with the model inputs Apple's Swift pipeline passes (see ``APPLE_INPUTS``)."""
+
+    def __init__(self, inner: nn.Module, spec: ComponentSpec):
+        super().__init__()
+        self.inner = inner
+        self.names = spec.input_names
+        self.adapt = APPLE_INPUTS.get(spec.name, {})
+
+    def forward(self, *inputs: torch.Tensor):
+        args = []
+        for name, value in zip(self.names, inputs):
+            if name == "input_ids" and name in self.adapt:
+                value = value.to(torch.int64)
+            elif self.adapt.get(name, (None, None))[1] == "bc1s":
+                value = value.squeeze(2).transpose(1, 2)
+            args.append(value)
+        return self.inner(*args)
+
+
+def to_model_inputs(spec_name: str, feeds: dict[str, Any]) -> dict[str, Any]:
+    """Spec-form inputs -> the Core ML model's (the runtime's side of :class:`AppleIO`)."""
+    adapt = APPLE_INPUTS.get(spec_name, {})
+    out = {}
+    for name, value in feeds.items():
+        if name in adapt:
+            dtype, layout = adapt[name]
+            value = np.asarray(value)
+            if layout == "bc1s":
+                value = np.ascontiguousarray(value.transpose(0, 2, 1)[:, :, None, :])
+            value = value.astype(dtype)
+        out[name] = value
+    return out
+
+
+def strip_aliases(program) -> int:
+    """Remove ``aten.alias`` nodes from an exported program (an alias is its input); returns how many."""
+    graph = program.graph_module.graph
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target == torch.ops.aten.alias.default:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            removed += 1
+    if removed:
+        program.graph_module.recompile()
+    return removed
+
+
+# --- export ----------------------------------------------------------------------------------------------
+
+
+def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions) -> Artifact:
+    """Convert ``module`` to ``out_dir/model.mlpackage`` (ML Program), compress and describe it."""
+    require_modules(BACKEND, EXTRA, *PACKAGES)
+    opts = CoreMLOptions.parse(options.extra)
+    import coremltools as ct
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    module = with_attention(module.float().eval(), opts.attention)
+    sizes = _sizes(opts, options)
+    variants = [spec_input_shapes(spec, options.profile, size) for size in sizes]
+    graph = AppleIO(module, spec).eval()
+    example = tuple(_model_example(spec, options.profile).values())
+    try:
+        with quiet_export(), torch.no_grad():
+            program = torch.export.export(graph, example, dynamic_shapes=_dynamic_shapes(spec, variants, options))
+            program = program.run_decompositions(_decompositions(len(sizes) > 1))
+            strip_aliases(program)
+            mlmodel = ct.convert(
+                program, inputs=_ct_inputs(spec, variants), outputs=[ct.TensorType(name=n, dtype=np.float32)
+                                                                     for n in spec.output_names],
+                convert_to="mlprogram", minimum_deployment_target=getattr(ct.target, opts.deployment_target),
+                compute_precision=ct.precision.FLOAT16 if COMPUTE.get(options.precision, options.precision) == "fp16"
+                else ct.precision.FLOAT32, skip_model_load=True,
+            )
+            mlmodel = _compress(mlmodel, options.precision)
+    except (ExportError, ShapeError):
+        raise
+    except Exception as exc:
+        raise ExportError(f"converting {spec.name} to Core ML failed ({type(exc).__name__}): {first_line(exc)}; "
+                          f"re-run with --debug") from exc
+    _describe(mlmodel, spec, opts, options)
+    path = out_dir / MODEL_FILE
+    mlmodel.save(str(path))
+    # Reading the package back is native code (milstorage): in a child, so a crash is an error message.
+    ops = run_isolated(f"reading back {spec.name}/{MODEL_FILE}", program_ops, str(path), error=ExportError)
+    inputs, outputs = io_description(spec, options)
+    fixed = variants[0]
+    for desc in inputs:  # fixed everywhere, but the axes that differ between enumerated sizes
+        desc["dims"] = [dim if any(v[desc["name"]][i] != size for v in variants) else size
+                        for i, (dim, size) in enumerate(zip(_spec_dims(spec, desc["name"]), fixed[desc["name"]]))]
+        desc["dtype"] = "int64" if desc["dtype"] == "int64" else "float32"
+    for desc in outputs:
+        desc["dtype"] = "float32"
+        desc["dims"] = [d if isinstance(d, int) else (d if d in SPATIAL and len(sizes) > 1 else
+                        spec.dims(options.profile)[d]) for d in _spec_dims(spec, desc["name"], outputs=True)]
+    files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
+    details = {
+        "attention": opts.attention, "deployment_target": opts.deployment_target,
+        "compute_precision": "fp16" if COMPUTE.get(options.precision, options.precision) == "fp16" else "fp32",
+        "weights": options.precision if options.precision in COMPUTE else None,
+        "sizes": [list(s) for s in sizes],
+        "model_inputs": [{"name": n, "dtype": APPLE_INPUTS.get(spec.name, {}).get(n, ("float32", None))[0],
+                          "layout": APPLE_INPUTS.get(spec.name, {}).get(n, (None, None))[1],
+                          "shapes": [list(_model_shape(spec, n, v[n])) for v in variants]} for n in spec.input_names],
+        "mil_ops": ops,
+    }
+    return Artifact(component=spec.name, files=files, precision=options.precision, inputs=inputs, outputs=outputs,
+                    details=details)
+
+
+def program_ops(path: str) -> list[str]:
+    """The operation types of a saved ML Program (reading it back proves it is complete)."""
+    from diffship.runtimes._mil import load_program
+
+    return sorted({op.op_type for op in load_program(Path(path)).operations})
+
+
+def _sizes(opts: CoreMLOptions, options: ExportOptions) -> list[tuple[int, int]]:
+    """The export's own size first, then the other enumerated sizes, validated."""
+    own = (options.profile.height, options.profile.width)
+    sizes = [own] + [s for s in opts.sizes if s != own]
+    for h, w in sizes:
+        ShapeProfile(height=h, width=w).validate(options.size_multiple)
+    return sizes
+
+
+def spec_input_shapes(spec: ComponentSpec, profile: ShapeProfile, size: tuple[int, int]) -> dict[str, tuple]:
+    """Each spec input's shape for a request of ``size`` (batch and sequence from ``profile``)."""
+    at = ShapeProfile(batch_size=profile.batch_size, height=size[0], width=size[1],
+                      sequence_length=profile.sequence_length, guidance=profile.guidance)
+    dims = spec.dims(at)
+    return {t.name: t.shape(dims) for t in spec.inputs}
+
+
+def _spec_dims(spec: ComponentSpec, name: str, outputs: bool = False) -> tuple:
+    return next(t.dims for t in (spec.outputs if outputs else spec.inputs) if t.name == name)
+
+
+def _model_shape(spec: ComponentSpec, name: str, shape: tuple) -> tuple:
+    """The Core ML model's shape for a spec input of ``shape`` (``bc1s`` inputs are (B, D, 1, S))."""
+    if APPLE_INPUTS.get(spec.name, {}).get(name, (None, None))[1] == "bc1s":
+        return shape[0], shape[2], 1, shape[1]
+    return shape
+
+
+def _model_example(spec: ComponentSpec, profile: ShapeProfile) -> dict[str, torch.Tensor]:
+    example = spec.example_inputs(profile, "fp32")
+    return {n: torch.as_tensor(v) for n, v in to_model_inputs(spec.name, {k: t.numpy() for k, t in example.items()}).items()}
+
+
+def _dynamic_shapes(spec: ComponentSpec, variants: list[dict[str, tuple]], options: ExportOptions):
+    """torch.export dims for the axes that differ between enumerated sizes (in steps the UNet takes)."""
+    if len(variants) == 1:
+        return None
+    shapes = {}
+    cache: dict[str, Any] = {}
+    for t in spec.inputs:
+        axes = {}
+        for i, dim in enumerate(t.dims):
+            values = {v[t.name][i] for v in variants}
+            if len(values) > 1:
+                step = options.size_multiple // (spec.scale_factor if dim.startswith("latent") else 1)
+                if dim not in cache:
+                    cache[dim] = step * torch.export.Dim(dim, min=min(values) // step, max=max(values) // step)
+                axes[i] = cache[dim]
+        shapes[t.name] = axes or None
+    # AppleIO.forward(*inputs) has one (variadic) parameter: its dims, in the spec's input order.
+    return (tuple(shapes[n] for n in spec.input_names),) if any(shapes.values()) else None
+
+
+def _decompositions(dynamic: bool) -> dict:
+    """Core ATen as it is, but group norm decomposed where shapes vary (coremltools' own group-norm
+    conversion cannot take symbolic sizes)."""
+    if not dynamic:
+        return {}
+    from torch._decomp import get_decompositions
+
+    return get_decompositions([torch.ops.aten.group_norm, torch.ops.aten.native_group_norm])
+
+
+def _ct_inputs(spec: ComponentSpec, variants: list[dict[str, tuple]]) -> list:
+    import coremltools as ct
+
+    inputs = []
+    for name in spec.input_names:
+        shapes = [_model_shape(spec, name, v[name]) for v in variants]
+        distinct = list(dict.fromkeys(shapes))
+        shape = distinct[0] if len(distinct) == 1 else ct.EnumeratedShapes(shapes=distinct, default=distinct[0])
+        inputs.append(ct.TensorType(name=name, shape=shape, dtype=np.float32))
+    return inputs
+
+
+def _compress(mlmodel, precision: str):
+    """Apply the weight format: k-means palettization (4/6/8 bits) or linear int8."""
+    if precision not in COMPUTE:
+        return mlmodel
+    import coremltools.optimize.coreml as cto
+
+    if precision == "int8":
+        config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric",
+                                                                                  dtype="int8"))
+        return cto.linear_quantize_weights(mlmodel, config)
+    config = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(nbits=int(precision[-1]), mode="kmeans"))
+    return cto.palettize_weights(mlmodel, config)
+
+
+def _describe(mlmodel, spec: ComponentSpec, opts: CoreMLOptions, options: ExportOptions) -> None:
+    """Model metadata: author, license, version, descriptions, and where the model came from."""
+    meta = options.metadata
+    source = meta.get("source", "unknown source")
+    mlmodel.author = opts.author or "diffship"
+    mlmodel.license = opts.license or f"the license of {source} applies"
+    mlmodel.version = opts.version or meta.get("source_fingerprint", "")[:12]
+    mlmodel.short_description = (f"{spec.name} of {source} ({meta.get('pipeline_class', 'diffusers pipeline')}), "
+                                 f"exported by diffship {meta.get('diffship_version', '')}: {options.precision}, "
+                                 f"{opts.attention} attention")
+    for name in spec.input_names:
+        mlmodel.input_description[name] = DESCRIPTIONS.get(name, name)
+    for name in spec.output_names:
+        mlmodel.output_description[name] = DESCRIPTIONS.get(name, name)
+    mlmodel.user_defined_metadata.update({
+        "diffship_version": meta.get("diffship_version", ""), "source": source,
+        "source_fingerprint": meta.get("source_fingerprint", ""), "component": spec.name,
+        "precision": options.precision, "attention": opts.attention,
+    })

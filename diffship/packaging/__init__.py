@@ -1,0 +1,1 @@
+"""Packaging exports for native apps (``diffship package``): one module per target."""

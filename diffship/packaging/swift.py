@@ -1,0 +1,223 @@
+"""Resources for Apple's ml-stable-diffusion Swift package (``StableDiffusionPipeline(resourcesAt:)``).
+
+The Swift pipeline loads compiled models by fixed names from one folder -- ``TextEncoder.mlmodelc``,
+``Unet.mlmodelc`` (or ``UnetChunk1.mlmodelc`` + ``UnetChunk2.mlmodelc``, which it prefers),
+``VAEDecoder.mlmodelc``, optionally ``VAEEncoder.mlmodelc`` (image-to-image) -- plus the CLIP BPE
+``vocab.json`` and ``merges.txt``. It finds inputs and outputs as diffship's Core ML exports have them
+(text encoder: one float32 ``input_ids`` input, ``last_hidden_state`` output; UNet: ``sample``,
+``timestep``, ``encoder_hidden_states`` as (2, D, 1, 77), one output; decoder and encoder: one input,
+one output), takes the latent shape from the UNet's ``sample`` input, and runs classifier-free
+guidance as a batch of 2.
+
+Compiling a package into ``.mlmodelc`` needs ``xcrun coremlcompiler`` (macOS with Xcode). Where it is
+missing the folder holds the ``.mlpackage`` files under the same names and ``compile-models.sh``, one
+line that compiles them on a Mac.
+
+``chunk_unet`` splits the UNet into two ML Programs of about equal weight size
+(``coremltools.models.utils.bisect_model``); by default the split is verified by running the whole
+UNet and the chained chunks through the MIL reference evaluator on the same inputs.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from diffship._files import atomic_folder, atomic_write, write_json
+from diffship.errors import DiffshipError, ExportError
+from diffship.manifest import read_manifest
+
+#: exported component -> the Swift pipeline's resource name.
+RESOURCE_NAMES = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder",
+                  "vae_encoder": "VAEEncoder"}
+REQUIRED = ("text_encoder", "unet", "vae_decoder")
+COMPILE_SCRIPT = "compile-models.sh"
+PACKAGE_MANIFEST = "diffship-package.json"
+#: largest |whole - chained| accepted when verifying a chunked UNet (fp16 programs round at ~1e-3).
+CHUNK_TOLERANCE = 1e-3
+
+Progress = Callable[[str], None]
+
+
+def can_compile() -> bool:
+    """Whether ``xcrun coremlcompiler`` is available (macOS with Xcode's command-line tools)."""
+    return platform.system() == "Darwin" and shutil.which("xcrun") is not None
+
+
+def package_swift(exported: str | Path, out: str | Path, *, chunk_unet: bool = False, compile_models: bool | None = None,
+                  verify: bool = True, overwrite: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Write the Swift pipeline's resource folder for a Core ML export.
+
+    Args:
+        exported: a folder written by ``diffship export ... --backend coreml``.
+        out: the resource folder to create (atomically).
+        chunk_unet: split the UNet into ``UnetChunk1`` and ``UnetChunk2``.
+        compile_models: compile to ``.mlmodelc`` (default: where ``xcrun`` exists).
+        verify: check that the chained chunks compute what the whole UNet does.
+        overwrite: replace ``out`` if it is an earlier package.
+        progress: called with a line of text before each step.
+
+    Returns:
+        The package description written to ``out/diffship-package.json``.
+    """
+    say = progress or (lambda _msg: None)
+    exported, out = Path(exported), Path(out)
+    manifest = read_manifest(exported)
+    _check_export(exported, manifest)
+    compile_models = can_compile() if compile_models is None else compile_models
+    if compile_models and not can_compile():
+        raise DiffshipError("compiling Core ML models needs xcrun coremlcompiler (macOS with Xcode); leave compiling "
+                            f"to {COMPILE_SCRIPT} on a Mac (omit --compile)")
+    facts: dict[str, Any] = {"format": "diffship.swift-resources/1", "source": manifest["source"]["name"],
+                             "precision": manifest["precision"], "chunked": chunk_unet, "compiled": compile_models}
+    with atomic_folder(out, overwrite=overwrite, marker=PACKAGE_MANIFEST) as tmp, \
+            tempfile.TemporaryDirectory(prefix="diffship-swift-") as scratch:
+        packages = {}
+        for component, name in RESOURCE_NAMES.items():
+            if component not in manifest["components"]:
+                continue
+            say(f"copying {component} as {name}")
+            packages[name] = Path(scratch) / f"{name}.mlpackage"
+            shutil.copytree(exported / component / "model.mlpackage", packages[name])
+        if chunk_unet:
+            say("splitting the UNet into two chunks")
+            packages.update(split_unet(packages.pop("Unet"), Path(scratch)))
+            if verify:
+                say("checking that the chained chunks equal the whole UNet (MIL reference evaluator)")
+                facts["chunk_max_abs_error"] = verify_chunks(exported / "unet" / "model.mlpackage",
+                                                             packages["UnetChunk1"], packages["UnetChunk2"],
+                                                             manifest["components"]["unet"])
+        for name, package in packages.items():
+            if compile_models:
+                say(f"compiling {name}")
+                _compile(package, tmp)
+            else:
+                shutil.copytree(package, tmp / package.name)
+        _write_vocabulary(exported / "tokenizer", tmp)
+        if not compile_models:
+            atomic_write(tmp / COMPILE_SCRIPT, _compile_script())
+            (tmp / COMPILE_SCRIPT).chmod(0o755)
+        facts["resources"] = sorted(p.name for p in tmp.iterdir())
+        facts["notes"] = _scheduler_notes(exported)
+        write_json(tmp / PACKAGE_MANIFEST, facts)
+    return facts
+
+
+def _check_export(exported: Path, manifest: dict[str, Any]) -> None:
+    if manifest["backend"] != "coreml":
+        raise DiffshipError(f"{exported} was exported for {manifest['backend']}; --target swift packages Core ML "
+                            f"exports (diffship export SOURCE OUT --backend coreml)")
+    if manifest["family"] != "stable-diffusion":
+        raise DiffshipError(f"--target swift packages Stable Diffusion 1.x/2.x pipelines, not {manifest['family']}")
+    missing = [c for c in REQUIRED if c not in manifest["components"]]
+    if missing:
+        raise DiffshipError(f"{exported} lacks {', '.join(missing)}, which the Swift pipeline needs; export every "
+                            f"component (no --component)")
+    unet = manifest["components"]["unet"]["inputs"][0]["dims"]
+    text = manifest["components"]["text_encoder"]["inputs"][0]["dims"]
+    if unet[0] != 2 or text[0] != 1:
+        raise DiffshipError("the Swift pipeline runs one prompt with classifier-free guidance (text encoder batch 1, "
+                            "UNet batch 2); re-export with --batch 1 and guidance (no --no-guidance)")
+
+
+def split_unet(package: Path, scratch: Path) -> dict[str, Path]:
+    """Bisect ``package`` into two ML Programs of about equal weight size: ``UnetChunk1``, ``UnetChunk2``."""
+    import coremltools as ct
+
+    folder = scratch / "chunks"
+    folder.mkdir()
+    try:
+        ct.models.utils.bisect_model(str(package), str(folder), check_output_correctness=False)
+    except Exception as exc:
+        raise ExportError(f"splitting the UNet failed ({type(exc).__name__}: {exc}); package without --chunk-unet") \
+            from exc
+    chunks = {}
+    for i in (1, 2):
+        made = folder / f"{package.stem}_chunk{i}.mlpackage"
+        chunks[f"UnetChunk{i}"] = made.rename(scratch / f"UnetChunk{i}.mlpackage")
+    shutil.rmtree(package)
+    return chunks
+
+
+def verify_chunks(whole: Path, chunk1: Path, chunk2: Path, unet: dict[str, Any]) -> float:
+    """Run the whole UNet and chunk 1 -> chunk 2 (chunk 1's outputs merged over the inputs, as the
+    Swift pipeline chains them) on the same inputs; the largest absolute difference.
+
+    Raises:
+        ExportError: the chains differ by more than :data:`CHUNK_TOLERANCE`.
+    """
+    from diffship.runtimes._mil import MilReference
+
+    rng = np.random.default_rng(0)
+    feeds = {spec["name"]: rng.standard_normal(spec["shapes"][0]).astype(np.float32)
+             for spec in unet["details"]["model_inputs"]}
+    feeds["timestep"] = np.full_like(feeds["timestep"], 500.0)
+    full = MilReference(whole).run(feeds)
+    first, second = MilReference(chunk1), MilReference(chunk2)
+    merged = {**feeds, **{k: v.numpy() for k, v in first.run({n: feeds[n] for n in first.inputs}).items()}}
+    chained = second.run({n: merged[n] for n in second.inputs})
+    (name,) = full
+    error = float((full[name].float() - next(iter(chained.values())).float()).abs().max())
+    if not error <= CHUNK_TOLERANCE:
+        raise ExportError(f"the chained UNet chunks differ from the whole UNet by {error:.3g} (more than "
+                          f"{CHUNK_TOLERANCE}); package without --chunk-unet and report it")
+    return error
+
+
+def _write_vocabulary(tokenizer: Path, folder: Path) -> None:
+    """CLIP's ``vocab.json`` and ``merges.txt`` for the Swift BPE tokenizer: copied where the export has
+    them, else taken from ``tokenizer.json`` (transformers 5 saves only that)."""
+    import json
+
+    if (tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file():
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy2(tokenizer / name, folder / name)
+        return
+    try:
+        model = json.loads((tokenizer / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+        vocab, merges = model["vocab"], model["merges"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise DiffshipError(f"{tokenizer} has neither vocab.json + merges.txt nor a BPE tokenizer.json ({exc}); the "
+                            f"Swift pipeline's tokenizer needs CLIP's vocabulary: re-export") from None
+    atomic_write(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    lines = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    atomic_write(folder / "merges.txt", "#version: 0.2\n" + "\n".join(lines) + "\n")
+
+
+def _compile(package: Path, folder: Path) -> None:
+    proc = subprocess.run(["xcrun", "coremlcompiler", "compile", str(package), str(folder)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0 or not (folder / f"{package.stem}.mlmodelc").is_dir():
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ExportError(f"xcrun coremlcompiler could not compile {package.name} ({tail})")
+
+
+def _compile_script() -> str:
+    return ("#!/bin/sh\n"
+            "# Compile these Core ML packages into the .mlmodelc the Swift StableDiffusionPipeline loads (macOS, "
+            "Xcode).\n"
+            'cd "$(dirname "$0")" && for p in *.mlpackage; do xcrun coremlcompiler compile "$p" . && rm -rf "$p"; '
+            "done\n")
+
+
+def _scheduler_notes(exported: Path) -> list[str]:
+    """What the Swift pipeline will do differently from the export's own scheduler config."""
+    from diffship._files import read_json
+
+    config_path = exported / "scheduler" / "scheduler_config.json"
+    if not config_path.is_file():
+        return []
+    config = read_json(config_path)
+    notes = []
+    if config.get("prediction_type", "epsilon") != "epsilon":
+        notes.append(f"the model predicts {config['prediction_type']}; the Swift pipeline's schedulers assume "
+                     f"epsilon prediction")
+    if config.get("beta_schedule", "scaled_linear") != "scaled_linear":
+        notes.append(f"the model uses a {config['beta_schedule']} beta schedule; the Swift schedulers use scaled_linear")
+    return notes

@@ -59,7 +59,8 @@ def _print_details(manifest: dict) -> None:
     for name, entry in manifest["components"].items():
         details = {k: v for k, v in entry["details"].items() if k not in _SEPARATE}
         if details:
-            out.print(f"[bold]{name}[/]: " + "; ".join(f"{k} {_compact(v)}" for k, v in details.items()))
+            out.print(f"[bold]{name}[/]: " + "; ".join(f"{k} {_compact(v)}" for k, v in details.items()
+                                                      if v is not None))
         for index, profile in enumerate(entry["details"].get("profiles", [])):
             table = Table("input", "min", "opt", "max",
                           title=f"{name} profile {index}: {ShapeRange.from_dict(profile['request']).describe()}")
@@ -69,10 +70,13 @@ def _print_details(manifest: dict) -> None:
 
 
 def _compact(value) -> str:
+    """One line for a detail: ``k=v`` for dicts (None left out), ``64x64`` for size lists."""
     if isinstance(value, dict):
-        return ", ".join(f"{k}={_compact(v)}" for k, v in value.items())
+        return ", ".join(f"{k}={_compact(v)}" for k, v in value.items() if v is not None)
+    if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+        return ", ".join("x".join(map(str, v)) for v in value)
     if isinstance(value, list):
-        return "/".join(map(str, value))
+        return ("; " if any(isinstance(v, dict) for v in value) else ", ").join(_compact(v) for v in value)
     return str(value)
 
 

@@ -105,11 +105,11 @@ def _export_component(mod: ModuleType, spec: ComponentSpec, eager: torch.nn.Modu
     reduced = PRECISIONS.get(compute, torch.float32) != torch.float32
     if reduced:
         module = copy.deepcopy(module).to(PRECISIONS[compute])
-    runnable = runtime_available(mod.BACKEND)
+    runnable = options.precision != "fp32" and runtime_available(mod.BACKEND)
     reason = _overflows_in_torch(spec, module, replace(options, precision=compute)) if reduced and not runnable else None
     if reason is None:
         artifact = mod.export(spec, module, folder, options)
-        if options.precision != "fp32" and runnable:
+        if runnable:
             reason = _overflows(mod.BACKEND, folder, artifact, spec, options)
         if reason is None:
             return artifact

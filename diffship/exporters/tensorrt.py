@@ -57,7 +57,7 @@ from diffship._registry import require_modules
 from diffship.errors import DiffshipError, ExportError, MissingBackendError, ShapeError
 from diffship.exporters import onnx as onnx_exporter
 from diffship.exporters.base import Artifact, ExportOptions, io_description
-from diffship.reference.specs import ComponentSpec, ShapeRange
+from diffship.reference.specs import ComponentSpec, ShapeRange, span
 
 log = logging.getLogger("diffship")
 
@@ -80,11 +80,13 @@ def installed_flavours() -> list[str]:
     return [f for f in FLAVOURS if importlib.util.find_spec(f) is not None]
 
 
+def installed_versions() -> dict[str, str]:
+    """Installed TensorRT flavour -> its version."""
+    return {flavour: importlib.import_module(flavour).__version__ for flavour in installed_flavours()}
+
+
 def versions() -> dict[str, str]:
-    found = dict(onnx_exporter.versions())
-    for flavour in installed_flavours():
-        found[flavour] = importlib.import_module(flavour).__version__
-    return found
+    return {**onnx_exporter.versions(), **installed_versions()}
 
 
 @dataclass(frozen=True)
@@ -212,9 +214,6 @@ def _explicit_range(data: dict[str, Any], base) -> ShapeRange:
 
 def engine_name(precision: str, ranges: list[ShapeRange], flavour: str, version: str, target: str) -> str:
     """File name recording what the engine is: precision, profiles, flavour-version, target GPUs."""
-    def span(r: tuple[int, int, int]) -> str:
-        return str(r[0]) if r[0] == r[2] else f"{r[0]}-{r[2]}"
-
     shapes = [f"b{span(r.batch)}_h{span(r.height)}_w{span(r.width)}" for r in ranges]
     tag = "+".join(shapes) if len(shapes) <= 2 else \
         f"{len(shapes)}profiles-{hashlib.sha256('+'.join(shapes).encode()).hexdigest()[:8]}"
@@ -338,7 +337,7 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
             "timing_cache": timing_cache, "verbose": log.isEnabledFor(logging.DEBUG),
         }
         facts = run_isolated(f"building the {spec.name} TensorRT engine", build_engine, request, error=ExportError)
-    cache_note = _cache_note(timing_cache, {}, flavour)
+    cache_note = _cache_note(timing_cache, facts["timing_cache"], flavour)
     details = {
         "engine": name, "flavour": flavour, "tensorrt_version": version, "strongly_typed": True,
         "compute_capability": facts["compute_capability"], "tf32": facts["tf32"],
@@ -349,7 +348,7 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
         "timings": {"onnx_export": onnx_facts["seconds"], "engine_build": facts["seconds"]},
         "notes": [f"ONNX {'reused from' if onnx_facts['reused'] else 'exported into'} the cache" if onnx_facts["cached"]
                   else "ONNX exported (cache off)",
-                  f"timing cache {_cache_note(timing_cache, facts['timing_cache'], flavour)}"],
+                  f"timing cache {cache_note}"],
     }
     return Artifact(component=spec.name, files=[name], precision=options.precision, inputs=inputs, outputs=outputs,
                     details=details)

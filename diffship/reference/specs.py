@@ -106,6 +106,11 @@ class ShapeProfile:
 Range = tuple[int, int, int]
 
 
+def span(r: Range) -> str:
+    """``"4"`` for a fixed range, ``"1-4"`` otherwise."""
+    return str(r[0]) if r[0] == r[2] else f"{r[0]}-{r[2]}"
+
+
 @dataclass(frozen=True)
 class ShapeRange:
     """A range of request shapes one engine serves (a TensorRT optimization profile), in user terms.
@@ -149,9 +154,6 @@ class ShapeRange:
 
     def describe(self) -> str:
         """e.g. ``"1-4 images of 256-1024 x 256-1024 px"``."""
-        def span(r: Range) -> str:
-            return str(r[0]) if r[0] == r[2] else f"{r[0]}-{r[2]}"
-
         return f"{span(self.batch)} image(s) of {span(self.height)} x {span(self.width)} px"
 
     def to_dict(self) -> dict[str, Any]:

@@ -34,12 +34,12 @@ class _Adapter(torch.nn.Module):
 
     dtype = torch.float32
 
-    def __init__(self, config: dict[str, Any], runners: list[Runner]):
+    def __init__(self, config: dict[str, Any], parts: dict[str, tuple[ComponentSpec, Runner]]):
         from diffusers.configuration_utils import FrozenDict
 
         super().__init__()
         self.config = FrozenDict(config)
-        self._device = runners[0].device if runners else torch.device("cpu")
+        self._device = next((runner.device for _, runner in parts.values()), torch.device("cpu"))
 
     @property
     def device(self) -> torch.device:
@@ -67,15 +67,11 @@ class _Adapter(torch.nn.Module):
         return {k: v.float() if v.is_floating_point() else v for k, v in runner.infer(inputs).items()}
 
 
-def _runners(parts: dict[str, tuple[ComponentSpec, Runner]]) -> list[Runner]:
-    return [runner for _, runner in parts.values()]
-
-
 class TextEncoderAdapter(_Adapter):
     """Stands in for ``CLIPTextModel``: ``text_encoder(input_ids)[0]`` is the last hidden state."""
 
     def __init__(self, config: dict[str, Any], parts: dict[str, tuple[ComponentSpec, Runner]]):
-        super().__init__(config, _runners(parts))
+        super().__init__(config, parts)
         self.spec, self.runner = parts["text_encoder"]
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, output_attentions=None,
@@ -95,7 +91,7 @@ class UNetAdapter(_Adapter):
     """Stands in for ``UNet2DConditionModel``: ``unet(latents, t, encoder_hidden_states=emb).sample``."""
 
     def __init__(self, config: dict[str, Any], parts: dict[str, tuple[ComponentSpec, Runner]]):
-        super().__init__(config, _runners(parts))
+        super().__init__(config, parts)
         self.spec, self.runner = parts["unet"]
 
     def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None, timestep_cond=None,
@@ -121,7 +117,7 @@ class VaeAdapter(_Adapter):
     """Stands in for ``AutoencoderKL``: ``encode`` (latent distribution sampled on the host) and ``decode``."""
 
     def __init__(self, config: dict[str, Any], parts: dict[str, tuple[ComponentSpec, Runner]]):
-        super().__init__(config, _runners(parts))
+        super().__init__(config, parts)
         self.encoder = parts.get("vae_encoder")
         self.decoder = parts.get("vae_decoder")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import importlib
-import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 from diffship._files import atomic_write
 from diffship._registry import require_modules
 from diffship.errors import ExportedModelError, RuntimeFailure, ShapeError, UnavailableRuntimeError
+from diffship.exporters.tensorrt import FLAVOURS, installed_versions
 from diffship.reference.specs import TORCH_DTYPES, ShapeRange
 from diffship.runtimes.base import Runner, check_options
 
@@ -36,7 +36,6 @@ log = logging.getLogger("diffship")
 BACKENDS = ("tensorrt",)
 EXTRA = "tensorrt"
 PACKAGES = ("tensorrt|tensorrt_rtx",)
-FLAVOUR_NAMES = {"tensorrt": "TensorRT", "tensorrt_rtx": "TensorRT-RTX"}
 
 
 def check_platform() -> None:
@@ -61,10 +60,10 @@ def check_engine(details: dict[str, Any], installed: dict[str, str], capability:
             TensorRT build that made them), or the GPU is not among the engine's targets.
     """
     flavour, version = details["flavour"], details["tensorrt_version"]
-    name = FLAVOUR_NAMES.get(flavour, flavour)
+    name = FLAVOURS.get(flavour, flavour)
     rebuild = "re-export it here with: diffship export SOURCE OUT --backend tensorrt"
     if flavour not in installed:
-        have = ", ".join(f"{FLAVOUR_NAMES[f]} {v}" for f, v in installed.items()) or "no TensorRT"
+        have = ", ".join(f"{FLAVOURS[f]} {v}" for f, v in installed.items()) or "no TensorRT"
         raise ExportedModelError(f"engine {details['engine']} was built with {name} {version}, but this machine has "
                                  f"{have}; install {name} {version}, or {rebuild}")
     if installed[flavour] != version:
@@ -103,10 +102,6 @@ def _profile_text(profile: dict[str, Any]) -> str:
     request = ShapeRange.from_dict(profile["request"])
     inputs = ", ".join(f"{n} {tuple(r['min'])}..{tuple(r['max'])}" for n, r in profile["inputs"].items())
     return f"{request.describe()} ({inputs})"
-
-
-def installed_versions() -> dict[str, str]:
-    return {f: importlib.import_module(f).__version__ for f in FLAVOUR_NAMES if importlib.util.find_spec(f)}
 
 
 class TrtRunner(Runner):
@@ -305,7 +300,7 @@ class TrtRunner(Runner):
             atomic_write(self._runtime_cache_path, memoryview(self._runtime_cache.serialize()))
 
     def describe(self) -> str:
-        flavour = FLAVOUR_NAMES[self.details["flavour"]]
+        flavour = FLAVOURS[self.details["flavour"]]
         return f"{flavour} {self.details['tensorrt_version']} ({torch.cuda.get_device_name(self.device)})"
 
 

@@ -28,7 +28,7 @@ the export's own size comes first and is the default), and metadata ``author``, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from torch import nn
 from diffship._isolate import run_isolated
 from diffship._registry import require_modules
 from diffship.errors import ExportError, ShapeError, first_line
-from diffship.exporters.base import Artifact, ExportOptions, io_description, quiet_export
+from diffship.exporters.base import Artifact, ExportOptions, quiet_export
 from diffship.reference.attention import VARIANTS, with_attention
 from diffship.reference.specs import ComponentSpec, ShapeProfile
 
@@ -190,6 +190,7 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     variants = [spec_input_shapes(spec, options.profile, size) for size in sizes]
     graph = AppleIO(module, spec).eval()
     example = tuple(_model_example(spec, options.profile).values())
+    fp16 = COMPUTE.get(options.precision, options.precision) == "fp16"
     try:
         with quiet_export(), torch.no_grad():
             program = torch.export.export(graph, example, dynamic_shapes=_dynamic_shapes(spec, variants, options))
@@ -199,8 +200,7 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
                 program, inputs=_ct_inputs(spec, variants), outputs=[ct.TensorType(name=n, dtype=np.float32)
                                                                      for n in spec.output_names],
                 convert_to="mlprogram", minimum_deployment_target=getattr(ct.target, opts.deployment_target),
-                compute_precision=ct.precision.FLOAT16 if COMPUTE.get(options.precision, options.precision) == "fp16"
-                else ct.precision.FLOAT32, skip_model_load=True,
+                compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32, skip_model_load=True,
             )
             mlmodel = _compress(mlmodel, options.precision)
     except (ExportError, ShapeError):
@@ -213,29 +213,32 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     mlmodel.save(str(path))
     # Reading the package back is native code (milstorage): in a child, so a crash is an error message.
     ops = run_isolated(f"reading back {spec.name}/{MODEL_FILE}", program_ops, str(path), error=ExportError)
-    inputs, outputs = io_description(spec, options)
-    fixed = variants[0]
-    for desc in inputs:  # fixed everywhere, but the axes that differ between enumerated sizes
-        desc["dims"] = [dim if any(v[desc["name"]][i] != size for v in variants) else size
-                        for i, (dim, size) in enumerate(zip(_spec_dims(spec, desc["name"]), fixed[desc["name"]]))]
-        desc["dtype"] = "int64" if desc["dtype"] == "int64" else "float32"
-    for desc in outputs:
-        desc["dtype"] = "float32"
-        desc["dims"] = [d if isinstance(d, int) else (d if d in SPATIAL and len(sizes) > 1 else
-                        spec.dims(options.profile)[d]) for d in _spec_dims(spec, desc["name"], outputs=True)]
+    inputs, outputs = _io(spec, options, sizes)
     files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
     details = {
         "attention": opts.attention, "deployment_target": opts.deployment_target,
-        "compute_precision": "fp16" if COMPUTE.get(options.precision, options.precision) == "fp16" else "fp32",
+        "compute_precision": "fp16" if fp16 else "fp32",
         "weights": options.precision if options.precision in COMPUTE else None,
         "sizes": [list(s) for s in sizes],
-        "model_inputs": [{"name": n, "dtype": APPLE_INPUTS.get(spec.name, {}).get(n, ("float32", None))[0],
-                          "layout": APPLE_INPUTS.get(spec.name, {}).get(n, (None, None))[1],
+        "model_inputs": [{"name": n, "dtype": _adaptation(spec, n)[0], "layout": _adaptation(spec, n)[1],
                           "shapes": [list(_model_shape(spec, n, v[n])) for v in variants]} for n in spec.input_names],
         "mil_ops": ops,
     }
     return Artifact(component=spec.name, files=files, precision=options.precision, inputs=inputs, outputs=outputs,
                     details=details)
+
+
+def _io(spec: ComponentSpec, options: ExportOptions, sizes: list[tuple[int, int]]) -> tuple[list[dict], list[dict]]:
+    """The manifest's inputs and outputs: what the runner takes (the spec's layouts, float32 or int64),
+    fixed at the export's size except the dims that differ between enumerated sizes."""
+    values = [spec.dims(_at(options.profile, size)) for size in sizes]
+    varying = {name for name in SPATIAL if len({v[name] for v in values}) > 1}
+
+    def describe(t) -> dict:
+        return {"name": t.name, "dtype": "int64" if t.dtype == "int64" else "float32",
+                "dims": [d if isinstance(d, int) or d in varying else values[0][d] for d in t.dims]}
+
+    return [describe(t) for t in spec.inputs], [describe(t) for t in spec.outputs]
 
 
 def program_ops(path: str) -> list[str]:
@@ -254,21 +257,25 @@ def _sizes(opts: CoreMLOptions, options: ExportOptions) -> list[tuple[int, int]]
     return sizes
 
 
+def _at(profile: ShapeProfile, size: tuple[int, int]) -> ShapeProfile:
+    """``profile`` (batch, sequence, guidance) at another image size."""
+    return replace(profile, height=size[0], width=size[1])
+
+
 def spec_input_shapes(spec: ComponentSpec, profile: ShapeProfile, size: tuple[int, int]) -> dict[str, tuple]:
     """Each spec input's shape for a request of ``size`` (batch and sequence from ``profile``)."""
-    at = ShapeProfile(batch_size=profile.batch_size, height=size[0], width=size[1],
-                      sequence_length=profile.sequence_length, guidance=profile.guidance)
-    dims = spec.dims(at)
+    dims = spec.dims(_at(profile, size))
     return {t.name: t.shape(dims) for t in spec.inputs}
 
 
-def _spec_dims(spec: ComponentSpec, name: str, outputs: bool = False) -> tuple:
-    return next(t.dims for t in (spec.outputs if outputs else spec.inputs) if t.name == name)
+def _adaptation(spec: ComponentSpec, name: str) -> tuple[str, str | None]:
+    """(model dtype, layout) of an input: float32 as the spec has it, unless ``APPLE_INPUTS`` says otherwise."""
+    return APPLE_INPUTS.get(spec.name, {}).get(name, ("float32", None))
 
 
 def _model_shape(spec: ComponentSpec, name: str, shape: tuple) -> tuple:
     """The Core ML model's shape for a spec input of ``shape`` (``bc1s`` inputs are (B, D, 1, S))."""
-    if APPLE_INPUTS.get(spec.name, {}).get(name, (None, None))[1] == "bc1s":
+    if _adaptation(spec, name)[1] == "bc1s":
         return shape[0], shape[2], 1, shape[1]
     return shape
 

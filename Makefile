@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch is pinned to the CPU build available offline here; the project itself accepts torch>=2.6.
 TORCH ?= torch==2.13.0
-EXTRAS ?= test,onnx,openvino,coreml,tensorrt
+EXTRAS ?= test,onnx,openvino,coreml,tensorrt,bench
 DEMO_OUT ?= diffship-demo
 PYTEST_ARGS ?=
 

@@ -38,6 +38,15 @@ def require_modules(backend: str, extra: str, *names: str) -> None:
             raise MissingBackendError(backend, n.replace("|", "' or '"), extra)
 
 
+def module_versions(*names: str) -> dict[str, str]:
+    """``__version__`` of each installed module among ``names`` (``"a|b"``: whichever is installed)."""
+    out = {}
+    for alt in (a for n in names for a in n.split("|")):
+        if importlib.util.find_spec(alt) is not None:
+            out[alt] = str(getattr(importlib.import_module(alt), "__version__", "unknown"))
+    return out
+
+
 def registered(package: str, attribute: str, name: str) -> ModuleType:
     """The module of ``package`` whose ``attribute`` names (or lists) ``name``, with its packages installed.
 

@@ -70,3 +70,9 @@ class ParityFailure(DiffshipError):
     """Parity checks ran and at least one comparison is outside its tolerance."""
 
     exit_code = 1
+
+
+class BenchRegression(DiffshipError):
+    """``bench compare`` found figures that got worse beyond the threshold."""
+
+    exit_code = 1

@@ -10,7 +10,6 @@ from typing import Iterator
 
 from rich.console import Console
 
-from diffship.errors import ShapeError
 
 console = Console(stderr=True, highlight=False)
 # Piped or captured output (CI logs) gets wide tables instead of truncated cells.
@@ -19,14 +18,11 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
     """``"512x768"`` -> ``(512, 768)`` (height x width), positive multiples of 8."""
-    from diffship.reference.specs import ShapeProfile
+    from diffship.reference.specs import ShapeProfile, parse_hw
 
     if text is None:
         return None
-    try:
-        height, width = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ShapeError(f"size {text!r} is not HEIGHTxWIDTH, e.g. 512x512") from None
+    height, width = parse_hw(text)
     ShapeProfile(height=height, width=width).validate(8)
     return height, width
 

@@ -41,7 +41,7 @@ from diffship._registry import require_modules
 from diffship.errors import ExportError, ShapeError, first_line
 from diffship.exporters.base import Artifact, ExportOptions, quiet_export
 from diffship.reference.attention import VARIANTS, with_attention
-from diffship.reference.specs import ComponentSpec, ShapeProfile
+from diffship.reference.specs import ComponentSpec, ShapeProfile, parse_hw
 
 BACKEND = "coreml"
 EXTRA = "coreml"
@@ -112,14 +112,7 @@ class CoreMLOptions:
 
 def _parse_sizes(value: Any) -> list[tuple[int, int]]:
     items = value.split(",") if isinstance(value, str) else list(value)
-    sizes = []
-    for item in items:
-        try:
-            h, w = (int(v) for v in (item.lower().split("x") if isinstance(item, str) else item))
-        except (ValueError, TypeError):
-            raise ShapeError(f"sizes: {item!r} is not HEIGHTxWIDTH (e.g. -o sizes=512x512,768x768)") from None
-        sizes.append((h, w))
-    return sizes
+    return [parse_hw(item, "-o sizes:") for item in items]
 
 
 # --- the graphs that are converted --------------------------------------------------------------------

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 from diffship._files import read_json, sha256_file
 from diffship.errors import SourceError, first_line
 from diffship.reference.families import family_of
-from diffship.reference.tiny import tiny_path
+from diffship.reference.presets import RECIPES, preset_path
 
 #: built-in pipelines, built offline on first use; name -> function returning the cached folder.
-PRESETS: dict[str, Callable[[], Path]] = {"tiny": tiny_path}
+PRESETS: dict[str, Callable[[], Path]] = {name: partial(preset_path, name) for name in RECIPES}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 

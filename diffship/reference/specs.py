@@ -57,6 +57,15 @@ class TensorSpec:
                 "dims": list(self.dims)}
 
 
+def parse_hw(item: Any, what: str = "size") -> tuple[int, int]:
+    """``"512x768"`` (or ``(512, 768)``) -> ``(512, 768)``: height, width. Values are not range-checked."""
+    try:
+        height, width = (int(v) for v in (item.lower().split("x") if isinstance(item, str) else item))
+    except (ValueError, TypeError, AttributeError):
+        raise ShapeError(f"{what} {item!r} is not HEIGHTxWIDTH, e.g. 512x512") from None
+    return height, width
+
+
 @dataclass(frozen=True)
 class ShapeProfile:
     """The request shape a component is traced, built or checked for.

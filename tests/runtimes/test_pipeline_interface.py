@@ -32,7 +32,7 @@ PROMPT = "a photo of a cat"
 ATOL = 1e-4  # images in [0, 1] (np/pt) or [-1, 1] (decoder output)
 LATENT_TOL = {"atol": 1e-4, "rtol": 1e-4}  # latents reach ~10 in magnitude
 
-#: the tiny pipeline's scheduler is PNDM (diffship/reference/tiny.py); test_compatibles_are_parametrized checks it.
+#: the tiny pipeline's scheduler is PNDM (diffship/reference/presets.py); test_compatibles_are_parametrized checks it.
 COMPATIBLE_SCHEDULERS = sorted(PNDMScheduler().compatibles, key=lambda c: c.__name__)
 
 

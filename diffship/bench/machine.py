@@ -1,0 +1,110 @@
+"""Facts about the machine a benchmark ran on, recorded with every result so numbers are never
+compared across machines by accident; and process memory figures."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+#: instruction-set extensions that decide which kernels libraries pick (vector width, bf16/fp16, AMX).
+_ISA_PREFIXES = ("sse4", "avx", "fma", "f16c", "amx", "vnni", "neon", "asimd", "sve", "fp16", "bf16", "i8mm", "sme")
+
+
+def _cpuinfo() -> dict[str, str]:
+    """First processor's fields of ``/proc/cpuinfo`` (Linux), else empty."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
+def _flags(cpu: dict[str, str]) -> list[str]:
+    return (cpu.get("flags") or cpu.get("Features") or "").split()  # x86 / ARM spelling
+
+
+def physical_cores() -> int | None:
+    """Distinct (package, core) pairs in ``/proc/cpuinfo``; None where it cannot tell."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    cores = set()
+    for block in text.split("\n\n"):
+        info = dict((k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in block.splitlines()))
+        if "core id" in info:
+            cores.add((info.get("physical id", "0"), info["core id"]))
+    return len(cores) or None
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def machine_info(versions: dict[str, str] | None = None) -> dict[str, Any]:
+    """CPU model, cores, instruction-set flags, memory, OS, GPU and library versions."""
+    import torch
+
+    cpu = _cpuinfo()
+    flags = _flags(cpu)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info: dict[str, Any] = {
+        "cpu": cpu.get("model name") or platform.processor() or platform.machine(),
+        "architecture": platform.machine(),
+        "logical_cores": os.cpu_count(),
+        "physical_cores": physical_cores(),
+        "usable_cores": usable,
+        "isa": sorted(f for f in flags if f.startswith(_ISA_PREFIXES)),
+        "memory_bytes": _memory_bytes(),
+        "os": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "versions": versions or {},
+    }
+    return info
+
+
+def bf16_native(device: str = "cpu") -> bool:
+    """Whether eager bf16 runs on native bf16 arithmetic here (AVX512-BF16/AMX on x86, a recent GPU);
+    elsewhere PyTorch emulates it, and a bf16 figure would only measure the emulation."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    flags = set(_flags(_cpuinfo()))
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"}) or platform.machine() == "arm64" and sys.platform == "darwin"
+
+
+def peak_rss_bytes(children: bool = False) -> int:
+    """Peak resident memory of this process (or of its largest finished child process)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss
+    return usage if sys.platform == "darwin" else usage * 1024  # Linux reports KiB, macOS bytes
+
+
+def current_rss_bytes() -> int | None:
+    """Resident memory of this process now (Linux ``/proc``), else None."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def folder_bytes(path: Path) -> int:
+    """Total size of the files under ``path`` (or of the file)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

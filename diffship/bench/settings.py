@@ -1,0 +1,139 @@
+"""What a benchmark run measures: settings as data, presets from ``configs/bench_presets.toml``."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from diffship.errors import ConfigError
+from diffship.reference.specs import parse_hw
+
+#: Benchmark presets shipped with diffship (``diffship bench --preset NAME``).
+BUNDLED_PRESETS = Path(__file__).resolve().parent.parent / "configs" / "bench_presets.toml"
+#: the subject name of eager PyTorch in ``backends``.
+TORCH = "torch"
+AUTO = "auto"
+DEFAULT_SCHEDULER = "default"
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Everything that decides what a benchmark run measures (recorded in its results).
+
+    Attributes:
+        source: what is benchmarked (a preset name, diffusers folder or single file).
+        backends: ``torch`` and export backends; ``auto`` expands to torch + every backend installed.
+        precisions: export precisions; each backend x precision is one subject.
+        torch_precisions: eager subjects (``fp32``; ``bf16`` is skipped where the hardware lacks it).
+        sizes: ``(height, width)`` image sizes; the first is the default, the rest the resolution sweep.
+        batches: images per call for the batch sweep (at the default size).
+        steps: end-to-end step counts; the first is the default.
+        schedulers: scheduler class names for end-to-end runs; ``default`` is the pipeline's own.
+        warmup: untimed calls before each timed series.
+        repeats: timed calls per component measurement.
+        e2e_repeats: timed end-to-end runs per setting.
+        prompt / seed / guidance_scale: the generation request of end-to-end runs.
+        threads: intra-op threads of every subject (None: each library's default).
+        device: where eager PyTorch runs (``cpu``, ``cuda``).
+        runtime_options: per backend, options for its runner (``{"onnx": {"device": "cuda"}}``).
+        export_options: per backend, export options (``-o`` of ``diffship export``).
+    """
+
+    source: str = "tiny"
+    backends: tuple[str, ...] = (AUTO,)
+    precisions: tuple[str, ...] = ("fp32",)
+    torch_precisions: tuple[str, ...] = ("fp32", "bf16")
+    sizes: tuple[tuple[int, int], ...] = ((64, 64),)
+    batches: tuple[int, ...] = (1,)
+    steps: tuple[int, ...] = (4,)
+    schedulers: tuple[str, ...] = (DEFAULT_SCHEDULER,)
+    warmup: int = 1
+    repeats: int = 5
+    e2e_repeats: int = 2
+    prompt: str = "a photograph of an astronaut riding a horse"
+    seed: int = 0
+    guidance_scale: float = 7.5
+    threads: int | None = None
+    device: str = "cpu"
+    runtime_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    export_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.sizes[0]
+
+    @property
+    def default_steps(self) -> int:
+        return self.steps[0]
+
+    def validate(self) -> "BenchSettings":
+        """Raise :class:`ConfigError` for settings that cannot be measured; return self."""
+        problems = []
+        for name in ("backends", "precisions", "sizes", "batches", "steps", "schedulers"):
+            if not getattr(self, name):
+                problems.append(f"{name} is empty")
+        if any(b < 1 for b in self.batches) or any(s < 1 for s in self.steps):
+            problems.append("batches and steps must be >= 1")
+        if any(h < 8 or w < 8 or h % 8 or w % 8 for h, w in self.sizes):
+            problems.append(f"sizes must be positive multiples of 8, got {self.sizes}")
+        if self.warmup < 0 or self.repeats < 1 or self.e2e_repeats < 1:
+            problems.append("warmup must be >= 0, repeats and e2e_repeats >= 1")
+        if unknown := set(self.torch_precisions) - {"fp32", "fp16", "bf16"}:
+            problems.append(f"unknown torch precision(s) {sorted(unknown)}; choose from fp32, fp16, bf16")
+        if problems:
+            raise ConfigError("invalid benchmark settings: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["sizes"] = [f"{h}x{w}" for h, w in self.sizes]
+        return data
+
+
+def from_mapping(data: dict[str, Any], where: str, base: BenchSettings | None = None) -> BenchSettings:
+    """Settings from a preset table or CLI overrides; unknown keys and wrong types are errors."""
+    known = {f.name: f for f in fields(BenchSettings)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r}; expected one of: {', '.join(known)}")
+        default = getattr(BenchSettings(), key)
+        if isinstance(default, tuple):
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+            value = tuple(parse_hw(v) for v in value) if key == "sizes" else tuple(value)
+            kind = int if key in ("batches", "steps") else str
+            if key != "sizes" and not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+                raise ConfigError(f"{where}: {key} must be a list of {kind.__name__}s, got {list(value)!r}")
+        elif key in ("warmup", "repeats", "e2e_repeats", "seed") and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ConfigError(f"{where}: {key} must be a whole number, got {value!r}")
+        values[key] = value
+    try:
+        return replace(base or BenchSettings(), **values).validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_presets(path: Path | None = None) -> dict[str, BenchSettings]:
+    """Every benchmark preset, validated."""
+    file = Path(path) if path is not None else BUNDLED_PRESETS
+    try:
+        with open(file, "rb") as f:
+            doc = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{file}: cannot read benchmark presets: {exc}") from None
+    out = {}
+    for name, table in doc.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{file}: {name} must be a table of settings")
+        out[name] = from_mapping(table, f"{file} [{name}]")
+    return out
+
+
+def preset(name: str) -> BenchSettings:
+    presets = load_presets()
+    if name not in presets:
+        raise ConfigError(f"unknown benchmark preset {name!r}; choose one of: {', '.join(presets)}")
+    return presets[name]

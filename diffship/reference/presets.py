@@ -1,0 +1,178 @@
+"""Built-in pipelines, built offline, seeded and reproducible, in the diffusers on-disk layout.
+
+* ``tiny``: every part of Stable Diffusion 1.x at toy width -- a CLIP text encoder with the real CLIP
+  BPE tokenizer (vocabulary bundled, see ``data/README.md``), a cross-attention
+  ``UNet2DConditionModel``, an ``AutoencoderKL`` with the SD scale factor of 8 and SD 1.5's PNDM
+  scheduler. Tests and the demo use it.
+* ``sd15-arch``: the full Stable Diffusion 1.5 architecture (860M-parameter UNet, CLIP ViT-L/14 text
+  encoder, SD VAE) with seeded random weights, so benchmarks measure real compute without downloads.
+
+A preset is a :class:`Recipe` (component configs as data); everything downstream treats the built
+folder like any model folder.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from diffship._files import atomic_folder, cache_dir
+from diffship.errors import DiffshipError
+
+SEED = 0
+_BPE = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode mapping used by byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+@lru_cache(maxsize=1)
+def clip_vocab() -> tuple[dict[str, int], list[str]]:
+    """CLIP's 49,408-token vocabulary and its BPE merges, built from the bundled merges file."""
+    lines = gzip.decompress(_BPE.read_bytes()).decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    tokens = list(_bytes_to_unicode().values())
+    tokens += [t + "</w>" for t in tokens]
+    tokens += ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def _write_tokenizer(folder: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab()
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+    }), encoding="utf-8")
+    # Round-trip through transformers so the folder holds exactly what this transformers version writes.
+    CLIPTokenizer.from_pretrained(folder).save_pretrained(folder)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to build one preset: configs of its modules, as data.
+
+    Attributes:
+        name: preset name (``diffship export NAME ...``).
+        version: bump when the architecture or seeding changes, so stale caches are not reused.
+        text_encoder: ``CLIPTextConfig`` arguments (vocabulary and special tokens come from the tokenizer).
+        unet: ``UNet2DConditionModel`` arguments.
+        vae: ``AutoencoderKL`` arguments.
+        scheduler: ``PNDMScheduler`` arguments.
+        pipeline: the diffusers pipeline class.
+    """
+
+    name: str
+    version: int
+    text_encoder: dict[str, Any]
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(_SD_SCHEDULER))
+    pipeline: str = "StableDiffusionPipeline"
+
+
+#: SD 1.5's scheduler (PNDM, scaled-linear betas).
+_SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                     set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+_SD_VAE_BLOCKS = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe(
+        name="tiny", version=1,
+        text_encoder=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          projection_dim=32),
+        unet=dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                  cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
+                 block_out_channels=(32, 32, 64, 64), norm_num_groups=32, **_SD_VAE_BLOCKS),
+    ),
+    # runwayml/stable-diffusion-v1-5's configs: CLIP ViT-L/14 text tower, the 860M UNet, the SD VAE.
+    Recipe(
+        name="sd15-arch", version=1,
+        text_encoder=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                          projection_dim=768),
+        unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                  block_out_channels=(320, 640, 1280, 1280),
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                  cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                 block_out_channels=(128, 256, 512, 512), norm_num_groups=32, **_SD_VAE_BLOCKS),
+    ),
+)}
+
+
+def build_preset(recipe: Recipe, out: Path) -> Path:
+    """Build ``recipe`` into ``out`` (diffusers layout). Same files, bit for bit, on every build."""
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out)
+    with atomic_folder(out) as tmp:
+        _write_tokenizer(tmp / "tokenizer")
+        tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
+        # One seed per module, so changing one module's config leaves the others' weights alone.
+        torch.manual_seed(SEED)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length, hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **recipe.text_encoder,
+        ))
+        torch.manual_seed(SEED + 1)
+        unet = UNet2DConditionModel(**recipe.unet)
+        torch.manual_seed(SEED + 2)
+        vae = AutoencoderKL(**recipe.vae)
+        pipe = getattr(diffusers, recipe.pipeline)(
+            vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+            scheduler=PNDMScheduler(**recipe.scheduler), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return out
+
+
+def preset_path(name: str) -> Path:
+    """The cached folder of preset ``name``, built on first use."""
+    recipe = RECIPES[name]
+    path = cache_dir() / f"{recipe.name}-v{recipe.version}"
+    if not (path / "model_index.json").is_file():
+        try:
+            build_preset(recipe, path)
+        except (DiffshipError, OSError):
+            if not (path / "model_index.json").is_file():  # not just another process finishing first
+                raise
+    return path
+
+
+def build_tiny(out: Path) -> Path:
+    """Build the tiny pipeline into ``out``."""
+    return build_preset(RECIPES["tiny"], out)
+
+
+def tiny_path() -> Path:
+    """The cached tiny pipeline folder, built on first use."""
+    return preset_path("tiny")

@@ -1,0 +1,211 @@
+"""`diffship bench`: a tiny run end to end (schema, files, figures), interruption, compare, settings."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from diffship.bench.compare import compare
+from diffship.bench.results import SCHEMA_FILE, read_results
+from diffship.bench.run import Progress, _rounds, _series, run_bench
+from diffship.bench.settings import BenchSettings, from_mapping, load_presets, preset
+from diffship.cli import main
+from diffship.errors import ConfigError
+
+#: a tiny run with both sweeps, kept short: two sizes, two batches, two step counts, two schedulers.
+TINY_ARGS = ["--preset", "tiny", "--sizes", "64x64,128x128", "--batches", "1,2", "--steps", "2,4",
+             "--schedulers", "default,EulerDiscreteScheduler", "--repeats", "2", "--e2e-repeats", "1"]
+
+
+def validate(doc: dict) -> None:
+    jsonschema = pytest.importorskip("jsonschema", reason="the test extra is not installed")
+    schema = json.loads(SCHEMA_FILE.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.Draft202012Validator(schema).validate(doc)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    out = tmp_path_factory.mktemp("bench") / "tiny"
+    assert main(["bench", *TINY_ARGS, "--backends", "torch,onnx", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.onnx
+def test_tiny_preset_writes_every_file_and_validates(tiny_run):
+    for name in ("results.json", "results.csv", "results.md", "latency_by_backend.png", "resolution_scaling.png"):
+        assert (tiny_run / name).stat().st_size > 0, name
+    doc = read_results(tiny_run / "results.json")
+    validate(doc)
+    assert doc["complete"] and doc["reference"] == "torch-fp32"
+    assert doc["machine"]["isa"] is not None and doc["machine"]["versions"]["onnxruntime"]
+    subjects = {s["name"]: s for s in doc["subjects"]}
+    assert subjects["onnx-fp32"]["export"]["seconds"] > 0
+    assert subjects["onnx-fp32"]["export"]["peak_rss_bytes"] > 100e6
+    for s in subjects.values():
+        assert s["runs"] or s["not_run"], s
+        if s["runs"]:
+            assert s["load"]["seconds"] > 0 and s["memory"]["peak_rss_bytes"] > 100e6 and s["size_bytes"] > 1e6
+    # every subject at every point, with parity next to the speed figure
+    comps = [m for m in doc["measurements"] if m["kind"] == "component" and m["subject"] == "onnx-fp32"]
+    assert {(m["component"], m["batch"], m["height"]) for m in comps} >= {
+        ("unet", 1, 64), ("unet", 2, 64), ("unet", 1, 128), ("vae_decoder", 1, 128), ("text_encoder", 2, 64)}
+    for m in comps:
+        assert m["latency_ms"]["n"] == 2 and m["latency_ms"]["p10"] <= m["latency_ms"]["median"] <= m["latency_ms"]["p90"]
+        assert m["parity"]["psnr_db"] == "inf" or m["parity"]["psnr_db"] > 90, m
+    assert all(m["flops"] > 0 and m["gflops_per_s"] > 0 for m in comps)  # counted on eager torch-fp32
+    unet = {(m["batch"], m["height"]): m["flops"] for m in comps if m["component"] == "unet"}
+    assert unet[(2, 64)] == 2 * unet[(1, 64)] and unet[(1, 128)] > 3 * unet[(1, 64)]  # 2x batch, 4x pixels
+    e2e = [m for m in doc["measurements"] if m["kind"] == "pipeline" and m["subject"] == "onnx-fp32"]
+    assert {(m["scheduler"], m["steps"]) for m in e2e} >= {("default", 2), ("default", 4), ("EulerDiscreteScheduler", 4)}
+    for m in e2e:
+        assert m["steps_per_s"] > 0 and m["parity"]["psnr_db"] > 60 and m["unet_calls"] >= m["steps"]
+    assert {s["scheduler"] for s in doc["schedulers"]} == {"default", "EulerDiscreteScheduler"}
+    assert (tiny_run / "images" / "onnx-fp32" / "default-2steps-b1-64x64.png").is_file()
+
+
+@pytest.mark.onnx
+def test_csv_and_markdown_carry_the_measurements(tiny_run):
+    doc = read_results(tiny_run / "results.json")
+    rows = list(csv.DictReader((tiny_run / "results.csv").open()))
+    assert sum(r["kind"] in ("component", "pipeline") for r in rows) == len(doc["measurements"])
+    assert any(r["kind"] == "export" and r["subject"] == "onnx-fp32" and float(r["peak_rss_bytes"]) > 0 for r in rows)
+    md = (tiny_run / "results.md").read_text()
+    assert "## Summary" in md and "| onnx-fp32 |" in md and "## Schedulers" in md and "## End to end" in md
+
+
+@pytest.mark.onnx
+def test_compare_same_run_passes_and_planted_regression_fails(tiny_run, tmp_path, capsys):
+    baseline = tiny_run / "results.json"
+    assert main(["bench", "compare", str(baseline), str(baseline)]) == 0
+    doc = json.loads(baseline.read_text())
+    slow = copy.deepcopy(doc)
+    target = next(m for m in slow["measurements"] if m["subject"] == "onnx-fp32" and m["component"] == "unet")
+    target["latency_ms"]["median"] *= 1.5
+    (tmp_path / "slow.json").write_text(json.dumps(slow))
+    capsys.readouterr()
+    assert main(["bench", "compare", str(baseline), str(tmp_path / "slow.json")]) == 1
+    captured = capsys.readouterr()
+    assert "REGRESSION" in captured.out and "1 regression(s)" in captured.out
+    # the same slow-down within a looser threshold passes
+    assert main(["bench", "compare", str(baseline), str(tmp_path / "slow.json"), "--threshold", "0.6"]) == 0
+    drift = copy.deepcopy(doc)
+    target = next(m for m in drift["measurements"] if m["kind"] == "pipeline" and m["subject"] == "onnx-fp32")
+    target["parity"]["psnr_db"] = 20.0
+    (tmp_path / "drift.json").write_text(json.dumps(drift))
+    assert main(["bench", "compare", str(baseline), str(tmp_path / "drift.json")]) == 1
+    (tmp_path / "other.json").write_text(json.dumps({"schema": "diffship.parity/1"}))
+    assert main(["bench", "compare", str(baseline), str(tmp_path / "other.json")]) == 2
+    assert "not a diffship benchmark result" in capsys.readouterr().err
+
+
+def test_compare_judges_each_figure():
+    base = {"machine": {}, "subjects": [{"name": "a", "export": {"seconds": 10.0, "peak_rss_bytes": 100},
+                                         "memory": {"peak_rss_bytes": 1000}}],
+            "measurements": [{"kind": "component", "subject": "a", "component": "unet", "batch": 1, "height": 64,
+                              "width": 64, "steps": None, "scheduler": None, "latency_ms": {"median": 10.0},
+                              "parity": {"psnr_db": "inf"}}]}
+    same = compare(base, base)
+    assert same and not any(c.regression for c in same)
+    worse = copy.deepcopy(base)
+    worse["subjects"][0]["memory"]["peak_rss_bytes"] = 1200
+    worse["measurements"][0]["parity"]["psnr_db"] = 120.0  # identical vs 120 dB: both beyond float noise
+    flagged = {c.metric for c in compare(base, worse) if c.regression}
+    assert flagged == {"peak_rss_bytes"}
+    worse["measurements"][0]["parity"]["psnr_db"] = "nan"
+    assert {c.metric for c in compare(base, worse) if c.regression} == {"peak_rss_bytes", "psnr_db"}
+
+
+def test_interrupted_run_keeps_finished_results(tmp_path):
+    class StopAtEndToEnd(Progress):
+        def phase(self, name, total):
+            if name == "end to end":
+                raise KeyboardInterrupt
+
+    settings = from_mapping({"backends": ["torch"], "torch_precisions": ["fp32"], "repeats": 1}, "test")
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(settings, tmp_path, progress=StopAtEndToEnd())
+    doc = read_results(tmp_path / "results.json")
+    validate(doc)
+    assert not doc["complete"]
+    assert sorted(m["component"] for m in doc["measurements"]) == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    assert doc["subjects"][0]["memory"]["peak_rss_bytes"] > 0  # the worker was stopped and asked
+    assert "incomplete run" in (tmp_path / "results.md").read_text()
+
+
+class FakeWorker:
+    """Answers like a worker; records the order of calls."""
+
+    def __init__(self, name, log, reply=("ok", {"seconds": [0.5]})):
+        self.name, self.log, self._reply = name, log, reply
+
+    def request(self, *message):
+        self.log.append(self.name)
+        return self._reply
+
+
+def test_rounds_interleave_and_rotate():
+    order = [w for _, w in _rounds(["a", "b", "c"], 3)]
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
+def test_series_skips_and_drops_dead_workers():
+    log: list[str] = []
+    dead = []
+    workers = [FakeWorker("a", log), FakeWorker("fixed", log, ("skip", "takes 64x64 only")),
+               FakeWorker("gone", log, ("died", "killed"))]
+    series = _series(workers, lambda keep: ("component",), 1, 3, lambda w, why: dead.append((w.name, why)))
+    assert series["a"]["seconds"] == [0.5] * 3 and series["a"]["first"] == 0.5 and series["a"]["kept"]
+    assert series["fixed"]["skipped"] == "takes 64x64 only" and not series["fixed"]["seconds"]
+    assert series["gone"]["skipped"].startswith("error") and dead == [("gone", "killed")]
+    assert log.count("fixed") == 1 and log.count("gone") == 1  # not asked again
+
+
+def test_presets_are_valid_and_sd15_arch_is_the_full_architecture():
+    presets = load_presets()
+    assert {"tiny", "sd15-arch"} <= set(presets)
+    assert preset("sd15-arch").size == (256, 256)
+    from diffship.reference.presets import RECIPES
+
+    unet = RECIPES["sd15-arch"].unet
+    assert unet["block_out_channels"] == (320, 640, 1280, 1280) and unet["cross_attention_dim"] == 768
+    assert RECIPES["sd15-arch"].text_encoder["num_hidden_layers"] == 12
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"sizes": ["64by64"]}, "not HEIGHTxWIDTH"),
+    ({"sizes": ["60x64"]}, "multiples of 8"),
+    ({"batches": [0]}, ">= 1"),
+    ({"repeats": "3"}, "whole number"),
+    ({"colour": 1}, "unknown key 'colour'"),
+    ({"backends": "onnx"}, "must be a list"),
+    ({"torch_precisions": ["int4"]}, "unknown torch precision"),
+])
+def test_bad_settings_are_refused(data, message):
+    with pytest.raises(Exception, match=message):
+        from_mapping(data, "test")
+
+
+def test_bad_preset_file_names_the_table(tmp_path):
+    (tmp_path / "p.toml").write_text('[fast]\nrepeats = 0\n')
+    with pytest.raises(ConfigError, match=r"\[fast\].*repeats"):
+        load_presets(tmp_path / "p.toml")
+
+
+def test_unknown_backend_is_one_error_line(tmp_path, capsys):
+    assert main(["bench", "--backends", "torch,tpu", "--out", str(tmp_path)]) == 2
+    assert "unknown backend 'tpu'" in capsys.readouterr().err
+
+
+def test_machine_info_has_the_facts():
+    from diffship.bench.machine import machine_info, peak_rss_bytes
+
+    info = machine_info({"torch": "x"})
+    assert info["cpu"] and info["logical_cores"] >= 1 and info["memory_bytes"] > 0
+    assert peak_rss_bytes() > 10e6
+    assert BenchSettings().validate() is not None

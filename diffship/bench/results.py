@@ -12,6 +12,7 @@ The JSON Schema is ``diffship/bench/schema.json``; in short::
     reference: the subject parity is measured against ("torch-fp32"), or null
     subjects: one per eager precision / backend x precision:
         name, backend, precision, folder, runs (measured here), not_run / error (why not),
+        runtime (what computed it: "PyTorch ... eager", "onnxruntime ...", "MIL reference (Linux)"),
         export: {seconds, peak_rss_bytes, child_peak_rss_bytes, size_bytes} or null (eager, reused),
         load: {seconds, rss_bytes}, size_bytes (weights on disk),
         memory: {peak_rss_bytes, rss_bytes, peak_gpu_bytes} at the end of the run
@@ -188,10 +189,10 @@ def summary_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             f"{e2e['latency_ms']['median'] / 1e3:.2f} s" if e2e.get("latency_ms") else "",
             f"{e2e['steps_per_s']:.2f}" if e2e.get("steps_per_s") else "",
             _psnr(e2e.get("parity")) or ("reference" if s["name"] == doc.get("reference") else ""),
-            f"not run: {status}" if status else "",
+            f"not run: {status}" if status else s.get("runtime") or "",
         ])
     header = ["subject", "export", "export peak RSS", "size on disk", "load", "peak RSS",
-              f"UNet ms (batch {2 * p['batch']})", "GFLOP/s", f"{p['steps']} steps", "steps/s", "image PSNR", "note"]
+              f"UNet ms (batch {2 * p['batch']})", "GFLOP/s", f"{p['steps']} steps", "steps/s", "image PSNR", "runs on"]
     return header, rows
 
 

@@ -66,7 +66,7 @@ def plan(settings: BenchSettings) -> list[Planned]:
     planned = []
     for name in names:
         if name == TORCH:
-            for precision in settings.torch_precisions:
+            for precision in sorted(settings.torch_precisions, key=lambda x: x != "fp32"):
                 entry = _entry(f"torch-{precision}", TORCH, precision)
                 if precision == "bf16" and not bf16_native(settings.device):
                     entry["not_run"] = f"no native bf16 on this {settings.device} (PyTorch would emulate it)"
@@ -79,12 +79,13 @@ def plan(settings: BenchSettings) -> list[Planned]:
                 entry["not_run"] = f"{name} has no {precision} precision ({', '.join(mod.PRECISIONS)})"
             planned.append(Planned(Subject(entry["name"], name, precision,
                                            options=dict(settings.runtime_options.get(name, {}))), entry))
-    return planned
+    return sorted(planned, key=lambda p: p.subject.backend != TORCH)  # eager fp32 first: the reference
 
 
 def _entry(name: str, backend: str, precision: str) -> dict[str, Any]:
     return {"name": name, "backend": backend, "precision": precision, "folder": None, "runs": False,
-            "not_run": None, "error": None, "export": None, "load": None, "size_bytes": None, "memory": None}
+            "not_run": None, "error": None, "runtime": None, "export": None, "load": None, "size_bytes": None,
+            "memory": None}
 
 
 def measured_export(source: str, folder: str, backend: str, precision: str, static: tuple[int, int] | None,
@@ -125,7 +126,8 @@ def _export(p: Planned, settings: BenchSettings, exports: Path, reuse: bool) -> 
 
 
 class Worker:
-    """A subject's process and the pipe to it."""
+    """A subject's process and the pipe to it. Requests are numbered and replies carry the number, so a
+    reply left over from an interrupted request is never taken for the next one's."""
 
     def __init__(self, planned: Planned, settings: dict[str, Any]):
         ctx = multiprocessing.get_context("spawn")
@@ -134,6 +136,7 @@ class Worker:
         self.proc = ctx.Process(target=serve, args=(child, planned.subject, settings), name=planned.subject.name)
         self.proc.start()
         child.close()
+        self.sent = 0  # the load reply is number 0
 
     @property
     def name(self) -> str:
@@ -141,7 +144,10 @@ class Worker:
 
     def reply(self) -> tuple[str, Any]:
         try:
-            return self.conn.recv()
+            while True:
+                number, status, value = self.conn.recv()
+                if number == self.sent:
+                    return status, value
         except (EOFError, OSError):
             self.proc.join(10)
             code = self.proc.exitcode
@@ -149,17 +155,20 @@ class Worker:
             return "died", f"worker process ended: {why}"
 
     def request(self, *message: Any) -> tuple[str, Any]:
+        self.sent += 1
         try:
-            self.conn.send(message)
+            self.conn.send((self.sent, *message))
         except (OSError, ValueError):
             return "died", "worker process is gone"
         return self.reply()
 
     def stop(self) -> dict[str, Any] | None:
+        """Ask for the worker's memory figures and end it (killed if it does not end by itself)."""
         status, value = self.request("stop") if self.proc.is_alive() else ("died", None)
         self.proc.join(30)
         if self.proc.is_alive():
             self.proc.kill()
+            self.proc.join()
         return value if status == "ok" else None
 
 
@@ -338,10 +347,7 @@ def run_bench(settings: BenchSettings, out: str | Path, *, exports: str | Path |
         "command": command, "settings": settings.to_dict(), "machine": machine_info(versions), "source": None,
         "reference": None, "subjects": [p.entry for p in planned], "measurements": [], "schedulers": [],
     }
-    save = lambda final=False: write_all(doc, out, final)  # noqa: E731
-    save()
-    workers: list[Worker] = []
-    images: dict[tuple, Any] = {}
+    run = _Run(settings, out, doc, progress)
     try:
         to_export = [p for p in planned if p.subject.backend != TORCH and not p.entry["not_run"]]
         progress.phase("exporting", len(to_export))
@@ -352,94 +358,184 @@ def run_bench(settings: BenchSettings, out: str | Path, *, exports: str | Path |
             except DiffshipError as exc:
                 p.entry["error"] = f"export failed: {first_line(exc)}"
                 progress.note(f"{p.subject.name}: {p.entry['error']}")
-            save()
+            run.save()
         from diffship.runtimes import runtime_unavailable_reason
 
         for p in to_export:
             if not p.entry["error"] and (reason := runtime_unavailable_reason(p.subject.backend)):
                 p.entry["not_run"] = reason
         runnable = [p for p in planned if not p.entry["not_run"] and not p.entry["error"]]
-        progress.phase("loading", len(runnable))
-        worker_settings = {"source": settings.source, "device": settings.device, "threads": settings.threads}
-        components: list[str] = []
-        for p in runnable:
-            progress.advance(f"loading {p.subject.name}")
-            worker = Worker(replace(p, subject=replace(p.subject, folder=p.entry["folder"])), worker_settings)
-            status, value = worker.reply()
-            if status != "ok":
-                p.entry["error"] = value
-                progress.note(f"{p.subject.name}: {value}")
-                worker.stop()
-                continue
+        groups = memory_groups(runnable, settings)
+        if len(groups) > 1:
+            progress.note(f"the subjects do not fit in memory together; measuring them in {len(groups)} groups, "
+                          f"each with {groups[0][0].subject.name}")
+        for i, group in enumerate(groups):
+            run.measure(group, f" ({i + 1}/{len(groups)})" if len(groups) > 1 else "", first=i == 0)
+        if not any(s["runs"] for s in doc["subjects"]):
+            raise DiffshipError("no subject could be loaded; see the errors in " + str(out / "results.json"))
+        doc["schedulers"] = _scheduler_summary(doc, run.images, doc["reference"])
+        doc["complete"] = True
+    finally:
+        run.save(final=True)
+    return doc
+
+
+def _footprint(p: Planned, settings: BenchSettings) -> int:
+    """Expected resident memory of a loaded subject: its weights (eager bf16 converts from fp32, so it
+    peaks at the fp32 size; runtimes keep a copy plus work buffers) and the libraries."""
+    from diffship.reference.loader import resolve_source
+
+    if p.subject.backend == TORCH:
+        weights = folder_bytes(resolve_source(settings.source)[0])
+    else:
+        weights = int(folder_bytes(Path(p.entry["folder"])) * 1.25)
+    return weights + _WORKER_BASE
+
+
+#: memory of a worker before its weights: interpreter, torch, diffusers and a runtime.
+_WORKER_BASE = 700 * 2**20
+#: share of the memory available when the run starts that its workers may use together.
+_MEMORY_SHARE = 0.8
+
+
+def memory_groups(runnable: list[Planned], settings: BenchSettings) -> list[list[Planned]]:
+    """Subjects that fit in memory together, each group led by the reference (eager fp32) so every ratio
+    comes from interleaved runs. Page-cache-backed weights (safetensors, OpenVINO) that do not fit are
+    re-read from disk on every call, which would make a figure measure the disk."""
+    from diffship.bench.machine import available_memory_bytes
+
+    if not runnable:
+        return []
+    budget = int((available_memory_bytes() or 1 << 62) * _MEMORY_SHARE)
+    lead, rest = runnable[0], runnable[1:]
+    room = budget - _footprint(lead, settings)
+    groups: list[list[Planned]] = [[lead]]
+    used = 0
+    for p in rest:
+        need = _footprint(p, settings)
+        if len(groups[-1]) > 1 and used + need > room:
+            groups.append([lead])
+            used = 0
+        groups[-1].append(p)
+        used += need
+    return groups
+
+
+class _Run:
+    """One run's state: the results document, the reference's kept images, saving."""
+
+    def __init__(self, settings: BenchSettings, out: Path, doc: dict[str, Any], progress: Progress):
+        self.settings, self.out, self.doc, self.progress = settings, out, doc, progress
+        self.images: dict[tuple, Any] = {}
+
+    def save(self, final: bool = False) -> None:
+        write_all(self.doc, self.out, final)
+
+    def measure(self, group: list[Planned], label: str, first: bool) -> None:
+        """Load one group of workers, measure every point, stop them. The group's lead (the reference)
+        is measured again in later groups, for interleaving and parity; only its first figures are kept."""
+        settings, doc, progress = self.settings, self.doc, self.progress
+        self.workers: list[Worker] = []
+        self.components: list[str] = []
+        try:
+            progress.phase(f"loading{label}", len(group))
+            for p in group:
+                progress.advance(f"loading {p.subject.name}")
+                self._load(p, record=first or p is not group[0])
+            if not self.workers:
+                return
+            lead = self.workers[0].planned.subject
+            if first:
+                # Parity is against eager fp32; without it (not requested, or it failed) none is measured.
+                doc["reference"] = lead.name if (lead.backend, lead.precision) == (TORCH, "fp32") else None
+            keep = {w.name for w in self.workers if first or w.planned is not group[0]}
+            points = _component_points(settings, self.components)
+            progress.phase(f"components{label}", len(points))
+            for name, batch, height, width in points:
+                progress.advance(f"{name} batch {batch} {height}x{width}")
+                self._component(name, {"batch_size": batch, "height": height, "width": width, "guidance": True}, keep)
+            pipeline_points = _pipeline_points(settings)
+            progress.phase(f"end to end{label}", len(pipeline_points))
+            for point in pipeline_points:
+                progress.advance(f"{point['scheduler']} {point['steps']} steps, batch {point['batch']} "
+                                 f"{point['height']}x{point['width']}")
+                self._pipeline(point, keep)
+        finally:
+            for w in self.workers:
+                memory = w.stop()
+                entry = w.planned.entry
+                if memory and (entry["memory"] is None or memory["peak_rss_bytes"] > entry["memory"]["peak_rss_bytes"]):
+                    entry["memory"] = memory
+            self.save()
+
+    def _load(self, p: Planned, record: bool) -> None:
+        worker_settings = {"source": self.settings.source, "device": self.settings.device,
+                           "threads": self.settings.threads}
+        worker = Worker(replace(p, subject=replace(p.subject, folder=p.entry["folder"])), worker_settings)
+        status, value = worker.reply()
+        if status != "ok":
+            p.entry["error"] = value
+            self.progress.note(f"{p.subject.name}: {value}")
+            worker.stop()
+            return
+        if record:
             p.entry["runs"] = True
+            p.entry["runtime"] = value["runtime"]
             p.entry["load"] = {"seconds": value["load_seconds"], "rss_bytes": value["rss_bytes"]}
             if p.subject.backend == TORCH:
                 p.entry["size_bytes"] = folder_bytes(Path(value["source"]["path"]))
-            doc["source"] = doc["source"] or value["source"]
-            components = components or value["components"]
-            workers.append(worker)
-            save()
-        if not workers:
-            raise DiffshipError("no subject could be loaded; see the errors in " + str(out / "results.json"))
-        doc["reference"] = workers[0].name if workers[0].planned.subject.backend == TORCH else None
+        self.doc["source"] = self.doc["source"] or value["source"]
+        self.components = self.components or value["components"]
+        self.workers.append(worker)
+        self.save()
 
-        def dead(w: Worker, why: str) -> None:
-            w.planned.entry["error"] = why
-            workers.remove(w)
-            progress.note(f"{w.name}: {why}")
+    def _dead(self, w: Worker, why: str) -> None:
+        w.planned.entry["error"] = why
+        self.workers.remove(w)
+        self.progress.note(f"{w.name}: {why}")
 
-        points = _component_points(settings, components)
-        progress.phase("components", len(points))
-        for name, batch, height, width in points:
-            progress.advance(f"{name} batch {batch} {height}x{width}")
-            profile = {"batch_size": batch, "height": height, "width": width, "guidance": True}
-            series = _series(list(workers), lambda keep: ("component", name, profile, 1, keep),
-                             settings.warmup, settings.repeats, dead)
-            flops = _flops(workers[0], name, profile) if doc["reference"] else None
-            ref = series.get(doc["reference"] or "", {}).get("kept")
-            for subject, s in series.items():
-                m = {"kind": "component", "subject": subject, "component": name, "batch": batch, "height": height,
-                     "width": width, "steps": None, "scheduler": None, "skipped": s["skipped"] if not s["seconds"] else None,
-                     "latency_ms": stats_ms(s["seconds"]), "first_call_ms": s["first"] and s["first"] * 1e3,
-                     "flops": flops, "gflops_per_s": None, "parity": None}
-                if flops and m["latency_ms"]:
-                    m["gflops_per_s"] = flops / 1e9 / (m["latency_ms"]["median"] / 1e3)
-                if ref and s["kept"] and subject != doc["reference"]:
-                    m["parity"] = _parity_tensor(ref["outputs"], s["kept"]["outputs"])
-                doc["measurements"].append(m)
-            save()
-        pipeline_points = _pipeline_points(settings)
-        progress.phase("end to end", len(pipeline_points))
-        for point in pipeline_points:
-            progress.advance(f"{point['scheduler']} {point['steps']} steps, batch {point['batch']} "
-                             f"{point['height']}x{point['width']}")
-            request = {**point, "prompt": settings.prompt, "seed": settings.seed, "guidance_scale": settings.guidance_scale}
-            series = _series(list(workers), lambda keep: ("pipeline", request, keep), 0, settings.e2e_repeats, dead)
-            ref = series.get(doc["reference"] or "", {}).get("kept")
-            for subject, s in series.items():
-                kept = s["kept"] or {}
-                steps = [x for k in ([s["kept"]] if kept else []) for x in k["step_seconds"]]
-                m = {"kind": "pipeline", "subject": subject, "component": None, **point,
-                     "skipped": s["skipped"] if not s["seconds"] else None, "latency_ms": stats_ms(s["seconds"]),
-                     "scheduler_class": kept.get("scheduler_class"), "step_ms": stats_ms(steps),
-                     "unet_calls": kept.get("unet_calls"), "steps_per_s": None,
-                     "parity": None}
-                if m["latency_ms"]:
-                    m["steps_per_s"] = point["steps"] / (m["latency_ms"]["median"] / 1e3)
-                if kept.get("image") is not None:
-                    images[(subject, *_pkey(point))] = kept["image"]
-                    _save_image(out, subject, point, kept["image"])
-                    if ref and subject != doc["reference"]:
-                        m["parity"] = _parity_image(ref["image"], kept["image"])
-                doc["measurements"].append(m)
-            save()
-        doc["schedulers"] = _scheduler_summary(doc, images, doc["reference"])
-        doc["complete"] = True
-    finally:
-        for w in workers:
-            w.planned.entry["memory"] = w.stop()
-        save(final=True)
-    return doc
+    def _component(self, name: str, profile: dict[str, Any], keep: set[str]) -> None:
+        settings, doc = self.settings, self.doc
+        series = _series(list(self.workers), lambda k: ("component", name, profile, 1, k), settings.warmup,
+                         settings.repeats, self._dead)
+        flops = _flops(self.workers[0], name, profile) if doc["reference"] and self.workers else None
+        ref = series.get(doc["reference"] or "", {}).get("kept")
+        for subject, s in series.items():
+            if subject not in keep:
+                continue
+            m = {"kind": "component", "subject": subject, "component": name, "batch": profile["batch_size"],
+                 "height": profile["height"], "width": profile["width"], "steps": None, "scheduler": None,
+                 "skipped": s["skipped"] if not s["seconds"] else None, "latency_ms": stats_ms(s["seconds"]),
+                 "first_call_ms": s["first"] and s["first"] * 1e3, "flops": flops, "gflops_per_s": None, "parity": None}
+            if flops and m["latency_ms"]:
+                m["gflops_per_s"] = flops / 1e9 / (m["latency_ms"]["median"] / 1e3)
+            if ref and s["kept"] and subject != doc["reference"]:
+                m["parity"] = _parity_tensor(ref["outputs"], s["kept"]["outputs"])
+            doc["measurements"].append(m)
+        self.save()
+
+    def _pipeline(self, point: dict[str, Any], keep: set[str]) -> None:
+        settings, doc = self.settings, self.doc
+        request = {**point, "prompt": settings.prompt, "seed": settings.seed, "guidance_scale": settings.guidance_scale}
+        series = _series(list(self.workers), lambda k: ("pipeline", request, k), 0, settings.e2e_repeats, self._dead)
+        ref = series.get(doc["reference"] or "", {}).get("kept")
+        for subject, s in series.items():
+            if subject not in keep:
+                continue
+            kept = s["kept"] or {}
+            m = {"kind": "pipeline", "subject": subject, "component": None, **point,
+                 "skipped": s["skipped"] if not s["seconds"] else None, "latency_ms": stats_ms(s["seconds"]),
+                 "scheduler_class": kept.get("scheduler_class"), "step_ms": stats_ms(kept.get("step_seconds", [])),
+                 "unet_calls": kept.get("unet_calls"), "steps_per_s": None, "parity": None}
+            if m["latency_ms"]:
+                m["steps_per_s"] = point["steps"] / (m["latency_ms"]["median"] / 1e3)
+            if kept.get("image") is not None:
+                self.images[(subject, *_pkey(point))] = kept["image"]
+                _save_image(self.out, subject, point, kept["image"])
+                if ref and subject != doc["reference"]:
+                    m["parity"] = _parity_image(ref["image"], kept["image"])
+            doc["measurements"].append(m)
+        self.save()
 
 
 def _save_image(out: Path, subject: str, point: dict[str, Any], image: Any) -> None:

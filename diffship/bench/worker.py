@@ -67,6 +67,10 @@ class _State:
         self.load_seconds = time.perf_counter() - start
         self.specs = {s.name: s for s in specs_for_pipeline(self.pipe)}
         self.runners = getattr(self.pipe, "diffship_runners", None)
+        if self.runners is None:
+            self.runtime = f"PyTorch {torch.__version__} eager ({self.device.type}, {subject.precision})"
+        else:  # e.g. "onnxruntime 1.32 (CPUExecutionProvider)", "MIL reference (Linux)" for Core ML here
+            self.runtime = (self.runners.get("unet") or next(iter(self.runners.values()))).describe()
         self.default_scheduler = self.pipe.scheduler
 
     def sync(self) -> None:
@@ -182,8 +186,11 @@ def serve(conn: Any, subject: Subject, settings: dict[str, Any]) -> None:
     """
     import logging
     import os
+    import signal
     import warnings
 
+    # Ctrl-C reaches the whole process group: the coordinator handles it and stops the workers in turn.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("TQDM_DISABLE", "1")
     warnings.filterwarnings("ignore")
     for name in ("diffusers", "transformers", "torch"):
@@ -191,21 +198,20 @@ def serve(conn: Any, subject: Subject, settings: dict[str, Any]) -> None:
     try:
         state = _State(subject, settings)
     except Exception as exc:  # reported to the coordinator, which drops this subject
-        conn.send(("error", f"loading failed: {type(exc).__name__}: {first_line(exc)}"))
+        conn.send((0, "error", f"loading failed: {type(exc).__name__}: {first_line(exc)}"))
         return
     from diffship.bench.machine import current_rss_bytes
 
-    conn.send(("ok", {"load_seconds": state.load_seconds, "rss_bytes": current_rss_bytes(),
-                      "source": state.source, "components": list(state.specs)}))
+    conn.send((0, "ok", {"load_seconds": state.load_seconds, "rss_bytes": current_rss_bytes(),
+                         "source": state.source, "components": list(state.specs), "runtime": state.runtime}))
     while True:
-        request = conn.recv()
-        kind, args = request[0], request[1:]
+        number, kind, *args = conn.recv()
         if kind == "stop":
-            conn.send(("ok", state.memory()))
+            conn.send((number, "ok", state.memory()))
             return
         try:
-            conn.send(("ok", getattr(state, kind)(*args)))
+            conn.send((number, "ok", getattr(state, kind)(*args)))
         except DiffshipError as exc:
-            conn.send(("skip", first_line(exc)))
+            conn.send((number, "skip", first_line(exc)))
         except Exception as exc:  # one failed measurement must not end the run
-            conn.send(("error", f"{type(exc).__name__}: {first_line(exc)}"))
+            conn.send((number, "error", f"{type(exc).__name__}: {first_line(exc)}"))

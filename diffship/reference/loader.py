@@ -129,25 +129,25 @@ def _load_single_file(path: Path, config: Path | None, allow_pickle: bool):
         ) from exc
 
 
+def resolve_source(source: str | Path) -> tuple[Path, str]:
+    """Where ``source`` is and what kind it is (``preset``, ``folder``, ``single_file``), without loading it."""
+    name = str(source)
+    if name in PRESETS:
+        return PRESETS[name](), "preset"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path, "folder"
+    if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
+        return path, "single_file"
+    if path.is_file():
+        raise SourceError(f"{path} is neither a diffusers folder nor a checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})")
+    raise SourceError(f"{source}: no such file or folder, and not a built-in preset ({', '.join(PRESETS)})")
+
+
 def load_with_info(source: str | Path, *, config: str | Path | None = None, allow_pickle: bool = False):
     """Like :func:`load`, and also return a :class:`SourceInfo` describing the source."""
     name = str(source)
-    if name in PRESETS:
-        path, kind = PRESETS[name](), "preset"
-    else:
-        path = Path(source).expanduser()
-        if path.is_dir():
-            kind = "folder"
-        elif path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
-            kind = "single_file"
-        elif path.is_file():
-            raise SourceError(
-                f"{path} is neither a diffusers folder nor a checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})"
-            )
-        else:
-            raise SourceError(
-                f"{source}: no such file or folder, and not a built-in preset ({', '.join(PRESETS)})"
-            )
+    path, kind = resolve_source(source)
     if kind == "single_file":
         pipe = _load_single_file(path, Path(config) if config else None, allow_pickle)
     else:

@@ -209,3 +209,20 @@ def test_machine_info_has_the_facts():
     assert info["cpu"] and info["logical_cores"] >= 1 and info["memory_bytes"] > 0
     assert peak_rss_bytes() > 10e6
     assert BenchSettings().validate() is not None
+
+
+def test_memory_groups_put_the_reference_in_every_group(monkeypatch):
+    from diffship.bench import run
+    from diffship.bench.worker import Subject
+
+    monkeypatch.setattr("diffship.bench.machine.available_memory_bytes", lambda: 10_000)
+    monkeypatch.setattr(run, "_MEMORY_SHARE", 1.0)
+    monkeypatch.setattr(run, "_footprint", lambda p, settings: p.entry["need"])
+
+    def planned(name, need):
+        return run.Planned(Subject(name, "x", "fp32"), {"need": need})
+
+    subjects = [planned("ref", 4000), planned("a", 3000), planned("b", 2500), planned("c", 1000), planned("huge", 9000)]
+    groups = run.memory_groups(subjects, BenchSettings())
+    assert [[p.subject.name for p in g] for g in groups] == [["ref", "a", "b"], ["ref", "c"], ["ref", "huge"]]
+    assert run.memory_groups(subjects[:3], BenchSettings()) == [subjects[:3]]

@@ -89,13 +89,13 @@ def _entry(name: str, backend: str, precision: str) -> dict[str, Any]:
 
 
 def measured_export(source: str, folder: str, backend: str, precision: str, static: tuple[int, int] | None,
-                    options: dict[str, Any]) -> dict[str, Any]:
+                    options: dict[str, Any], components: list[str] | None = None) -> dict[str, Any]:
     """Export in this (child) process and report its time, peak memory and size on disk."""
     from diffship.exporters import export_pipeline
 
     start = time.perf_counter()
     manifest = export_pipeline(source, folder, backend=backend, precision=precision, static=static, overwrite=True,
-                               backend_options=options)
+                               backend_options=options, components=components)
     return {"seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes(),
             "child_peak_rss_bytes": peak_rss_bytes(children=True), "size_bytes": folder_bytes(Path(folder)),
             "fp32_fallbacks": sorted(n for n, c in manifest["components"].items() if "fp32_fallback" in c["details"])}
@@ -117,7 +117,7 @@ def _export(p: Planned, settings: BenchSettings, exports: Path, reuse: bool) -> 
     static = settings.size if getattr(backend_module(p.subject.backend), "FIXED_SHAPES", False) else None
     result = run_isolated(f"exporting {settings.source} to {p.subject.name}", measured_export, settings.source,
                           str(folder), p.subject.backend, p.subject.precision, static,
-                          dict(settings.export_options.get(p.subject.backend, {})))
+                          dict(settings.export_options.get(p.subject.backend, {})), list(settings.components) or None)
     p.entry["export"] = result
     p.entry["size_bytes"] = result["size_bytes"]
 
@@ -237,7 +237,7 @@ def _component_points(settings: BenchSettings, components: list[str]) -> list[tu
     out = []
     for name in components:
         for b, hh, ww in points:
-            if name == "text_encoder" and (hh, ww) != (h, w):
+            if name.startswith("text_encoder") and (hh, ww) != (h, w):
                 continue
             if name == "vae_encoder" and (b, hh, ww) != (settings.batches[0], h, w):
                 continue
@@ -348,7 +348,17 @@ def run_bench(settings: BenchSettings, out: str | Path, *, exports: str | Path |
         "reference": None, "subjects": [p.entry for p in planned], "measurements": [], "schedulers": [],
     }
     run = _Run(settings, out, doc, progress)
+    run.save()
     try:
+        from diffship.reference.loader import resolve_source
+
+        progress.phase("preparing the source", 1)
+        progress.advance(settings.source)
+        resolve_source(settings.source)  # builds a preset on first use, so no export pays for it
+        if settings.export_only:
+            for p in planned:
+                p.entry["not_run"] = p.entry["not_run"] or ("eager PyTorch has no export" if p.subject.backend == TORCH
+                                                            else None)
         to_export = [p for p in planned if p.subject.backend != TORCH and not p.entry["not_run"]]
         progress.phase("exporting", len(to_export))
         for p in to_export:
@@ -362,7 +372,9 @@ def run_bench(settings: BenchSettings, out: str | Path, *, exports: str | Path |
         from diffship.runtimes import runtime_unavailable_reason
 
         for p in to_export:
-            if not p.entry["error"] and (reason := runtime_unavailable_reason(p.subject.backend)):
+            if settings.export_only:
+                p.entry["not_run"] = "export only (--export-only)"
+            elif not p.entry["error"] and (reason := runtime_unavailable_reason(p.subject.backend)):
                 p.entry["not_run"] = reason
         runnable = [p for p in planned if not p.entry["not_run"] and not p.entry["error"]]
         groups = memory_groups(runnable, settings)
@@ -371,7 +383,7 @@ def run_bench(settings: BenchSettings, out: str | Path, *, exports: str | Path |
                           f"each with {groups[0][0].subject.name}")
         for i, group in enumerate(groups):
             run.measure(group, f" ({i + 1}/{len(groups)})" if len(groups) > 1 else "", first=i == 0)
-        if not any(s["runs"] for s in doc["subjects"]):
+        if not settings.export_only and not any(s["runs"] for s in doc["subjects"]):
             raise DiffshipError("no subject could be loaded; see the errors in " + str(out / "results.json"))
         doc["schedulers"] = _scheduler_summary(doc, run.images, doc["reference"])
         doc["complete"] = True
@@ -448,7 +460,7 @@ class _Run:
             if first:
                 # Parity is against eager fp32; without it (not requested, or it failed) none is measured.
                 doc["reference"] = lead.name if (lead.backend, lead.precision) == (TORCH, "fp32") else None
-            keep = {w.name for w in self.workers if first or w.planned is not group[0]}
+            keep = {w.name for w in self.workers if first or w.name != group[0].subject.name}
             points = _component_points(settings, self.components)
             progress.phase(f"components{label}", len(points))
             for name, batch, height, width in points:

@@ -39,6 +39,9 @@ class BenchSettings:
         device: where eager PyTorch runs (``cpu``, ``cuda``).
         runtime_options: per backend, options for its runner (``{"onnx": {"device": "cuda"}}``).
         export_options: per backend, export options (``-o`` of ``diffship export``).
+        components: export (and measure) only these components; empty: all.
+        export_only: measure the exports (time, peak RSS, size) and run nothing -- for sources too large
+            to load next to each other, or backends that cannot run here.
     """
 
     source: str = "tiny"
@@ -59,6 +62,8 @@ class BenchSettings:
     device: str = "cpu"
     runtime_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     export_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    components: tuple[str, ...] = ()
+    export_only: bool = False
 
     @property
     def size(self) -> tuple[int, int]:
@@ -71,6 +76,8 @@ class BenchSettings:
     def validate(self) -> "BenchSettings":
         """Raise :class:`ConfigError` for settings that cannot be measured; return self."""
         problems = []
+        if self.components and not self.export_only:
+            problems.append("components selects what is exported; it needs export_only (a pipeline runs all of them)")
         for name in ("backends", "precisions", "sizes", "batches", "steps", "schedulers"):
             if not getattr(self, name):
                 problems.append(f"{name} is empty")

@@ -89,6 +89,9 @@ def bench(
                                                help="Runtime option of one backend (repeatable)."),
     export_option: Optional[list[str]] = typer.Option(None, "--export-option", "-e", metavar="BACKEND:KEY=VALUE",
                                                       help="Export option of one backend (repeatable)."),
+    export_only: bool = typer.Option(False, "--export-only", help="Measure the exports only (time, peak RSS, size)."),
+    component: Optional[list[str]] = typer.Option(None, "--component", help="With --export-only: export only this "
+                                                  "component (repeatable), e.g. the UNet of a large model."),
 ) -> None:
     """Export SOURCE to every chosen backend and measure each against eager PyTorch.
 
@@ -105,6 +108,7 @@ def bench(
         "steps": _split(steps_, int), "schedulers": _split(schedulers), "warmup": warmup, "repeats": repeats,
         "e2e_repeats": e2e_repeats, "threads": threads, "device": device,
         "runtime_options": _per_backend(option) or None, "export_options": _per_backend(export_option) or None,
+        "export_only": export_only or None, "components": component,
     }.items() if v is not None}
     settings = from_mapping(overrides, "command line", base=load_preset(preset))
     command = "diffship " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None

@@ -59,13 +59,17 @@ SPATIAL = ("height", "width", "latent_height", "latent_width")
 
 #: model inputs that differ from the spec's for Apple's Swift pipeline: spec name -> (dtype, layout).
 #: ``bc1s``: a (B, S, D) tensor passed as (B, D, 1, S).
-APPLE_INPUTS = {"text_encoder": {"input_ids": ("float32", None)},
+APPLE_INPUTS = {"text_encoder": {"input_ids": ("float32", None)}, "text_encoder_2": {"input_ids": ("float32", None)},
                 "unet": {"encoder_hidden_states": ("float32", "bc1s")}}
 
 DESCRIPTIONS = {
     "input_ids": "CLIP token ids (as float32, as Apple's Swift pipeline passes them), padded to the sequence length",
     "last_hidden_state": "text embeddings: the text encoder's last hidden state",
     "pooler_output": "pooled text embedding (the end-of-text token's)",
+    "penultimate_hidden_state": "text embeddings: the text encoder's penultimate hidden state (SDXL's conditioning)",
+    "text_embeds": "projected pooled text embedding (SDXL: text_encoder_2 output, UNet added condition)",
+    "time_ids": "SDXL size and crop conditioning (original size, crop offset, target size; or aesthetic score)",
+    "timestep_cond": "guidance-scale embedding of LCM-distilled UNets",
     "sample": "latents (UNet) or image in [-1, 1] (VAE encoder input, VAE decoder output)",
     "timestep": "denoising timestep, one per batch row",
     "encoder_hidden_states": "text embeddings as (batch, channels, 1, sequence)",

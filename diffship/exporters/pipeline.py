@@ -54,7 +54,7 @@ def default_profile(pipe: Any, batch_size: int = 1, size: tuple[int, int] | None
     default = pipe.unet.config.sample_size * f
     height, width = size or (default, default)
     profile = ShapeProfile(batch_size=batch_size, height=height, width=width,
-                           sequence_length=pipe.tokenizer.model_max_length, guidance=guidance)
+                           sequence_length=(pipe.tokenizer or pipe.tokenizer_2).model_max_length, guidance=guidance)
     profile.validate(f)
     return profile
 

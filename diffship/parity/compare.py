@@ -24,7 +24,7 @@ from diffship.errors import DiffshipError
 from diffship.manifest import read_manifest
 from diffship.parity.result import ComponentResult, ImageResult, OutputResult, ParityReport
 from diffship.reference import load_with_info
-from diffship.reference.families import family_of, specs_for_pipeline
+from diffship.reference.families import build_pipeline, family_of, specs_for_pipeline
 from diffship.reference.recording import record_calls
 from diffship.reference.specs import ComponentSpec
 
@@ -204,7 +204,8 @@ def check_parity(
         for task in tasks:
             say(f"running {task}, eager and exported ({settings.steps} steps)")
             cls = family.pipeline_class(task)
-            pair = [cls(**p.components, requires_safety_checker=False) for p in (eager, exported_pipe)]
+            # The pipeline settings (the refiner's requires_aesthetics_score) are in the config, not in components.
+            pair = [build_pipeline(cls, {**dict(p.config), **p.components}) for p in (eager, exported_pipe)]
             for p in pair:
                 p.set_progress_bar_config(disable=True)
             want = _generate(pair[0], settings, task, init_image, batch)

@@ -52,7 +52,7 @@ def clip_vocab() -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def _write_tokenizer(folder: Path) -> None:
+def _write_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocab()
@@ -61,7 +61,7 @@ def _write_tokenizer(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": pad_token,
         "unk_token": "<|endoftext|>",
     }), encoding="utf-8")
     # Round-trip through transformers so the folder holds exactly what this transformers version writes.
@@ -78,8 +78,11 @@ class Recipe:
         text_encoder: ``CLIPTextConfig`` arguments (vocabulary and special tokens come from the tokenizer).
         unet: ``UNet2DConditionModel`` arguments.
         vae: ``AutoencoderKL`` arguments.
-        scheduler: ``PNDMScheduler`` arguments.
+        scheduler: arguments of ``scheduler_class``.
         pipeline: the diffusers pipeline class.
+        text_encoder_2: SDXL's second text encoder (``CLIPTextModelWithProjection``), with its own
+            tokenizer (padding with ``!``, as SDXL's does); None for SD.
+        scheduler_class: the diffusers scheduler class.
     """
 
     name: str
@@ -89,12 +92,26 @@ class Recipe:
     vae: dict[str, Any]
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(_SD_SCHEDULER))
     pipeline: str = "StableDiffusionPipeline"
+    text_encoder_2: dict[str, Any] | None = None
+    scheduler_class: str = "PNDMScheduler"
 
 
 #: SD 1.5's scheduler (PNDM, scaled-linear betas).
 _SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                      set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
 _SD_VAE_BLOCKS = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+#: SDXL's scheduler (Euler, scaled-linear betas, leading timesteps).
+_SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                       steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+#: SDXL's UNet layout: no attention at the first level, then 2 and 10 transformer layers per block.
+_SDXL_UNET_BLOCKS = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                         use_linear_projection=True, addition_embed_type="text_time")
+#: the SDXL VAE: SD's architecture, another latent scale, run in fp32 by diffusers (it overflows fp16).
+_SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=1024,
+                 block_out_channels=(128, 256, 512, 512), norm_num_groups=32, scaling_factor=0.13025,
+                 force_upcast=True, **_SD_VAE_BLOCKS)
+_VIT_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe(
@@ -111,8 +128,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     # runwayml/stable-diffusion-v1-5's configs: CLIP ViT-L/14 text tower, the 860M UNet, the SD VAE.
     Recipe(
         name="sd15-arch", version=1,
-        text_encoder=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                          projection_dim=768),
+        text_encoder=_VIT_L,
         unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                   block_out_channels=(320, 640, 1280, 1280),
                   down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -121,6 +137,36 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
         vae=dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
                  block_out_channels=(128, 256, 512, 512), norm_num_groups=32, **_SD_VAE_BLOCKS),
     ),
+    # SDXL at toy width (two text encoders, added text/time conditions, the SDXL VAE's settings).
+    Recipe(
+        name="tiny-sdxl", version=1, pipeline="StableDiffusionXLPipeline", scheduler_class="EulerDiscreteScheduler",
+        scheduler=_SDXL_SCHEDULER,
+        text_encoder=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+                          projection_dim=32, hidden_act="gelu"),
+        text_encoder_2=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+                            projection_dim=32, hidden_act="gelu"),
+        unet=dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
+                  addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                  projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64,
+                  attention_head_dim=(2, 4), norm_num_groups=32),
+        vae=dict(_SDXL_VAE, layers_per_block=1, sample_size=64, block_out_channels=(32, 32, 64, 64)),
+    ),
+    # stabilityai/stable-diffusion-xl-base-1.0's configs: CLIP ViT-L and OpenCLIP bigG text towers, the
+    # 2.6B-parameter UNet, the SDXL VAE.
+    Recipe(
+        name="sdxl-arch", version=1, pipeline="StableDiffusionXLPipeline", scheduler_class="EulerDiscreteScheduler",
+        scheduler=_SDXL_SCHEDULER,
+        text_encoder=_VIT_L,
+        text_encoder_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                            projection_dim=1280, hidden_act="gelu"),
+        unet=dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                  attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+                  addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+                  **_SDXL_UNET_BLOCKS),
+        vae=_SDXL_VAE,
+    ),
 )}
 
 
@@ -128,29 +174,32 @@ def build_preset(recipe: Recipe, out: Path) -> Path:
     """Build ``recipe`` into ``out`` (diffusers layout). Same files, bit for bit, on every build."""
     import diffusers
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from diffship.reference.families import build_pipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     out = Path(out)
     with atomic_folder(out) as tmp:
-        _write_tokenizer(tmp / "tokenizer")
-        tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
+        modules: dict[str, Any] = {}
         # One seed per module, so changing one module's config leaves the others' weights alone.
-        torch.manual_seed(SEED)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length, hidden_act="quick_gelu",
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, **recipe.text_encoder,
-        ))
+        encoders = [("text_encoder", "tokenizer", CLIPTextModel, recipe.text_encoder, "<|endoftext|>", SEED)]
+        if recipe.text_encoder_2 is not None:
+            encoders.append(("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection, recipe.text_encoder_2, "!", SEED + 3))
+        for name, tok_name, cls, config, pad, seed in encoders:
+            _write_tokenizer(tmp / tok_name, pad_token=pad)
+            tokenizer = modules[tok_name] = CLIPTokenizer.from_pretrained(tmp / tok_name)
+            torch.manual_seed(seed)
+            modules[name] = cls(CLIPTextConfig(**{
+                "vocab_size": len(tokenizer), "max_position_embeddings": tokenizer.model_max_length,
+                "hidden_act": "quick_gelu", "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id, **config})).eval()
         torch.manual_seed(SEED + 1)
-        unet = UNet2DConditionModel(**recipe.unet)
+        modules["unet"] = UNet2DConditionModel(**recipe.unet).eval()
         torch.manual_seed(SEED + 2)
-        vae = AutoencoderKL(**recipe.vae)
-        pipe = getattr(diffusers, recipe.pipeline)(
-            vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-            scheduler=PNDMScheduler(**recipe.scheduler), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        modules["vae"] = AutoencoderKL(**recipe.vae).eval()
+        modules["scheduler"] = getattr(diffusers, recipe.scheduler_class)(**recipe.scheduler)
+        pipe = build_pipeline(getattr(diffusers, recipe.pipeline), modules)
         pipe.save_pretrained(tmp, safe_serialization=True)
     return out
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -303,26 +304,53 @@ class ComponentSpec:
 
 
 class TextEncoderWrapper(nn.Module):
-    """``input_ids -> (last_hidden_state, pooler_output)`` of a CLIP text model."""
+    """``input_ids -> outputs`` of a CLIP text model, named as in ``outputs``: ``last_hidden_state``,
+    ``pooler_output``, ``text_embeds`` (``CLIPTextModelWithProjection``) and ``penultimate_hidden_state``
+    (``hidden_states[-2]``, the embeddings SDXL conditions on)."""
 
-    def __init__(self, text_encoder: nn.Module):
+    def __init__(self, text_encoder: nn.Module, outputs: tuple[str, ...] = ("last_hidden_state", "pooler_output")):
         super().__init__()
         self.text_encoder = text_encoder
+        self.outputs = outputs
 
     def forward(self, input_ids: torch.Tensor):
-        out = self.text_encoder(input_ids, return_dict=True)
-        return out.last_hidden_state, out.pooler_output
+        hidden = PENULTIMATE in self.outputs
+        out = self.text_encoder(input_ids, output_hidden_states=hidden, return_dict=True)
+        return tuple(out.hidden_states[-2] if name == PENULTIMATE else out[name] for name in self.outputs)
+
+
+#: the text-encoder output holding ``hidden_states[-2]``.
+PENULTIMATE = "penultimate_hidden_state"
 
 
 class UNetWrapper(nn.Module):
-    """``(sample, timestep, encoder_hidden_states) -> out_sample``."""
+    """``(sample, timestep, encoder_hidden_states[, timestep_cond]) -> out_sample``; ``timestep_cond`` is
+    the guidance embedding of LCM-distilled UNets (``time_cond_proj_dim``)."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                timestep_cond: torch.Tensor | None = None):
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False)[0]
+
+
+class SDXLUNetWrapper(nn.Module):
+    """``(sample, timestep, encoder_hidden_states, text_embeds, time_ids[, timestep_cond]) -> out_sample``:
+    the SDXL UNet with its added conditions (pooled text embeddings, size and crop ids)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                text_embeds: torch.Tensor, time_ids: torch.Tensor, timestep_cond: torch.Tensor | None = None):
+        # diffusers concatenates text_embeds with the float32 time-id embedding, which torch promotes to
+        # float32; the ONNX exporter would emit a Concat of mixed types instead, so promote explicitly.
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
+                         added_cond_kwargs={"text_embeds": text_embeds.float(), "time_ids": time_ids},
+                         return_dict=False)[0]
 
 
 class VaeEncoderWrapper(nn.Module):
@@ -350,31 +378,43 @@ class VaeDecoderWrapper(nn.Module):
 # --- call mapping -----------------------------------------------------------------------------------------
 
 
-def _text_encoder_inputs(a: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _text_encoder_inputs(a: dict[str, Any], hidden: bool = False) -> dict[str, torch.Tensor]:
     mask = a.get("attention_mask")
     if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
         raise ShapeError("text_encoder: exported text encoders take no attention mask (CLIP does not use one); "
                          "pass attention_mask=None")
-    if a.get("output_hidden_states"):
+    if a.get("output_hidden_states") and not hidden:
         raise ShapeError("text_encoder: this export has no hidden-state outputs, so clip_skip is not supported; "
                          "call without clip_skip")
     return {"input_ids": torch.as_tensor(a["input_ids"]).to(torch.int64)}
 
 
-def _unet_inputs(a: dict[str, Any]) -> dict[str, torch.Tensor]:
+#: UNet call arguments an exported graph can take as inputs, and where diffusers passes them.
+_ADDED = {"text_embeds": "added_cond_kwargs", "time_ids": "added_cond_kwargs", "timestep_cond": "timestep_cond"}
+
+
+def _unet_inputs(a: dict[str, Any], extra: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     # The exported graph cannot honour these; refusing beats silently returning a different result.
     # (An empty cross_attention_kwargs dict changes nothing, so it passes.)
+    takes = {_ADDED[name] for name in extra}
     unsupported = [k for k in ("class_labels", "timestep_cond", "added_cond_kwargs", "down_block_additional_residuals",
                                "mid_block_additional_residual", "down_intrablock_additional_residuals",
                                "encoder_attention_mask", "attention_mask", "cross_attention_kwargs")
-                   if a.get(k) is not None and not (k == "cross_attention_kwargs" and not a[k])]
+                   if k not in takes and a.get(k) is not None and not (k in ("cross_attention_kwargs", "added_cond_kwargs") and not a[k])]
     if unsupported:
         raise ShapeError(f"unet: this export does not take {', '.join(unsupported)}; call without them")
     sample = a["sample"]
     t = torch.as_tensor(a["timestep"], dtype=torch.float32)
     if t.ndim == 0 or t.numel() == 1:
         t = t.reshape(1).expand(sample.shape[0])
-    return {"sample": sample, "timestep": t.contiguous(), "encoder_hidden_states": a["encoder_hidden_states"]}
+    out = {"sample": sample, "timestep": t.contiguous(), "encoder_hidden_states": a["encoder_hidden_states"]}
+    for name in extra:
+        value = a.get(name) if _ADDED[name] == name else (a.get(_ADDED[name]) or {}).get(name)
+        if value is None:
+            raise ShapeError(f"unet: this export needs {name} (passed as {_ADDED[name]}); "
+                             f"the UNet it was exported from takes it")
+        out[name] = value
+    return out
 
 
 def _vae_encoder_inputs(a: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -395,40 +435,49 @@ def size_multiple(specs: list[ComponentSpec]) -> int:
     return max([s.scale_factor * m for s in specs for m in s.multiples.values()] + [s.scale_factor for s in specs])
 
 
-def stable_diffusion_specs(configs: dict[str, dict[str, Any]]) -> list[ComponentSpec]:
-    """Specs of the Stable Diffusion family from the component configs (``text_encoder``, ``unet``, ``vae``).
+def _text_encoder_spec(name: str, config: dict[str, Any], outputs: tuple[str, ...], f: int) -> ComponentSpec:
+    """A CLIP text encoder: ``input_ids`` -> ``outputs`` (see :class:`TextEncoderWrapper`)."""
+    hidden = config["hidden_size"]
+    dims = {"last_hidden_state": ("batch", "sequence", hidden), PENULTIMATE: ("batch", "sequence", hidden),
+            "pooler_output": ("batch", hidden), "text_embeds": ("batch", config.get("projection_dim", hidden))}
+    return ComponentSpec(
+        name=name, source=name,
+        inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),),
+        outputs=tuple(TensorSpec(o, FLOAT, dims[o]) for o in outputs),
+        wrapper=partial(TextEncoderWrapper, outputs=outputs), method="forward",
+        to_inputs=partial(_text_encoder_inputs, hidden=PENULTIMATE in outputs),
+        scale_factor=f, static_batch=False, config=config,
+    )
 
-    Channel counts, hidden sizes and scale factors are read from the configs, so SD 1.x, SD 2.x and
-    inpainting UNets (9 input channels) get the right shapes.
-    """
-    te, unet, vae = configs["text_encoder"], configs["unet"], configs["vae"]
+
+def _unet_spec(unet: dict[str, Any], f: int, added: tuple[TensorSpec, ...] = ()) -> ComponentSpec:
+    """The denoiser; ``added`` are SDXL's added conditions. LCM UNets (``time_cond_proj_dim``) also take
+    ``timestep_cond``."""
+    extra = tuple(added)
+    if unet.get("time_cond_proj_dim"):
+        extra += (TensorSpec("timestep_cond", FLOAT, ("batch", unet["time_cond_proj_dim"])),)
+    return ComponentSpec(
+        name="unet", source="unet",
+        inputs=(TensorSpec("sample", FLOAT, ("batch", unet["in_channels"], "latent_height", "latent_width")),
+                TensorSpec("timestep", "float32", ("batch",)),
+                TensorSpec("encoder_hidden_states", FLOAT, ("batch", "sequence", unet["cross_attention_dim"])),
+                *extra),
+        outputs=(TensorSpec("out_sample", FLOAT, ("batch", unet["out_channels"], "latent_height", "latent_width")),),
+        wrapper=SDXLUNetWrapper if added else UNetWrapper, method="forward",
+        to_inputs=partial(_unet_inputs, extra=tuple(t.name for t in extra)),
+        scale_factor=f, batch_multiplier=2, denoiser=True, config=unet,
+        multiples=dict.fromkeys(("latent_height", "latent_width"), 2 ** (len(unet["block_out_channels"]) - 1)),
+    )
+
+
+def _vae_specs(vae: dict[str, Any]) -> list[ComponentSpec]:
     f = vae_scale_factor(vae)
     upcast = bool(vae.get("force_upcast", False))  # diffusers runs the whole VAE in fp32 then
-    hidden = te["hidden_size"]
     latent = vae["latent_channels"]
-    image = vae.get("in_channels", 3)
     return [
         ComponentSpec(
-            name="text_encoder", source="text_encoder",
-            inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),),
-            outputs=(TensorSpec("last_hidden_state", FLOAT, ("batch", "sequence", hidden)),
-                     TensorSpec("pooler_output", FLOAT, ("batch", hidden))),
-            wrapper=TextEncoderWrapper, method="forward", to_inputs=_text_encoder_inputs,
-            scale_factor=f, static_batch=False, config=te,
-        ),
-        ComponentSpec(
-            name="unet", source="unet",
-            inputs=(TensorSpec("sample", FLOAT, ("batch", unet["in_channels"], "latent_height", "latent_width")),
-                    TensorSpec("timestep", "float32", ("batch",)),
-                    TensorSpec("encoder_hidden_states", FLOAT, ("batch", "sequence", unet["cross_attention_dim"]))),
-            outputs=(TensorSpec("out_sample", FLOAT, ("batch", unet["out_channels"], "latent_height", "latent_width")),),
-            wrapper=UNetWrapper, method="forward", to_inputs=_unet_inputs,
-            scale_factor=f, batch_multiplier=2, denoiser=True, config=unet,
-            multiples=dict.fromkeys(("latent_height", "latent_width"), 2 ** (len(unet["block_out_channels"]) - 1)),
-        ),
-        ComponentSpec(
             name="vae_encoder", source="vae",
-            inputs=(TensorSpec("sample", FLOAT, ("batch", image, "height", "width")),),
+            inputs=(TensorSpec("sample", FLOAT, ("batch", vae.get("in_channels", 3), "height", "width")),),
             outputs=(TensorSpec("latent_parameters", FLOAT, ("batch", 2 * latent, "latent_height", "latent_width")),),
             wrapper=VaeEncoderWrapper, method="encode", to_inputs=_vae_encoder_inputs,
             scale_factor=f, keep_fp32=upcast, static_batch=False, config=vae,
@@ -442,3 +491,34 @@ def stable_diffusion_specs(configs: dict[str, dict[str, Any]]) -> list[Component
             scale_factor=f, keep_fp32=upcast, config=vae,
         ),
     ]
+
+
+def stable_diffusion_specs(configs: dict[str, dict[str, Any]]) -> list[ComponentSpec]:
+    """Specs of the Stable Diffusion family from the component configs (``text_encoder``, ``unet``, ``vae``).
+
+    Channel counts, hidden sizes and scale factors are read from the configs, so SD 1.x, SD 2.x,
+    inpainting UNets (9 input channels) and LCM UNets (``timestep_cond``) get the right shapes.
+    """
+    f = vae_scale_factor(configs["vae"])
+    return [_text_encoder_spec("text_encoder", configs["text_encoder"], ("last_hidden_state", "pooler_output"), f),
+            _unet_spec(configs["unet"], f), *_vae_specs(configs["vae"])]
+
+
+def stable_diffusion_xl_specs(configs: dict[str, dict[str, Any]]) -> list[ComponentSpec]:
+    """Specs of the SDXL family (base, refiner) from the component configs.
+
+    Both text encoders give SDXL's conditioning, the penultimate hidden states; ``text_encoder_2``
+    also its projected pooled output (``text_embeds``). The refiner has only ``text_encoder_2``. The
+    UNet takes ``text_embeds`` and ``time_ids`` (6 size/crop ids, 5 for the refiner's aesthetic score),
+    their widths read from its ``projection_class_embeddings_input_dim``.
+    """
+    unet, te2 = configs["unet"], configs["text_encoder_2"]
+    f = vae_scale_factor(configs["vae"])
+    pooled = te2.get("projection_dim", te2["hidden_size"])
+    time_ids = (unet["projection_class_embeddings_input_dim"] - pooled) // unet["addition_time_embed_dim"]
+    specs = []
+    if configs.get("text_encoder"):
+        specs.append(_text_encoder_spec("text_encoder", configs["text_encoder"], ("last_hidden_state", PENULTIMATE), f))
+    specs.append(_text_encoder_spec("text_encoder_2", te2, ("text_embeds", "last_hidden_state", PENULTIMATE), f))
+    added = (TensorSpec("text_embeds", FLOAT, ("batch", pooled)), TensorSpec("time_ids", FLOAT, ("batch", time_ids), scale=512.0))
+    return [*specs, _unet_spec(unet, f, added), *_vae_specs(configs["vae"])]

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from diffship._files import read_json
-from diffship.errors import ExportedModelError
+from diffship.errors import ExportedModelError, ShapeError
 from diffship.manifest import read_manifest
 from diffship.reference.families import family_of
-from diffship.reference.specs import ComponentSpec
+from diffship.reference.specs import PENULTIMATE, ComponentSpec
 from diffship.runtimes import open_runner
 from diffship.runtimes.base import Runner
 
@@ -67,32 +67,66 @@ class _Adapter(torch.nn.Module):
         return {k: v.float() if v.is_floating_point() else v for k, v in runner.infer(inputs).items()}
 
 
+class _HiddenStates(tuple):
+    """``hidden_states`` of an exported text encoder: the embeddings and every layer's output in
+    transformers' layout, of which an export holds the last two; reading another (clip_skip) is refused."""
+
+    def __new__(cls, layers: int, known: dict[int, torch.Tensor]):
+        return super().__new__(cls, [known.get(i) for i in range(layers + 1)])
+
+    def __getitem__(self, index):
+        value = super().__getitem__(index)
+        if value is None:
+            raise ShapeError("text_encoder: this export holds only the last two hidden states, so clip_skip is not "
+                             "supported; call without clip_skip")
+        return value
+
+
 class TextEncoderAdapter(_Adapter):
-    """Stands in for ``CLIPTextModel``: ``text_encoder(input_ids)[0]`` is the last hidden state."""
+    """Stands in for ``CLIPTextModel`` (``text_encoder(input_ids)[0]`` is the last hidden state) and
+    ``CLIPTextModelWithProjection`` (``[0]`` is ``text_embeds``, SDXL's pooled embedding). With
+    ``output_hidden_states=True``, ``hidden_states[-2]`` (SDXL's conditioning) and ``[-1]`` are there."""
 
     def __init__(self, config: dict[str, Any], parts: dict[str, tuple[ComponentSpec, Runner]]):
         super().__init__(config, parts)
-        self.spec, self.runner = parts["text_encoder"]
+        (self.spec, self.runner), = parts.values()
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, output_attentions=None,
                  output_hidden_states=None, return_dict=True, **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
+        from transformers.models.clip.modeling_clip import CLIPTextModelOutput
 
         out = self._run(self.spec, self.runner, self.__call__, (input_ids,),
                         {"attention_mask": attention_mask, "output_hidden_states": output_hidden_states})
-        result = BaseModelOutputWithPooling(last_hidden_state=out["last_hidden_state"],
-                                            pooler_output=out["pooler_output"])
+        hidden = None
+        if output_hidden_states:
+            layers = self.config["num_hidden_layers"]
+            hidden = _HiddenStates(layers, {layers - 1: out[PENULTIMATE], layers: out["last_hidden_state"]})
+        if "text_embeds" in out:
+            result = CLIPTextModelOutput(text_embeds=out["text_embeds"], last_hidden_state=out["last_hidden_state"],
+                                         hidden_states=hidden)
+        else:
+            result = BaseModelOutputWithPooling(last_hidden_state=out["last_hidden_state"],
+                                                pooler_output=out.get("pooler_output"), hidden_states=hidden)
         return result if return_dict else result.to_tuple()
 
     forward = __call__
 
 
 class UNetAdapter(_Adapter):
-    """Stands in for ``UNet2DConditionModel``: ``unet(latents, t, encoder_hidden_states=emb).sample``."""
+    """Stands in for ``UNet2DConditionModel``: ``unet(latents, t, encoder_hidden_states=emb).sample``, with
+    SDXL's ``added_cond_kwargs`` (``text_embeds``, ``time_ids``) and LCM's ``timestep_cond`` where the
+    export takes them."""
 
     def __init__(self, config: dict[str, Any], parts: dict[str, tuple[ComponentSpec, Runner]]):
+        from types import SimpleNamespace
+
         super().__init__(config, parts)
         self.spec, self.runner = parts["unet"]
+        if config.get("addition_embed_type") == "text_time":
+            # SDXL pipelines check their time ids against the width of the UNet's added-condition layer.
+            self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(
+                in_features=config["projection_class_embeddings_input_dim"]))
 
     def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None, timestep_cond=None,
                  attention_mask=None, cross_attention_kwargs=None, added_cond_kwargs=None,
@@ -147,7 +181,8 @@ class VaeAdapter(_Adapter):
 
 
 #: adapter class per pipeline attribute (the ``source`` of the specs it serves).
-ADAPTERS: dict[str, type[_Adapter]] = {"text_encoder": TextEncoderAdapter, "unet": UNetAdapter, "vae": VaeAdapter}
+ADAPTERS: dict[str, type[_Adapter]] = {"text_encoder": TextEncoderAdapter, "text_encoder_2": TextEncoderAdapter,
+                                        "unet": UNetAdapter, "vae": VaeAdapter}
 
 
 def _load_library_component(folder: Path, entry: list[str]):
@@ -155,12 +190,21 @@ def _load_library_component(folder: Path, entry: list[str]):
     return getattr(importlib.import_module(library), class_name).from_pretrained(folder)
 
 
-def _module_configs(path: Path, manifest: dict[str, Any], modules: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+def _absent(index: dict[str, Any]) -> set[str]:
+    """Modules the source pipeline did not have (``[null, null]`` in model_index.json: the SDXL refiner's
+    first text encoder and tokenizer)."""
+    return {k for k, v in index.items() if isinstance(v, list) and v[0] is None}
+
+
+def _module_configs(path: Path, manifest: dict[str, Any], modules: tuple[str, ...],
+                    index: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each pipeline module's config: from its exported component(s), or from the torch module saved
     beside them when an export left it out (``--component``)."""
     folders = {c["source"]: name for name, c in manifest["components"].items()}
     configs = {}
     for module in modules:
+        if module in _absent(index):
+            continue
         config = path / folders.get(module, module) / "config.json"
         if not config.is_file():
             raise ExportedModelError(f"{path}: {config.relative_to(path)} is missing; re-run diffship export")
@@ -202,7 +246,8 @@ def load_pipeline(path: str | Path, *, task: str | None = None, verify: bool = T
     if task not in manifest["tasks"]:
         raise ExportedModelError(f"{path} cannot run {task!r}; it supports: {', '.join(manifest['tasks'])}")
     cls = family.pipeline_class(task)
-    configs = _module_configs(path, manifest, family.modules)
+    index = read_json(path / "model_index.json")
+    configs = _module_configs(path, manifest, family.modules, index)
     specs = {s.name: s for s in family.specs(configs) if s.name in manifest["components"]}
     parts: dict[str, dict[str, tuple[ComponentSpec, Runner]]] = {}
     for name, spec in specs.items():
@@ -211,18 +256,21 @@ def load_pipeline(path: str | Path, *, task: str | None = None, verify: bool = T
         runner.shape_note = runner.shape_note or _static_note(manifest)
         parts.setdefault(spec.source, {})[name] = (spec, runner)
     modules: dict[str, Any] = {source: ADAPTERS[source](configs[source], p) for source, p in parts.items()}
-    index = read_json(path / "model_index.json")
-    for name, entry in index.items():
-        if name.startswith("_") or name in manifest["components"] or not isinstance(entry, list) or entry[0] is None:
-            continue
-        modules[name] = _load_library_component(path / name, entry)
     accepted = inspect.signature(cls.__init__).parameters
+    for name, entry in index.items():
+        if name.startswith("_") or name in manifest["components"]:
+            continue
+        if not isinstance(entry, list):  # pipeline settings (SDXL: requires_aesthetics_score, ...)
+            if name in accepted:
+                modules[name] = entry
+        elif entry[0] is not None:
+            modules[name] = _load_library_component(path / name, entry)
     kwargs = {name: modules.get(name) for name in accepted if name != "self" and
               accepted[name].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD}
     if "requires_safety_checker" in accepted:
         kwargs["requires_safety_checker"] = False
     missing = [n for n, v in kwargs.items() if v is None and accepted[n].default is inspect.Parameter.empty
-               and n not in ("safety_checker", "feature_extractor", "image_encoder")]
+               and n not in ("safety_checker", "feature_extractor", "image_encoder") and n not in _absent(index)]
     if missing:
         raise ExportedModelError(f"{path}: {cls.__name__} needs {', '.join(missing)}, which this export lacks; "
                                  f"re-run diffship export")

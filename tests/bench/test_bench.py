@@ -226,3 +226,37 @@ def test_memory_groups_put_the_reference_in_every_group(monkeypatch):
     groups = run.memory_groups(subjects, BenchSettings())
     assert [[p.subject.name for p in g] for g in groups] == [["ref", "a", "b"], ["ref", "c"], ["ref", "huge"]]
     assert run.memory_groups(subjects[:3], BenchSettings()) == [subjects[:3]]
+
+
+@pytest.mark.onnx
+def test_export_only_measures_one_component(tmp_path):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    assert main(["bench", "--backends", "torch,onnx", "--export-only", "--component", "unet", "--out", str(tmp_path)]) == 0
+    doc = read_results(tmp_path / "results.json")
+    validate(doc)
+    onnx = next(s for s in doc["subjects"] if s["name"] == "onnx-fp32")
+    assert onnx["export"]["peak_rss_bytes"] > 0 and not onnx["runs"] and "export only" in onnx["not_run"]
+    assert sorted(p.name for p in (tmp_path / "exports" / "onnx-fp32").iterdir() if p.is_dir()) == [
+        "scheduler", "text_encoder", "tokenizer", "unet", "vae"]  # the other modules stay torch folders
+    assert doc["complete"] and not doc["measurements"]
+    with pytest.raises(ConfigError, match="needs export_only"):
+        from_mapping({"components": ["unet"]}, "test")
+
+
+def test_groups_measure_every_subject_once(tmp_path, monkeypatch):
+    """When subjects do not fit in memory together, each group is led by the reference again, and the
+    reference's figures are kept from the first group only."""
+    from diffship.bench import run
+    from diffship.bench.results import key
+
+    monkeypatch.setattr(run, "_MEMORY_SHARE", 1e-9)  # nothing fits: one subject per group beside the reference
+    settings = from_mapping({"backends": ["torch"], "torch_precisions": ["fp32", "bf16", "fp16"], "repeats": 1,
+                             "e2e_repeats": 1, "steps": [2]}, "test")
+    doc = run_bench(settings, tmp_path)
+    assert doc["complete"] and doc["reference"] == "torch-fp32"
+    keys = [key(m) for m in doc["measurements"]]
+    assert len(keys) == len(set(keys))
+    ran = [s["name"] for s in doc["subjects"] if s["runs"]]
+    assert {m["subject"] for m in doc["measurements"]} == set(ran) and "torch-fp16" in ran
+    fp16 = [m for m in doc["measurements"] if m["subject"] == "torch-fp16" and m["kind"] == "pipeline"]
+    assert fp16 and fp16[0]["parity"]["psnr_db"] > 20  # compared with the reference of its own group

@@ -1,0 +1,194 @@
+"""SDXL through the toolchain: the tiny-sdxl preset exports to every backend and passes parity; the
+refiner (text_encoder_2 only), LCM UNets (timestep_cond), turbo-style use and the fp16 VAE overflow."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffship.cli import main
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe():
+    from diffship.reference import load
+
+    return load("tiny-sdxl")
+
+
+def test_tiny_sdxl_specs(sdxl_pipe):
+    from diffship.reference import specs_for_pipeline
+
+    assert type(sdxl_pipe).__name__ == "StableDiffusionXLPipeline"
+    specs = {s.name: s for s in specs_for_pipeline(sdxl_pipe)}
+    assert list(specs) == ["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"]
+    assert specs["text_encoder_2"].output_names == ["text_embeds", "last_hidden_state", "penultimate_hidden_state"]
+    unet = {t.name: t.dims for t in specs["unet"].inputs}
+    assert unet["text_embeds"] == ("batch", 32) and unet["time_ids"] == ("batch", 6)
+    assert unet["encoder_hidden_states"] == ("batch", "sequence", 64)
+    assert specs["vae_decoder"].keep_fp32  # the SDXL VAE's force_upcast
+
+
+def test_wrappers_compute_what_the_pipeline_uses(sdxl_pipe):
+    """The exported graphs' outputs are the tensors SDXL's encode_prompt and denoising loop use."""
+    from diffship.reference import specs_for_pipeline
+    from diffship.reference.recording import record_calls
+
+    specs = {s.name: s for s in specs_for_pipeline(sdxl_pipe)}
+    with record_calls(sdxl_pipe, list(specs.values()), limit=2) as calls:
+        sdxl_pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent")
+    ids = calls["text_encoder_2"][0]["input_ids"]
+    with torch.no_grad():
+        text_embeds, last, penultimate = specs["text_encoder_2"].wrapper(sdxl_pipe.text_encoder_2)(ids)
+        ref = sdxl_pipe.text_encoder_2(ids, output_hidden_states=True)
+    torch.testing.assert_close(penultimate, ref.hidden_states[-2])
+    torch.testing.assert_close(text_embeds, ref.text_embeds)
+    unet_call = calls["unet"][0]
+    assert set(unet_call) == {"sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"}
+    assert unet_call["time_ids"][0].tolist() == [64.0, 64.0, 0.0, 0.0, 64.0, 64.0]  # size, crop, target size
+
+
+@pytest.mark.parametrize("backend", [pytest.param("onnx", marks=pytest.mark.onnx),
+                                     pytest.param("openvino", marks=pytest.mark.openvino),
+                                     pytest.param("coreml", marks=pytest.mark.coreml)])
+def test_export_and_parity_cli(backend, tmp_path):
+    from diffship.exporters import available_backends
+
+    if backend not in available_backends():
+        pytest.skip(f"the {backend} extra is not installed")
+    out = tmp_path / "export"
+    assert main(["export", "tiny-sdxl", str(out), "--backend", backend]) == 0
+    assert main(["parity", "tiny-sdxl", str(out), "--steps", "4", "--report", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert {c["component"] for c in report["components"]} == {"text_encoder", "text_encoder_2", "unet", "vae_encoder",
+                                                              "vae_decoder"}
+    assert {i["task"] for i in report["images"]} == {"text2img", "img2img", "inpaint"}
+    assert min(i["metrics"]["psnr"] for i in report["images"]) >= 40
+
+
+@pytest.mark.onnx
+def test_exported_sdxl_pipeline_behaves_like_diffusers(export_dir_sdxl, sdxl_pipe):
+    from diffship.errors import ShapeError
+    from diffship.runtimes.pipeline import load_pipeline
+
+    pipe = load_pipeline(export_dir_sdxl)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    pipe.set_progress_bar_config(disable=True)
+    # turbo-style: one step, guidance off
+    kwargs = dict(prompt="a cat", num_inference_steps=1, guidance_scale=0.0, output_type="np")
+    got = pipe(**kwargs, generator=torch.Generator().manual_seed(1)).images
+    want = sdxl_pipe(**kwargs, generator=torch.Generator().manual_seed(1)).images
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    with pytest.raises(ShapeError, match="clip_skip"):
+        pipe("a cat", num_inference_steps=1, clip_skip=1)
+    img2img = load_pipeline(export_dir_sdxl, task="img2img")
+    assert type(img2img).__name__ == "StableDiffusionXLImg2ImgPipeline"
+
+
+@pytest.fixture(scope="module")
+def export_dir_sdxl(tmp_path_factory):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    from diffship.exporters import export_pipeline
+
+    out = tmp_path_factory.mktemp("sdxl") / "onnx"
+    export_pipeline("tiny-sdxl", out)
+    return out
+
+
+@pytest.mark.onnx
+def test_refiner_exports_with_text_encoder_2_only(tmp_path, sdxl_pipe):
+    """The SDXL refiner: img2img without the first text encoder, aesthetic-score time ids (5)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    from diffship.exporters import export_pipeline
+    from diffship.parity.compare import ParitySettings, check_parity
+    from diffship.runtimes.pipeline import load_pipeline
+
+    config = dict(sdxl_pipe.unet.config, projection_class_embeddings_input_dim=5 * 8 + 32, cross_attention_dim=32)
+    torch.manual_seed(5)
+    unet = UNet2DConditionModel.from_config(config).eval()
+    src = tmp_path / "refiner"
+    StableDiffusionXLImg2ImgPipeline(
+        vae=sdxl_pipe.vae, text_encoder=None, text_encoder_2=sdxl_pipe.text_encoder_2, tokenizer=None,
+        tokenizer_2=sdxl_pipe.tokenizer_2, unet=unet, scheduler=sdxl_pipe.scheduler, requires_aesthetics_score=True,
+    ).save_pretrained(src)
+    out = tmp_path / "export"
+    manifest = export_pipeline(src, out)
+    assert set(manifest["components"]) == {"text_encoder_2", "unet", "vae_encoder", "vae_decoder"}
+    assert manifest["tasks"] == ["img2img", "inpaint"]
+    assert [i for i in manifest["components"]["unet"]["inputs"] if i["name"] == "time_ids"][0]["dims"] == ["batch", 5]
+    pipe = load_pipeline(out)
+    assert pipe.text_encoder is None and pipe.config.requires_aesthetics_score is True
+    report = check_parity(src, out, settings=ParitySettings(steps=4, tasks=("img2img",)))
+    assert report.passed, report.failures()
+
+
+@pytest.mark.onnx
+def test_lcm_unet_takes_timestep_cond(tmp_path, tiny_pipe):
+    """An LCM-distilled UNet (time_cond_proj_dim) gets the guidance embedding as an input."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from diffship.exporters import export_pipeline
+    from diffship.parity.compare import ParitySettings, check_parity
+
+    torch.manual_seed(3)
+    unet = UNet2DConditionModel.from_config(dict(tiny_pipe.unet.config, time_cond_proj_dim=16)).eval()
+    src = tmp_path / "lcm"
+    StableDiffusionPipeline(**{**tiny_pipe.components, "unet": unet,
+                               "scheduler": LCMScheduler.from_config(tiny_pipe.scheduler.config)},
+                            requires_safety_checker=False).save_pretrained(src)
+    out = tmp_path / "export"
+    manifest = export_pipeline(src, out, guidance=False)
+    assert [i["name"] for i in manifest["components"]["unet"]["inputs"]][-1] == "timestep_cond"
+    report = check_parity(src, out, settings=ParitySettings(steps=4, guidance_scale=8.0, tasks=("text2img",)))
+    assert report.passed, report.failures()
+    assert report.settings["scheduler"] == "LCMScheduler"
+
+
+@pytest.mark.onnx
+def test_sdxl_vae_fp16_overflow_gives_finite_images(tmp_path, sdxl_pipe):
+    """A VAE with SDXL's failure: inner activations past fp16's range (normalized again before the
+    output) and no force_upcast. Its fp16 export is kept in fp32, and images stay finite."""
+    import copy
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffship.exporters import export_pipeline
+    from diffship.runtimes.pipeline import load_pipeline
+
+    vae = copy.deepcopy(sdxl_pipe.vae)
+    vae.register_to_config(force_upcast=False)
+    with torch.no_grad():
+        vae.decoder.mid_block.resnets[0].conv2.weight.mul_(1e5)
+        vae.decoder.mid_block.resnets[0].conv2.bias.mul_(1e5)
+        probe = torch.randn(1, 4, 8, 8) / vae.config.scaling_factor
+        assert torch.isfinite(vae.decode(probe).sample).all()
+        assert not torch.isfinite(copy.deepcopy(vae).half().decode(probe.half()).sample).all()
+    src = tmp_path / "hot"
+    StableDiffusionXLPipeline(**{**sdxl_pipe.components, "vae": vae}).save_pretrained(src)
+    out = tmp_path / "export"
+    manifest = export_pipeline(src, out, precision="fp16", components=["unet", "vae_decoder"])
+    assert manifest["components"]["vae_decoder"]["precision"] == "fp32"
+    assert "non-finite" in manifest["components"]["vae_decoder"]["details"]["fp32_fallback"]
+    assert manifest["components"]["unet"]["precision"] == "fp16"
+    pipe = load_pipeline(out)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert np.isfinite(image).all() and image.std() > 0
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_builds_sdxl(tmp_path):
+    from diffship.exporters import available_backends
+
+    if "tensorrt" not in available_backends():
+        pytest.skip("the tensorrt extra is not installed")
+    out = tmp_path / "export"
+    assert main(["export", "tiny-sdxl", str(out), "--backend", "tensorrt", "--static", "64x64"]) == 0
+    manifest = json.loads((out / "diffship.json").read_text())
+    unet = manifest["components"]["unet"]
+    assert [i["name"] for i in unet["inputs"]] == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    assert all(f.endswith(".plan") for c in manifest["components"].values() for f in c["files"] if "plan" in f)

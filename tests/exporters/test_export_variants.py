@@ -79,3 +79,21 @@ def test_inpainting_model_exports_and_passes_parity(tmp_path, tiny_pipe):
     assert report.passed, report.failures()
     assert [i.task for i in report.images] == ["inpaint"]
     assert min(i.metrics.psnr for i in report.images) >= 40
+
+
+def test_converted_copy_matches_deepcopy_to_without_touching_the_original(tiny_pipe):
+    """Reduced-precision exports convert weights while copying (no second fp32 copy of an SDXL UNet)."""
+    import copy
+
+    import torch
+
+    from diffship.exporters.pipeline import converted_copy
+
+    unet = tiny_pipe.unet
+    half = converted_copy(unet, torch.float16)
+    assert {p.dtype for p in half.parameters()} == {torch.float16}
+    assert {p.dtype for p in unet.parameters()} == {torch.float32}
+    reference = copy.deepcopy(unet).to(torch.float16)
+    for (name, a), (_, b) in zip(half.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert half.conv_in.weight.data_ptr() != unet.conv_in.weight.data_ptr()

@@ -5,6 +5,8 @@ Order of a run:
 1. **exports** -- each backend x precision is exported in a child process, which reports its wall time
    and peak RSS (and its helper processes': ONNX checker, TensorRT builder);
 2. **loads** -- one worker process per subject loads its pipeline (timed), eager PyTorch included;
+   subjects that do not fit in memory together are measured in groups, each led by eager fp32
+   (:func:`memory_groups`), and steps 3-5 run per group;
 3. **components** -- every component at every shape of the sweeps: warm-up calls, then ``repeats``
    rounds in which each subject makes one timed call, the order rotating each round;
 4. **end to end** -- full pipeline calls for the scheduler x steps grid and the batch and size sweeps,

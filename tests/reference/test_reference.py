@@ -56,9 +56,9 @@ def test_load_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="no model_index.json"):
         load(tmp_path / "empty")
-    bad = tmp_path / "xl"
+    bad = tmp_path / "flux"
     bad.mkdir()
-    (bad / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (bad / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     with pytest.raises(UnsupportedPipelineError, match="StableDiffusionPipeline, StableDiffusionImg2ImgPipeline"):
         load(bad)
     (tmp_path / "broken").mkdir()

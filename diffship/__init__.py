@@ -13,7 +13,7 @@ def __getattr__(name: str):
 
         return load_pipeline
     if name == "export_pipeline":
-        from diffship.exporters.pipeline import export_pipeline
+        from diffship.workflows.export import export_pipeline
 
         return export_pipeline
     if name == "check_parity":

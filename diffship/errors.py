@@ -66,6 +66,10 @@ class ConfigError(DiffshipError):
     """A bundled or user-supplied configuration file is invalid."""
 
 
+class OptionError(ConfigError):
+    """A backend option (``-o KEY=VALUE``) is unknown or has a value of the wrong type, range or choice."""
+
+
 class ParityFailure(DiffshipError):
     """Parity checks ran and at least one comparison is outside its tolerance."""
 

@@ -18,13 +18,12 @@ def pytest_configure(config):
 def runnable_backends() -> list:
     """Backends that can both export and run here with dynamic shapes, each with its marker.
 
-    Backends whose exports have fixed shapes (Core ML: ``FIXED_SHAPES``) cannot take the sizes and
+    Backends whose exports have fixed shapes (Core ML: ``fixed_shapes``) cannot take the sizes and
     batches the interface tests vary; their own tests run the interface at the export's size."""
-    from diffship.exporters import available_backends, backend_module
-    from diffship.runtimes import runtime_available
+    from diffship import backends
 
-    return [pytest.param(b, marks=getattr(pytest.mark, b)) for b in available_backends()
-            if runtime_available(b) and not getattr(backend_module(b), "FIXED_SHAPES", False)]
+    return [pytest.param(b, marks=getattr(pytest.mark, b)) for b in backends.installed()
+            if backends.runtime_unavailable_reason(b) is None and not backends.get(b).fixed_shapes]
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +44,7 @@ def tiny_pipe(tiny_dir):
 @pytest.fixture(scope="session")
 def export_dir(tmp_path_factory):
     """``export_dir(backend, precision="fp32", **kwargs)``: a session-cached export of ``tiny``."""
-    from diffship.exporters import export_pipeline
+    from diffship.workflows import export_pipeline
 
     made: dict[tuple, Path] = {}
 

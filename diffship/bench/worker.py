@@ -42,14 +42,15 @@ class _State:
     def __init__(self, subject: Subject, settings: dict[str, Any]):
         import torch
 
-        from diffship.reference.families import specs_for_pipeline
+        from diffship.reference.pipelines import specs_for_pipeline
 
         self.subject = subject
         self.device = torch.device(settings["device"] if subject.backend == "torch" else "cpu")
+        self.runners = None
         start = time.perf_counter()
         if subject.backend == "torch":
             from diffship.reference import load_with_info
-            from diffship.reference.specs import PRECISIONS
+            from diffship.reference.shapes import PRECISIONS
 
             if settings.get("threads"):
                 torch.set_num_threads(settings["threads"])
@@ -57,20 +58,19 @@ class _State:
             self.dtype = PRECISIONS[subject.precision]
             self.pipe.to(self.device, self.dtype)
             self.source = info.to_dict()
+            self.runtime = f"PyTorch {torch.__version__} eager ({self.device.type}, {subject.precision})"
         else:
-            from diffship.runtimes.pipeline import load_pipeline
+            from diffship.runtimes.pipeline import open_export
 
-            self.pipe = load_pipeline(subject.folder, **subject.options)
+            loaded = open_export(subject.folder, **subject.options)
+            self.pipe, self.runners = loaded.pipeline, loaded.runners
             self.dtype = torch.float32  # adapters take and return float32; runners cast
-            self.source = self.pipe.diffship_manifest["source"]
+            self.source = loaded.manifest.source.to_dict()
+            # e.g. "onnxruntime 1.32 (CPUExecutionProvider)", "MIL reference (Linux)" for Core ML here
+            self.runtime = loaded.unet_runner().describe()
         self.pipe.set_progress_bar_config(disable=True)
         self.load_seconds = time.perf_counter() - start
         self.specs = {s.name: s for s in specs_for_pipeline(self.pipe)}
-        self.runners = getattr(self.pipe, "diffship_runners", None)
-        if self.runners is None:
-            self.runtime = f"PyTorch {torch.__version__} eager ({self.device.type}, {subject.precision})"
-        else:  # e.g. "onnxruntime 1.32 (CPUExecutionProvider)", "MIL reference (Linux)" for Core ML here
-            self.runtime = (self.runners.get("unet") or next(iter(self.runners.values()))).describe()
         self.default_scheduler = self.pipe.scheduler
 
     def sync(self) -> None:
@@ -81,9 +81,7 @@ class _State:
 
     def _callable(self, name: str, profile: dict[str, Any]):
         """The component as a function of its spec-named inputs, and those inputs for ``profile``."""
-        import torch
-
-        from diffship.reference.specs import ShapeProfile
+        from diffship.reference.shapes import ShapeProfile
 
         spec = self.specs[name]
         inputs = spec.example_inputs(ShapeProfile(**profile))
@@ -91,15 +89,9 @@ class _State:
             if name not in self.runners:
                 raise DiffshipError(f"{name} was not exported")
             return self.runners[name].infer, inputs
-        wrapper = spec.wrapper(getattr(self.pipe, spec.source)).eval()
         inputs = {k: v.to(self.device, self.dtype if v.is_floating_point() and k != "timestep" else v.dtype)
                   for k, v in inputs.items()}
-
-        def call(feeds):
-            out = wrapper(*feeds.values())
-            return dict(zip(spec.output_names, (out,) if isinstance(out, torch.Tensor) else out))
-
-        return call, inputs
+        return spec.eager(getattr(self.pipe, spec.source)), inputs
 
     def flops(self, name: str, profile: dict[str, Any]) -> int:
         """FLOPs of one eager call (torch's FlopCounterMode); eager subjects only."""
@@ -135,7 +127,7 @@ class _State:
         """One timed end-to-end generation; per-iteration times from ``callback_on_step_end``."""
         import torch
 
-        from diffship.parity.compare import scheduler_class
+        from diffship.reference.pipelines import scheduler_class
 
         name = request["scheduler"]
         base = self.default_scheduler

@@ -18,7 +18,8 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
     """``"512x768"`` -> ``(512, 768)`` (height x width), positive multiples of 8."""
-    from diffship.reference.specs import ShapeProfile, parse_hw
+    from diffship.configs.fields import parse_hw
+    from diffship.reference.shapes import ShapeProfile
 
     if text is None:
         return None
@@ -27,11 +28,11 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return height, width
 
 
-def component_summary(folder: Path, entry: dict) -> tuple[str, str]:
+def component_summary(folder: Path, entry) -> tuple[str, str]:
     """A manifest component's precision (with any fp32 fallback) and its size on disk, for tables."""
-    size = sum((folder / f).stat().st_size for f in entry["files"])
-    fallback = " (fp32 fallback)" if "fp32_fallback" in entry["details"] else ""
-    return entry["precision"] + fallback, f"{size / 1e6:.1f} MB"
+    size = sum((folder / f).stat().st_size for f in entry.files)
+    fallback = " (fp32 fallback)" if entry.details.fp32_fallback else ""
+    return entry.precision + fallback, f"{size / 1e6:.1f} MB"
 
 
 @contextlib.contextmanager

@@ -100,7 +100,7 @@ def bench(
     if ctx.invoked_subcommand:
         return
     from diffship.bench.run import run_bench
-    from diffship.bench.settings import from_mapping, preset as load_preset
+    from diffship.configs.bench_presets import from_mapping, preset as load_preset
 
     overrides = {k: v for k, v in {
         "source": source, "backends": _split(backends), "precisions": _split(precisions),
@@ -122,16 +122,16 @@ def bench(
             tracker.finish()
     _print_summary(doc)
     out.print(f"results: {output / 'results.md'} (+ results.json, results.csv, plots, images/)")
-    failed = [f"{s['name']}: {s['error']}" for s in doc["subjects"] if s.get("error")]
+    failed = [f"{s.name}: {s.error}" for s in doc.subjects if s.error]
     if failed:
         raise DiffshipError(f"{len(failed)} subject(s) failed, first: {failed[0]}")
 
 
-def _print_summary(doc: dict[str, Any]) -> None:
-    from diffship.bench.results import summary_rows
+def _print_summary(doc) -> None:
+    from diffship.bench.output import summary_rows
 
     header, rows = summary_rows(doc)
-    table = Table(*header, title=f"diffship bench: {doc['settings']['source']} on {doc['machine']['cpu']}")
+    table = Table(*header, title=f"diffship bench: {doc.settings['source']} on {doc.machine['cpu']}")
     for row in rows:
         table.add_row(*row)
     out.print(table)
@@ -147,7 +147,7 @@ def compare(
 ) -> None:
     """Flag figures of AFTER that regressed from BEFORE; exits 1 when any did."""
     from diffship.bench.compare import compare as compare_runs, machine_differences
-    from diffship.bench.results import read_results
+    from diffship.bench.records import read_results
 
     a, b = read_results(before), read_results(after)
     for diff in machine_differences(a, b):

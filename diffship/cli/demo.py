@@ -24,13 +24,13 @@ def demo(
     exported, and the reason they are not run is printed."""
     import torch
 
+    from diffship import backends as registry
     from diffship.cli.parity import run_parity
-    from diffship.exporters import available_backends, export_pipeline
-    from diffship.runtimes import runtime_unavailable_reason
-    from diffship.runtimes.pipeline import load_pipeline
+    from diffship.runtimes.pipeline import open_export
+    from diffship.workflows import export_pipeline
 
-    exportable = available_backends()
-    export_only = {b: reason for b in exportable if (reason := runtime_unavailable_reason(b))}
+    exportable = registry.installed()
+    export_only = {b: reason for b in exportable if (reason := registry.runtime_unavailable_reason(b))}
     backends = [b for b in exportable if b not in export_only]
     if not backends:
         raise MissingBackendError("onnx", "onnxruntime", "onnx")
@@ -45,9 +45,10 @@ def demo(
         with steps(f"{backend}: export") as say:
             export_pipeline("tiny", folder / "export", backend=backend, overwrite=True, progress=say)
             say("generating an image")
-            pipe = load_pipeline(folder / "export")
-            pipe.set_progress_bar_config(disable=True)
-            image = pipe(prompt, num_inference_steps=steps_, generator=torch.Generator().manual_seed(0)).images[0]
+            with open_export(folder / "export") as loaded:
+                pipe = loaded.pipeline
+                pipe.set_progress_bar_config(disable=True)
+                image = pipe(prompt, num_inference_steps=steps_, generator=torch.Generator().manual_seed(0)).images[0]
             atomic_write(folder / "images" / "generated.png", png_bytes(image))
         results[backend] = run_parity("tiny", folder / "export", steps_=steps_, report=folder / "report",
                                       junit=folder / "report" / "junit.xml")

@@ -34,7 +34,7 @@ def export(
                                                help="Backend-specific export option (repeatable; JSON values)."),
 ) -> None:
     """Export every component of a pipeline to BACKEND, with a manifest of sha256 hashes."""
-    from diffship.exporters import export_pipeline
+    from diffship.workflows import export_pipeline
 
     start = time.perf_counter()
     with steps(f"exporting {source}") as say:
@@ -44,14 +44,13 @@ def export(
             overwrite=overwrite, config=config, allow_pickle=allow_pickle, components=component, progress=say,
         )
     table = Table("component", "precision", "inputs", "outputs", "size", title=f"{backend} export")
-    for name, entry in manifest["components"].items():
+    for name, entry in manifest.components.items():
         precision_label, size = component_summary(output / name, entry)
-        table.add_row(name, precision_label, ", ".join(i["name"] for i in entry["inputs"]),
-                      ", ".join(o["name"] for o in entry["outputs"]), size)
+        table.add_row(name, precision_label, ", ".join(entry.input_names), ", ".join(entry.output_names), size)
     out.print(table)
-    for name, entry in manifest["components"].items():
-        if timings := entry["details"].get("timings"):
-            notes = entry["details"].get("notes", [])
+    for name, entry in manifest.components.items():
+        if timings := getattr(entry.details, "timings", None):
+            notes = getattr(entry.details, "notes", [])
             out.print(f"{name}: " + ", ".join(f"{step.replace('_', ' ')} {sec:.2f}s" for step, sec in timings.items())
                       + "".join(f"; {note}" for note in notes))
     out.print(f"exported to {output} in {time.perf_counter() - start:.1f}s")

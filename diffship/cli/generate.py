@@ -33,21 +33,21 @@ def generate(
     """Generate images with an exported pipeline, exactly as diffusers would."""
     import torch
 
-    from diffship.parity.compare import scheduler_class
-    from diffship.runtimes.pipeline import load_pipeline
+    from diffship.reference.pipelines import set_scheduler
+    from diffship.runtimes.pipeline import open_export
 
     hw = parse_size(size)
     with steps("loading") as say:
         say(f"loading {exported}")
-        pipe = load_pipeline(exported, task="text2img", **runtime_options(device, threads, option))
-        shapes = pipe.diffship_manifest["shapes"]
-        if hw is None and shapes["static"]:  # a static export takes only its own size
-            hw = shapes["profile"]["height"], shapes["profile"]["width"]
+        loaded = open_export(exported, task="text2img", **runtime_options(device, threads, option))
+        pipe, shapes = loaded.pipeline, loaded.manifest.shapes
+        if hw is None and shapes.static:  # a static export takes only its own size
+            hw = shapes.profile.height, shapes.profile.width
         pipe.set_progress_bar_config(disable=True)
-        if scheduler:
-            pipe.scheduler = scheduler_class(pipe, scheduler).from_config(pipe.scheduler.config)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as bar:
+        set_scheduler(pipe, scheduler)
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console)
+    with loaded, bars as bar:
         task = bar.add_task(f"denoising ({type(pipe.scheduler).__name__})", total=steps_)
 
         def advance(pipeline, step, _timestep, tensors):

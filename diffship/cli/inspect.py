@@ -18,54 +18,52 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print the verified manifest as JSON."),
 ) -> None:
     """Show what an export holds, after checking every file against its manifest (exit 2 if tampered)."""
-    from diffship.manifest import read_manifest
+    from diffship.backends.manifest import read_manifest
 
     manifest = read_manifest(exported, verify=True)
     if as_json:
-        out.print_json(json.dumps(manifest))
+        out.print_json(json.dumps(manifest.to_dict()))
         return
-    src = manifest["source"]
-    shapes = manifest["shapes"]
-    profile = shapes["profile"]
-    out.print(f"[bold]{exported}[/]: {manifest['pipeline_class']} ({manifest['family']}), backend "
-              f"{manifest['backend']}, {manifest['precision']}")
-    out.print(f"source: {src['name']} ({src['kind']}, fingerprint {src['fingerprint'][:12]})")
-    kind = "static" if shapes["static"] else "dynamic (traced at)"
-    out.print(f"shapes: {kind} {profile['height']}x{profile['width']}, batch {profile['batch_size']}")
+    src = manifest.source
+    shapes = manifest.shapes
+    profile = shapes.profile
+    out.print(f"[bold]{exported}[/]: {manifest.pipeline_class} ({manifest.family}), backend "
+              f"{manifest.backend}, {manifest.precision}")
+    out.print(f"source: {src.name} ({src.kind}, fingerprint {src.fingerprint[:12]})")
+    kind = "static" if shapes.static else "dynamic (traced at)"
+    out.print(f"shapes: {kind} {profile.height}x{profile.width}, batch {profile.batch_size}")
     table = Table("component", "io", "name", "dtype", "dims", "files / size")
-    for name, entry in manifest["components"].items():
+    for name, entry in manifest.components.items():
         precision_label, size = component_summary(exported / name, entry)
-        rows = [("in", io) for io in entry["inputs"]] + [("out", io) for io in entry["outputs"]]
+        rows = [("in", io) for io in entry.inputs] + [("out", io) for io in entry.outputs]
         for i, (direction, io) in enumerate(rows):
             first = i == 0
-            table.add_row(f"{name} [{precision_label}]" if first else "", direction, io["name"], io["dtype"],
-                          "(" + ", ".join(map(str, io["dims"])) + ")",
-                          f"{', '.join(entry['files'])} {size}" if first else "")
+            table.add_row(f"{name} [{precision_label}]" if first else "", direction, io.name, io.dtype,
+                          "(" + ", ".join(map(str, io.dims)) + ")",
+                          f"{', '.join(entry.files)} {size}" if first else "")
     out.print(table)
     _print_details(manifest)
-    versions = ", ".join(f"{k} {v}" for k, v in manifest["versions"].items())
+    versions = ", ".join(f"{k} {v}" for k, v in manifest.versions.items())
     out.print(f"versions: {versions}")
-    out.print(f"[green]verified[/]: {len(manifest['files'])} files match their sha256")
+    out.print(f"[green]verified[/]: {len(manifest.files)} files match their sha256")
 
 
 #: detail keys shown elsewhere (profiles get their own table) or too bulky for one line.
 _SEPARATE = ("profiles", "timings", "notes", "onnx")
 
 
-def _print_details(manifest: dict) -> None:
+def _print_details(manifest) -> None:
     """Backend facts per component (engine, targets, ...), and shape-profile tables where recorded."""
-    from diffship.reference.specs import ShapeRange
+    from diffship.configs.fields import to_data
 
-    for name, entry in manifest["components"].items():
-        details = {k: v for k, v in entry["details"].items() if k not in _SEPARATE}
+    for name, entry in manifest.components.items():
+        details = {k: v for k, v in to_data(entry.details, drop_none=True).items() if k not in _SEPARATE}
         if details:
-            out.print(f"[bold]{name}[/]: " + "; ".join(f"{k} {_compact(v)}" for k, v in details.items()
-                                                      if v is not None))
-        for index, profile in enumerate(entry["details"].get("profiles", [])):
-            table = Table("input", "min", "opt", "max",
-                          title=f"{name} profile {index}: {ShapeRange.from_dict(profile['request']).describe()}")
-            for input_name, r in profile["inputs"].items():
-                table.add_row(input_name, *(_fmt(r[k]) for k in ("min", "opt", "max")))
+            out.print(f"[bold]{name}[/]: " + "; ".join(f"{k} {_compact(v)}" for k, v in details.items()))
+        for index, profile in enumerate(getattr(entry.details, "profiles", [])):
+            table = Table("input", "min", "opt", "max", title=f"{name} profile {index}: {profile.request.describe()}")
+            for input_name, r in profile.inputs.items():
+                table.add_row(input_name, *(_fmt(v) for v in (r.min, r.opt, r.max)))
             out.print(table)
 
 

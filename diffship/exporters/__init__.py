@@ -1,6 +1,6 @@
-"""Exporters: one module per backend, discovered by name, and the pipeline-level orchestration."""
+"""Exporters: one module per backend (``spec + module -> files + manifest entry``), named by its backend
+record (:mod:`diffship.backends`). The whole-pipeline export is :func:`diffship.workflows.export_pipeline`."""
 
-from diffship.exporters.base import Artifact, ExportOptions
-from diffship.exporters.pipeline import available_backends, backend_module, backends, export_pipeline
+from diffship.exporters.base import ExportOptions
 
-__all__ = ["Artifact", "ExportOptions", "available_backends", "backend_module", "backends", "export_pipeline"]
+__all__ = ["ExportOptions"]

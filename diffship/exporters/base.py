@@ -1,18 +1,13 @@
-"""What every exporter shares: options, the artifact it returns, and the backend-module protocol.
+"""What every exporter shares: the options of one component's export, its IO description, quiet converters.
 
-A backend is one module in ``diffship/exporters/`` defining::
+An exporter is the module its backend record names (``Backend.exporter``), defining::
 
-    BACKEND: str                 # name used on the command line and in manifests ("onnx")
-    EXTRA: str                   # pip extra that installs it
-    PACKAGES: tuple[str, ...]    # top-level modules it needs (checked without importing them)
-    PRECISIONS: tuple[str, ...]  # export precisions it takes ("fp32", "fp16", ...)
-    CALIBRATED: tuple[str, ...]  # optional: precisions whose denoiser export needs calibration data
-    COMPUTE: dict[str, str]      # optional: weight formats -> the precision they compute in ({"int8": "fp16"})
-    FIXED_SHAPES: bool           # optional: exports take only the sizes they were made for (Core ML)
-    def versions() -> dict       # library versions recorded in the manifest
-    def export(spec, module, out_dir, options) -> Artifact
+    def export(spec, module, out_dir, options: ExportOptions) -> ComponentEntry
 
-Nothing else in diffship names a backend: the registry in ``diffship.exporters`` discovers modules.
+``module`` is the spec's wrapper, already in the precision the export computes in; the exporter writes
+its files into ``out_dir`` and returns the manifest entry (its details as the backend's record). The
+facts an exporter shares with its runtime (file names, option records, IO conventions) live in its
+backend record (:mod:`diffship.backends`); exporters never import runtimes.
 """
 
 from __future__ import annotations
@@ -24,11 +19,11 @@ import warnings
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from torch import nn
-
-from diffship.reference.specs import ComponentSpec, ShapeProfile
+from diffship.backends.manifest import TensorIO
+from diffship.reference.shapes import ShapeProfile
+from diffship.reference.specs import ComponentSpec
 
 
 @dataclass(frozen=True)
@@ -36,79 +31,43 @@ class ExportOptions:
     """Options for exporting one component.
 
     Attributes:
-        precision: ``fp32`` or ``fp16`` -- the precision this component is exported in (the pipeline
-            orchestrator has already applied fp32 fallbacks).
+        precision: the precision this component is exported in (the export workflow has already applied
+            fp32 fallbacks): ``fp32``, ``fp16``, ``bf16``, or a backend's weight format.
         profile: the shape traced with, and the only shape accepted when ``static``.
         static: fix every dim to ``profile``'s values instead of exporting symbolic dims.
-        opset: ONNX opset for backends that go through ONNX.
-        external_data: store weights next to the graph: ``True``, ``False``, or ``None`` to decide by
-            size (graphs past the 2 GB protobuf limit must).
-        calibration: for precisions a backend lists in ``CALIBRATED``, the inputs this component
-            received in eager runs of the pipeline (spec-named tensors per call); None otherwise.
+        backend: the backend's own options, parsed and validated (its ``export_options`` record).
+        calibration: for precisions a backend lists as calibrated, the inputs this component received in
+            eager runs of the pipeline (spec-named tensors per call); None otherwise.
         size_multiple: image sizes (pixels) the whole pipeline takes are multiples of this (the VAE
             factor times the UNet's latent multiple); backends that fix shape ranges validate with it.
         metadata: facts about the export for backends that embed metadata in their files: source
             (name), source_fingerprint, diffship_version, pipeline_class.
-        extra: backend-specific options, passed through untouched.
     """
 
     precision: str = "fp32"
     profile: ShapeProfile = field(default_factory=ShapeProfile)
     static: bool = False
-    opset: int = 18
-    external_data: bool | None = None
+    backend: Any = None
     calibration: list[dict[str, Any]] | None = None
     size_multiple: int = 8
     metadata: dict[str, str] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class Artifact:
-    """What an exporter wrote for one component.
-
-    Attributes:
-        component: component name.
-        files: files written, relative to the component folder.
-        precision: precision actually exported.
-        inputs: per input ``{"name", "dtype", "dims"}`` (dims: ints, or symbolic names when dynamic).
-        outputs: same for outputs.
-        details: backend facts worth recording (opset, external data, ...).
-    """
-
-    component: str
-    files: list[str]
-    precision: str
-    inputs: list[dict[str, Any]]
-    outputs: list[dict[str, Any]]
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-class Exporter(Protocol):
-    BACKEND: str
-    EXTRA: str
-    PACKAGES: tuple[str, ...]
-    PRECISIONS: tuple[str, ...]
-
-    def versions(self) -> dict[str, str]: ...
-
-    def export(self, spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions) -> Artifact: ...
-
-
-def io_description(spec: ComponentSpec, options: ExportOptions) -> tuple[list[dict], list[dict]]:
+def io_description(spec: ComponentSpec, options: ExportOptions) -> tuple[tuple[TensorIO, ...], tuple[TensorIO, ...]]:
     """Inputs and outputs of ``spec`` as exported with ``options``: dims stay named where symbolic."""
     dims = spec.dims(options.profile)
     symbolic = spec.symbolic_dims(options.static)
 
-    def describe(t):
-        d = t.to_dict(options.precision)
-        d["dims"] = [x if isinstance(x, int) or x in symbolic else dims[x] for x in t.dims]
-        return d
+    def describe(t) -> TensorIO:
+        return TensorIO(name=t.name, dtype=t.dtype_name(options.precision),
+                        dims=[x if isinstance(x, int) or x in symbolic else dims[x] for x in t.dims])
 
-    return [describe(t) for t in spec.inputs], [describe(t) for t in spec.outputs]
+    return tuple(describe(t) for t in spec.inputs), tuple(describe(t) for t in spec.outputs)
+
+
+def component_files(out_dir: Path) -> list[str]:
+    """Every file an exporter wrote into ``out_dir``, relative and sorted (the entry's ``files``)."""
+    return sorted(p.relative_to(out_dir).as_posix() for p in Path(out_dir).rglob("*") if p.is_file())
 
 
 def quiet_export() -> contextlib.ExitStack:

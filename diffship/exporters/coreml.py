@@ -28,7 +28,7 @@ the export's own size comes first and is the default), and metadata ``author``, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,30 +37,17 @@ import torch
 from torch import nn
 
 from diffship._isolate import run_isolated
-from diffship._registry import require_modules
+from diffship.backends.coreml import (APPLE_INPUTS, COMPUTE, COREML, MODEL_FILE, CoreMLDetails, CoreMLExportOptions,
+                                      ModelInput, adaptation, model_shape, program_ops, to_model_inputs)
+from diffship.backends.manifest import ComponentEntry, TensorIO
 from diffship.errors import ExportError, ShapeError, first_line
-from diffship.exporters.base import Artifact, ExportOptions, quiet_export
-from diffship.reference.attention import VARIANTS, with_attention
-from diffship.reference.specs import ComponentSpec, ShapeProfile, parse_hw
+from diffship.exporters.base import ExportOptions, component_files, quiet_export
+from diffship.reference.attention import with_attention
+from diffship.reference.shapes import ShapeProfile
+from diffship.reference.specs import ComponentSpec
 
-BACKEND = "coreml"
-EXTRA = "coreml"
-PACKAGES = ("coremltools",)
-PRECISIONS = ("fp32", "fp16", "palette4", "palette6", "palette8", "int8")
-#: weight formats compress an fp16 model.
-COMPUTE = {"palette4": "fp16", "palette6": "fp16", "palette8": "fp16", "int8": "fp16"}
-MODEL_FILE = "model.mlpackage"
-#: exports take the sizes they were made for (one, or the enumerated ones), not any size.
-FIXED_SHAPES = True
-TARGETS = ("macOS13", "macOS14", "macOS15", "iOS16", "iOS17", "iOS18")
-OPTIONS = ("attention", "deployment_target", "sizes", "author", "license", "version")
 #: dims whose sizes vary between enumerated image sizes.
 SPATIAL = ("height", "width", "latent_height", "latent_width")
-
-#: model inputs that differ from the spec's for Apple's Swift pipeline: spec name -> (dtype, layout).
-#: ``bc1s``: a (B, S, D) tensor passed as (B, D, 1, S).
-APPLE_INPUTS = {"text_encoder": {"input_ids": ("float32", None)}, "text_encoder_2": {"input_ids": ("float32", None)},
-                "unet": {"encoder_hidden_states": ("float32", "bc1s")}}
 
 DESCRIPTIONS = {
     "input_ids": "CLIP token ids (as float32, as Apple's Swift pipeline passes them), padded to the sequence length",
@@ -77,46 +64,6 @@ DESCRIPTIONS = {
     "latent_parameters": "mean and log-variance of the latent distribution (sampled by the pipeline)",
     "latent_sample": "latents divided by the VAE scaling factor",
 }
-
-
-def versions() -> dict[str, str]:
-    import coremltools
-
-    return {"coremltools": coremltools.__version__}
-
-
-@dataclass(frozen=True)
-class CoreMLOptions:
-    """The validated ``-o`` options of a Core ML export."""
-
-    attention: str = "original"
-    deployment_target: str = "macOS13"
-    sizes: tuple[tuple[int, int], ...] = ()
-    author: str | None = None
-    license: str | None = None
-    version: str | None = None
-
-    @classmethod
-    def parse(cls, extra: dict[str, Any]) -> "CoreMLOptions":
-        unknown = sorted(set(extra) - set(OPTIONS))
-        if unknown:
-            raise ExportError(f"unknown coreml export option(s) {', '.join(unknown)}; it takes: {', '.join(OPTIONS)}")
-        opts = dict(extra)
-        if opts.get("attention", "original") not in VARIANTS:
-            raise ExportError(f"unknown attention {opts['attention']!r}; choose one of: {', '.join(VARIANTS)}")
-        if opts.get("deployment_target", "macOS13") not in TARGETS:
-            raise ExportError(f"unknown deployment_target {opts['deployment_target']!r}; choose one of: "
-                              f"{', '.join(TARGETS)}")
-        opts["sizes"] = tuple(_parse_sizes(opts.get("sizes", ())))
-        for key in ("author", "license", "version"):
-            if key in opts:
-                opts[key] = str(opts[key])
-        return cls(**opts)
-
-
-def _parse_sizes(value: Any) -> list[tuple[int, int]]:
-    items = value.split(",") if isinstance(value, str) else list(value)
-    return [parse_hw(item, "-o sizes:") for item in items]
 
 
 # --- the graphs that are converted --------------------------------------------------------------------
@@ -142,21 +89,6 @@ class AppleIO(nn.Module):
         return self.inner(*args)
 
 
-def to_model_inputs(spec_name: str, feeds: dict[str, Any]) -> dict[str, Any]:
-    """Spec-form inputs -> the Core ML model's (the runtime's side of :class:`AppleIO`)."""
-    adapt = APPLE_INPUTS.get(spec_name, {})
-    out = {}
-    for name, value in feeds.items():
-        if name in adapt:
-            dtype, layout = adapt[name]
-            value = np.asarray(value)
-            if layout == "bc1s":
-                value = np.ascontiguousarray(value.transpose(0, 2, 1)[:, :, None, :])
-            value = value.astype(dtype)
-        out[name] = value
-    return out
-
-
 def strip_aliases(program) -> int:
     """Remove ``aten.alias`` nodes from an exported program (an alias is its input); returns how many."""
     graph = program.graph_module.graph
@@ -174,10 +106,13 @@ def strip_aliases(program) -> int:
 # --- export ----------------------------------------------------------------------------------------------
 
 
-def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions) -> Artifact:
-    """Convert ``module`` to ``out_dir/model.mlpackage`` (ML Program), compress and describe it."""
-    require_modules(BACKEND, EXTRA, *PACKAGES)
-    opts = CoreMLOptions.parse(options.extra)
+def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions) -> ComponentEntry:
+    """Convert ``module`` to ``out_dir/model.mlpackage`` (ML Program), compress and describe it.
+
+    ``options.backend`` is a :class:`~diffship.backends.coreml.CoreMLExportOptions` (defaults when None).
+    """
+    COREML.require()
+    opts: CoreMLExportOptions = options.backend or CoreMLExportOptions()
     import coremltools as ct
 
     out_dir = Path(out_dir)
@@ -211,41 +146,34 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     # Reading the package back is native code (milstorage): in a child, so a crash is an error message.
     ops = run_isolated(f"reading back {spec.name}/{MODEL_FILE}", program_ops, str(path), error=ExportError)
     inputs, outputs = _io(spec, options, sizes)
-    files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
-    details = {
-        "attention": opts.attention, "deployment_target": opts.deployment_target,
-        "compute_precision": "fp16" if fp16 else "fp32",
-        "weights": options.precision if options.precision in COMPUTE else None,
-        "sizes": [list(s) for s in sizes],
-        "model_inputs": [{"name": n, "dtype": _adaptation(spec, n)[0], "layout": _adaptation(spec, n)[1],
-                          "shapes": [list(_model_shape(spec, n, v[n])) for v in variants]} for n in spec.input_names],
-        "mil_ops": ops,
-    }
-    return Artifact(component=spec.name, files=files, precision=options.precision, inputs=inputs, outputs=outputs,
-                    details=details)
+    details = CoreMLDetails(
+        attention=opts.attention, deployment_target=opts.deployment_target,
+        compute_precision="fp16" if fp16 else "fp32",
+        weights=options.precision if options.precision in COMPUTE else None, sizes=[list(s) for s in sizes],
+        model_inputs=[ModelInput(name=n, dtype=adaptation(spec.name, n)[0], layout=adaptation(spec.name, n)[1],
+                                 shapes=[list(model_shape(spec.name, n, v[n])) for v in variants])
+                      for n in spec.input_names],
+        mil_ops=ops,
+    )
+    return ComponentEntry(component=spec.name, source=spec.source, files=component_files(out_dir),
+                          precision=options.precision, inputs=inputs, outputs=outputs, details=details)
 
 
-def _io(spec: ComponentSpec, options: ExportOptions, sizes: list[tuple[int, int]]) -> tuple[list[dict], list[dict]]:
+def _io(spec: ComponentSpec, options: ExportOptions,
+        sizes: list[tuple[int, int]]) -> tuple[tuple[TensorIO, ...], tuple[TensorIO, ...]]:
     """The manifest's inputs and outputs: what the runner takes (the spec's layouts, float32 or int64),
     fixed at the export's size except the dims that differ between enumerated sizes."""
     values = [spec.dims(_at(options.profile, size)) for size in sizes]
     varying = {name for name in SPATIAL if len({v[name] for v in values}) > 1}
 
-    def describe(t) -> dict:
-        return {"name": t.name, "dtype": "int64" if t.dtype == "int64" else "float32",
-                "dims": [d if isinstance(d, int) or d in varying else values[0][d] for d in t.dims]}
+    def describe(t) -> TensorIO:
+        return TensorIO(name=t.name, dtype="int64" if t.dtype == "int64" else "float32",
+                        dims=[d if isinstance(d, int) or d in varying else values[0][d] for d in t.dims])
 
-    return [describe(t) for t in spec.inputs], [describe(t) for t in spec.outputs]
-
-
-def program_ops(path: str) -> list[str]:
-    """The operation types of a saved ML Program (reading it back proves it is complete)."""
-    from diffship.runtimes._mil import load_program
-
-    return sorted({op.op_type for op in load_program(Path(path)).operations})
+    return tuple(describe(t) for t in spec.inputs), tuple(describe(t) for t in spec.outputs)
 
 
-def _sizes(opts: CoreMLOptions, options: ExportOptions) -> list[tuple[int, int]]:
+def _sizes(opts: CoreMLExportOptions, options: ExportOptions) -> list[tuple[int, int]]:
     """The export's own size first, then the other enumerated sizes, validated."""
     own = (options.profile.height, options.profile.width)
     sizes = [own] + [s for s in opts.sizes if s != own]
@@ -263,18 +191,6 @@ def spec_input_shapes(spec: ComponentSpec, profile: ShapeProfile, size: tuple[in
     """Each spec input's shape for a request of ``size`` (batch and sequence from ``profile``)."""
     dims = spec.dims(_at(profile, size))
     return {t.name: t.shape(dims) for t in spec.inputs}
-
-
-def _adaptation(spec: ComponentSpec, name: str) -> tuple[str, str | None]:
-    """(model dtype, layout) of an input: float32 as the spec has it, unless ``APPLE_INPUTS`` says otherwise."""
-    return APPLE_INPUTS.get(spec.name, {}).get(name, ("float32", None))
-
-
-def _model_shape(spec: ComponentSpec, name: str, shape: tuple) -> tuple:
-    """The Core ML model's shape for a spec input of ``shape`` (``bc1s`` inputs are (B, D, 1, S))."""
-    if _adaptation(spec, name)[1] == "bc1s":
-        return shape[0], shape[2], 1, shape[1]
-    return shape
 
 
 def _model_example(spec: ComponentSpec, profile: ShapeProfile) -> dict[str, torch.Tensor]:
@@ -317,7 +233,7 @@ def _ct_inputs(spec: ComponentSpec, variants: list[dict[str, tuple]]) -> list:
 
     inputs = []
     for name in spec.input_names:
-        shapes = [_model_shape(spec, name, v[name]) for v in variants]
+        shapes = [model_shape(spec.name, name, v[name]) for v in variants]
         distinct = list(dict.fromkeys(shapes))
         shape = distinct[0] if len(distinct) == 1 else ct.EnumeratedShapes(shapes=distinct, default=distinct[0])
         inputs.append(ct.TensorType(name=name, shape=shape, dtype=np.float32))
@@ -338,7 +254,7 @@ def _compress(mlmodel, precision: str):
     return cto.palettize_weights(mlmodel, config)
 
 
-def _describe(mlmodel, spec: ComponentSpec, opts: CoreMLOptions, options: ExportOptions) -> None:
+def _describe(mlmodel, spec: ComponentSpec, opts: CoreMLExportOptions, options: ExportOptions) -> None:
     """Model metadata: author, license, version, descriptions, and where the model came from."""
     meta = options.metadata
     source = meta.get("source", "unknown source")

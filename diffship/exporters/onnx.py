@@ -1,7 +1,7 @@
 """ONNX exporter: ``torch.onnx.export(dynamo=True)`` of each wrapper module, checked and shape-inferred.
 
 Layout per component (as optimum writes it): ``<component>/model.onnx`` and, past the 2 GB protobuf
-limit or when asked, the weights in ``<component>/model.onnx.data``.
+limit or when asked, the weights in ``<component>/model.onnx.data`` (see :mod:`diffship.backends.onnx`).
 """
 
 from __future__ import annotations
@@ -12,26 +12,14 @@ import torch
 from torch import nn
 
 from diffship._isolate import run_isolated
+from diffship.backends.manifest import ComponentEntry, TensorIO
+from diffship.backends.onnx import MODEL_FILE, ONNX, OnnxDetails, OnnxExportOptions
 from diffship.errors import ExportError, first_line
-from diffship._registry import require_modules
-from diffship.exporters.base import Artifact, ExportOptions, io_description, quiet_export
+from diffship.exporters.base import ExportOptions, component_files, io_description, quiet_export
 from diffship.reference.specs import ComponentSpec
 
-BACKEND = "onnx"
-EXTRA = "onnx"
-MODEL_FILE = "model.onnx"
-MIN_OPSET = 17
 #: graphs whose weights exceed this are saved with external data (protobuf's hard limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2
-PACKAGES = ("onnx", "onnxscript")
-PRECISIONS = ("fp32", "fp16")
-
-
-def versions() -> dict[str, str]:
-    import onnx
-    import onnxscript
-
-    return {"onnx": onnx.__version__, "onnxscript": onnxscript.__version__}
 
 
 def weight_bytes(module: nn.Module) -> int:
@@ -53,18 +41,15 @@ def _dynamic_shapes(spec: ComponentSpec, static: bool) -> dict[str, dict[int, ob
     return {t.name: {i: dyn for i, d in enumerate(t.dims) if d in symbolic} for t in spec.inputs}
 
 
-def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions) -> Artifact:
+def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions) -> ComponentEntry:
     """Export ``module`` (the spec's wrapper, already in the target precision) to ``out_dir/model.onnx``.
 
     Symbolic dims get the spec's names (``batch``, ``latent_height``...) in the graph, so runtimes and
-    later tools (TensorRT profiles) can read them back.
+    later tools (TensorRT profiles) can read them back. ``options.backend`` is an
+    :class:`~diffship.backends.onnx.OnnxExportOptions` (defaults when None).
     """
-    require_modules(BACKEND, EXTRA, *PACKAGES)
-    if options.extra:
-        raise ExportError(f"unknown onnx export option(s) {', '.join(sorted(options.extra))}; "
-                          f"it takes: opset, external_data")
-    if options.opset < MIN_OPSET:
-        raise ExportError(f"ONNX opset {options.opset} is too old; use {MIN_OPSET} or newer")
+    ONNX.require()
+    onnx_options: OnnxExportOptions = options.backend or OnnxExportOptions()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     example = spec.example_inputs(options.profile, options.precision)
@@ -73,7 +58,7 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
         with quiet_export(), torch.no_grad():
             program = torch.onnx.export(
                 module, tuple(example.values()), input_names=spec.input_names, output_names=spec.output_names,
-                dynamic_shapes=_dynamic_shapes(spec, options.static), opset_version=options.opset,
+                dynamic_shapes=_dynamic_shapes(spec, options.static), opset_version=onnx_options.opset,
                 dynamo=True, optimize=True,
             )
     except Exception as exc:
@@ -81,7 +66,7 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
                           f"re-run with --debug for the exporter's report") from exc
     if spec.symbolic_dims(options.static):
         _name_dims(program, spec, inputs, outputs)
-    external = needs_external_data(module, options.external_data)
+    external = needs_external_data(module, onnx_options.external_data)
     path = out_dir / MODEL_FILE
     program.save(str(path), external_data=external)
     import onnx.checker
@@ -95,22 +80,22 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"the exported {spec.name} graph is invalid ({first_line(exc)}); "
                           f"re-run with --debug and report it") from exc
-    files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
-    return Artifact(component=spec.name, files=files, precision=options.precision, inputs=inputs, outputs=outputs,
-                    details={"opset": options.opset, "external_data": external})
+    return ComponentEntry(component=spec.name, source=spec.source, files=component_files(out_dir),
+                          precision=options.precision, inputs=inputs, outputs=outputs,
+                          details=OnnxDetails(opset=onnx_options.opset, external_data=external))
 
 
-def _name_dims(program, spec: ComponentSpec, inputs: list[dict], outputs: list[dict]) -> None:
+def _name_dims(program, spec: ComponentSpec, inputs: tuple[TensorIO, ...], outputs: tuple[TensorIO, ...]) -> None:
     """Give the exported graph's symbolic dims the spec's names, inputs and outputs alike."""
     import onnx_ir as ir
 
     graph = program.model.graph
     mapping = {}
     for value, desc in zip(graph.inputs, inputs):
-        for dim, name in zip(value.shape, desc["dims"]):
+        for dim, name in zip(value.shape, desc.dims):
             if isinstance(name, str) and isinstance(dim, ir.SymbolicDim) and dim.value not in mapping:
                 mapping[dim.value] = name
     program.rename_axes(mapping)
     # Output dims come out as expressions of the inputs' ("2*((h-1)//2)+2"); the spec states them plainly.
     for value, desc in zip(graph.outputs, outputs):
-        value.shape = ir.Shape(desc["dims"])
+        value.shape = ir.Shape(desc.dims)

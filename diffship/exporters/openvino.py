@@ -1,6 +1,7 @@
 """OpenVINO exporter: ``openvino.convert_model`` of each wrapper module, saved as IR.
 
-Layout per component, as optimum-intel writes it: ``<component>/openvino_model.xml`` + ``.bin``.
+Layout per component, as optimum-intel writes it: ``<component>/openvino_model.xml`` + ``.bin``
+(see :mod:`diffship.backends.openvino`).
 Precisions are weight formats, computation stays float32 on the host side of the graph:
 ``fp32``; ``fp16`` (weights compressed to fp16); ``int8`` (NNCF 8-bit weight compression); and
 ``hybrid-int8``: the denoiser (UNet) gets 8-bit weights *and* 8-bit activations on the operations
@@ -10,60 +11,38 @@ get 8-bit weights.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from diffship._registry import require_modules
+from diffship.backends.manifest import ComponentEntry
+from diffship.backends.openvino import MODEL_FILE, OPENVINO, OpenVINODetails
 from diffship.errors import ExportError, MissingBackendError, first_line
-from diffship.exporters.base import Artifact, ExportOptions, io_description, quiet_export
+from diffship.exporters.base import ExportOptions, component_files, io_description, quiet_export
 from diffship.reference.specs import ComponentSpec
 
-BACKEND = "openvino"
-EXTRA = "openvino"
-PACKAGES = ("openvino",)
-PRECISIONS = ("fp32", "fp16", "int8", "hybrid-int8")
-CALIBRATED = ("hybrid-int8",)
-MODEL_FILE = "openvino_model.xml"
 
-
-def versions() -> dict[str, str]:
-    import openvino
-
-    found = {"openvino": openvino.__version__}
-    try:
-        import nncf
-
-        found["nncf"] = nncf.__version__
-    except ImportError:
-        pass
-    return found
-
-
-def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions) -> Artifact:
+def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions) -> ComponentEntry:
     """Convert ``module`` to OpenVINO IR in ``out_dir``.
 
     The graph's inputs and outputs stay float32 whatever the weight format (OpenVINO converts weights
     on load), so runners always feed float32. Symbolic dims become dynamic (-1) dims; the runtime
     reshapes to static shapes per request.
     """
-    require_modules(BACKEND, EXTRA, *PACKAGES)
-    if options.extra:
-        raise ExportError(f"unknown openvino export option(s) {', '.join(sorted(options.extra))}; it takes none "
-                          f"(choose weights with --precision fp32|fp16|int8)")
+    OPENVINO.require()
     import openvino as ov
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     module = module.float()  # fp16 is a weight format here: trace in fp32, compress on save
     inputs, outputs = io_description(spec, options)
-    for desc in (*inputs, *outputs):
-        if desc["dtype"] == "float16":
-            desc["dtype"] = "float32"
+    inputs, outputs = (tuple(replace(d, dtype="float32") if d.dtype == "float16" else d for d in io)
+                       for io in (inputs, outputs))
     example = spec.example_inputs(options.profile, "fp32")
-    shapes = [(ov.PartialShape([-1 if isinstance(d, str) else d for d in desc["dims"]]),
-               ov.Type.i64 if desc["dtype"] == "int64" else ov.Type.f32) for desc in inputs]
+    shapes = [(ov.PartialShape([-1 if isinstance(d, str) else d for d in desc.dims]),
+               ov.Type.i64 if desc.dtype == "int64" else ov.Type.f32) for desc in inputs]
     try:
         with quiet_export(), torch.no_grad():
             model = ov.convert_model(module, example_input=tuple(example.values()), input=shapes)
@@ -75,23 +54,22 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
         port.get_tensor().set_names({name})
     for port, name in zip(model.outputs, spec.output_names):
         port.get_tensor().set_names({name})
-    details = {"weights": "int8" if options.precision == "hybrid-int8" else options.precision}
+    details = OpenVINODetails(weights="int8" if options.precision == "hybrid-int8" else options.precision)
     if options.precision == "hybrid-int8" and options.calibration:
         model = _hybrid_int8(model, options.calibration)
-        details["activations"] = f"int8, calibrated on {len(options.calibration)} recorded calls"
+        details.activations = f"int8, calibrated on {len(options.calibration)} recorded calls"
     elif options.precision in ("int8", "hybrid-int8"):
         model = _compress_int8(model)
     ov.save_model(model, out_dir / MODEL_FILE, compress_to_fp16=options.precision == "fp16")
-    files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
-    return Artifact(component=spec.name, files=files, precision=options.precision, inputs=inputs, outputs=outputs,
-                    details=details)
+    return ComponentEntry(component=spec.name, source=spec.source, files=component_files(out_dir),
+                          precision=options.precision, inputs=inputs, outputs=outputs, details=details)
 
 
 def _nncf():
     try:
         import nncf
     except ImportError:
-        raise MissingBackendError("openvino int8", "nncf", EXTRA) from None
+        raise MissingBackendError("openvino int8", "nncf", OPENVINO.extra) from None
     return nncf
 
 

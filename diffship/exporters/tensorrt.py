@@ -44,91 +44,30 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from diffship._files import atomic_folder, atomic_write, cache_dir, read_json, write_json
+from diffship._files import atomic_folder, atomic_write, cache_dir, code_fingerprint, read_json, write_json
 from diffship._isolate import run_isolated
-from diffship._registry import require_modules
+from diffship.backends.manifest import ComponentEntry
+from diffship.backends.onnx import MODEL_FILE as ONNX_FILE, OnnxExportOptions
+from diffship.backends.tensorrt import (FLAVOURS, TARGETS, TENSORRT, EngineProfile, TensorRTDetails,
+                                        TensorRTExportOptions, engine_name, installed_flavours, target_tag)
+from diffship.configs.fields import parse, to_data
 from diffship.errors import DiffshipError, ExportError, MissingBackendError, ShapeError
 from diffship.exporters import onnx as onnx_exporter
-from diffship.exporters.base import Artifact, ExportOptions, io_description
-from diffship.reference.specs import ComponentSpec, ShapeRange, span
+from diffship.exporters.base import ExportOptions, io_description
+from diffship.reference.shapes import ShapeRange
+from diffship.reference.specs import ComponentSpec
+from diffship.reference.wrappers import graph_fingerprint
 
 log = logging.getLogger("diffship")
 
-BACKEND = "tensorrt"
-EXTRA = "tensorrt"
-PACKAGES = ("tensorrt|tensorrt_rtx", *onnx_exporter.PACKAGES)
-PRECISIONS = ("fp32", "fp16", "bf16")
-#: TensorRT flavours by module name, in order of preference.
-FLAVOURS = {"tensorrt": "TensorRT", "tensorrt_rtx": "TensorRT-RTX"}
-ENGINE_SUFFIX = ".plan"
 BF16_OPSET = 22
-OPTIONS = ("profile", "flavour", "optimization_level", "refit", "tf32", "compute_capability", "timing_cache",
-           "onnx_cache")
-#: files that decide what the ONNX step produces, beyond library versions (part of the ONNX cache key).
-_GRAPH_CODE = ("reference/specs.py", "exporters/onnx.py")
-
-
-def installed_flavours() -> list[str]:
-    """The TensorRT flavours importable here, standard TensorRT first."""
-    return [f for f in FLAVOURS if importlib.util.find_spec(f) is not None]
-
-
-def installed_versions() -> dict[str, str]:
-    """Installed TensorRT flavour -> its version."""
-    return {flavour: importlib.import_module(flavour).__version__ for flavour in installed_flavours()}
-
-
-def versions() -> dict[str, str]:
-    return {**onnx_exporter.versions(), **installed_versions()}
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """The validated ``-o`` options of a TensorRT export (see the module docstring)."""
-
-    profile: Any = None
-    flavour: str | None = None
-    optimization_level: int | None = None
-    refit: bool = False
-    tf32: bool = False
-    compute_capability: tuple[str, ...] = ()
-    timing_cache: str | bool = True
-    onnx_cache: bool = True
-
-    @classmethod
-    def parse(cls, extra: dict[str, Any]) -> "BuildOptions":
-        unknown = sorted(set(extra) - set(OPTIONS))
-        if unknown:
-            raise ExportError(f"unknown tensorrt export option(s) {', '.join(unknown)}; it takes: "
-                              f"{', '.join(OPTIONS)}, opset, external_data")
-        opts = dict(extra)
-        for key in ("refit", "tf32", "onnx_cache"):
-            if key in opts and not isinstance(opts[key], bool):
-                raise ExportError(f"tensorrt option {key} must be true or false, got {opts[key]!r}")
-        level = opts.get("optimization_level")
-        if level is not None and (isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 5):
-            raise ExportError(f"tensorrt option optimization_level must be 0-5, got {level!r}")
-        flavour = opts.get("flavour")
-        if flavour is not None:
-            flavour = str(flavour).replace("-", "_").lower()
-            if flavour not in FLAVOURS:
-                raise ExportError(f"unknown TensorRT flavour {opts['flavour']!r}; choose one of: {', '.join(FLAVOURS)}")
-            opts["flavour"] = flavour
-        cc = opts.get("compute_capability", ())
-        if isinstance(cc, (str, int)):
-            cc = [c for c in str(cc).replace(" ", "").split(",") if c]
-        opts["compute_capability"] = tuple(str(c).lower() for c in cc)
-        cache = opts.get("timing_cache", True)
-        if cache is not True and cache is not False and not isinstance(cache, str):
-            raise ExportError(f"tensorrt option timing_cache must be a file path or false, got {cache!r}")
-        return cls(**opts)
 
 
 def choose_flavour(requested: str | None) -> str:
@@ -137,10 +76,10 @@ def choose_flavour(requested: str | None) -> str:
     if requested:
         if requested not in found:
             package = "tensorrt (from NVIDIA's package index)" if requested == "tensorrt" else "tensorrt-rtx-cu12"
-            raise MissingBackendError(f"tensorrt ({FLAVOURS[requested]})", package, EXTRA)
+            raise MissingBackendError(f"tensorrt ({FLAVOURS[requested]})", package, TENSORRT.extra)
         return requested
     if not found:
-        raise MissingBackendError(BACKEND, "tensorrt' or 'tensorrt_rtx", EXTRA)
+        raise MissingBackendError(TENSORRT.name, "tensorrt' or 'tensorrt_rtx", TENSORRT.extra)
     return found[0]
 
 
@@ -212,28 +151,11 @@ def _explicit_range(data: dict[str, Any], base) -> ShapeRange:
                       width=triple("width", base.width), sequence_length=base.sequence_length, guidance=base.guidance)
 
 
-def engine_name(precision: str, ranges: list[ShapeRange], flavour: str, version: str, target: str) -> str:
-    """File name recording what the engine is: precision, profiles, flavour-version, target GPUs."""
-    shapes = [f"b{span(r.batch)}_h{span(r.height)}_w{span(r.width)}" for r in ranges]
-    tag = "+".join(shapes) if len(shapes) <= 2 else \
-        f"{len(shapes)}profiles-{hashlib.sha256('+'.join(shapes).encode()).hexdigest()[:8]}"
-    short = {"tensorrt": "trt", "tensorrt_rtx": "trt-rtx"}[flavour]
-    return f"{precision}.{tag}.{short}-{version}.{target}{ENGINE_SUFFIX}"
-
-
-def target_tag(flavour: str, compute_capability: tuple[str, ...]) -> str:
-    """``portable`` (TensorRT-RTX's default set), ``sm86-sm89``, ``ampere+``, or ``build-gpu``."""
-    if not compute_capability:
-        return "portable" if flavour == "tensorrt_rtx" else "build-gpu"
-    return "-".join(compute_capability)
-
-
 def _check_targets(flavour: str, targets: tuple[str, ...]) -> None:
+    known = TARGETS[flavour]
     if flavour == "tensorrt_rtx":
-        known = {"sm75", "sm80", "sm86", "sm89", "sm120", "sm121"}
         hint = "e.g. sm86,sm89 (" + ", ".join(sorted(known)) + ")"
     else:
-        known = {"ampere+"}
         hint = "ampere+ (hardware-compatible) or leave it out (the building GPU)"
     bad = [t for t in targets if t not in known]
     if bad:
@@ -244,49 +166,49 @@ def _check_targets(flavour: str, targets: tuple[str, ...]) -> None:
 
 
 def _onnx_key(spec: ComponentSpec, module: nn.Module, options: ExportOptions) -> str:
-    """What the ONNX export of ``module`` depends on: weights, architecture, graph code, options, versions."""
+    """What the ONNX export of ``module`` depends on: weights, architecture, IO, the code of the wrappers
+    and of the ONNX exporter (an explicit version plus their parsed code, so moving them or editing a
+    comment changes nothing), options and library versions."""
     from diffship import __version__
-    from diffship.manifest import library_versions
+    from diffship.backends.manifest import library_versions
 
     h = hashlib.sha256()
     h.update(json.dumps({"component": spec.name, "precision": options.precision, "static": options.static,
-                         "profile": options.profile.to_dict() if options.static else None, "opset": options.opset,
-                         "external_data": options.external_data, "versions": library_versions(), "diffship": __version__,
+                         "profile": to_data(options.profile) if options.static else None,
+                         "onnx": to_data(options.backend), "versions": library_versions(), "diffship": __version__,
+                         "io": [[t.name, t.dtype, list(t.dims)] for t in (*spec.inputs, *spec.outputs)],
+                         "graphs": graph_fingerprint(), "exporter": code_fingerprint(onnx_exporter),
                          "module": repr(module)}, sort_keys=True).encode())
-    root = Path(__file__).resolve().parent.parent
-    for rel in _GRAPH_CODE:
-        h.update((root / rel).read_bytes())
     for name, tensor in sorted(module.state_dict().items()):
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         h.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())  # the bytes, without a copy
     return h.hexdigest()
 
 
-def onnx_for(spec: ComponentSpec, module: nn.Module, options: ExportOptions, use_cache: bool,
+def onnx_for(spec: ComponentSpec, module: nn.Module, options: ExportOptions, build: TensorRTExportOptions,
              scratch: Path) -> tuple[Path, dict[str, Any]]:
     """The ONNX graph of ``module``: from the diffship cache when an identical export exists, else
-    exported now (into the cache, or into ``scratch`` when caching is off)."""
-    onnx_options = replace(options, extra={})
-    if options.precision == "bf16":  # ONNX convolutions (and more) take bfloat16 from opset 22 on
-        onnx_options = replace(onnx_options, opset=max(options.opset, BF16_OPSET))
+    exported now (into the cache, or into ``scratch`` when ``build.onnx_cache`` is off)."""
+    opset = max(build.opset, BF16_OPSET) if options.precision == "bf16" else build.opset  # bf16 convolutions: 22+
+    onnx_options = replace(options, backend=OnnxExportOptions(opset=opset, external_data=build.external_data))
     start = time.perf_counter()
-    if not use_cache:
-        artifact = onnx_exporter.export(spec, module, scratch, onnx_options)
-        return scratch / onnx_exporter.MODEL_FILE, {**artifact.details, "cached": None, "reused": False,
-                                                     "seconds": round(time.perf_counter() - start, 2)}
+    if not build.onnx_cache:
+        entry = onnx_exporter.export(spec, module, scratch, onnx_options)
+        return scratch / ONNX_FILE, {**to_data(entry.details, drop_none=True), "cached": None, "reused": False,
+                                     "seconds": round(time.perf_counter() - start, 2)}
     key = _onnx_key(spec, module, onnx_options)
     folder = cache_dir() / "onnx" / f"{spec.name}-{options.precision}-{key[:24]}"
     reused = (folder / "artifact.json").is_file()
     if not reused:
         try:
             with atomic_folder(folder) as tmp:
-                artifact = onnx_exporter.export(spec, module, tmp, onnx_options)
-                write_json(tmp / "artifact.json", artifact.to_dict())
+                entry = onnx_exporter.export(spec, module, tmp, onnx_options)
+                write_json(tmp / "artifact.json", {"details": to_data(entry.details, drop_none=True)})
         except DiffshipError:
             if not (folder / "artifact.json").is_file():  # not just another process finishing first
                 raise
     details = read_json(folder / "artifact.json")["details"]
-    return folder / onnx_exporter.MODEL_FILE, {**details, "cached": str(folder), "reused": reused,
+    return folder / ONNX_FILE, {**details, "cached": str(folder), "reused": reused,
                                                 "seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -307,14 +229,15 @@ def default_timing_cache(flavour: str, version: str) -> Path:
 # --- export ----------------------------------------------------------------------------------------------
 
 
-def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions) -> Artifact:
+def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions) -> ComponentEntry:
     """Build ``out_dir/<engine name>.plan`` for ``module`` (already in the target precision).
 
     The ONNX export comes first (or from the cache); the build runs in a child interpreter so a crash
-    in TensorRT becomes an :class:`ExportError`.
+    in TensorRT becomes an :class:`ExportError`. ``options.backend`` is a
+    :class:`~diffship.backends.tensorrt.TensorRTExportOptions` (defaults when None).
     """
-    require_modules(BACKEND, EXTRA, *PACKAGES)
-    opts = BuildOptions.parse(options.extra)
+    TENSORRT.require()
+    opts: TensorRTExportOptions = options.backend or TensorRTExportOptions()
     flavour = choose_flavour(opts.flavour)
     _check_targets(flavour, opts.compute_capability)
     version = importlib.import_module(flavour).__version__
@@ -328,7 +251,7 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
                            else default_timing_cache(flavour, version))
     name = engine_name(options.precision, ranges, flavour, version, target_tag(flavour, opts.compute_capability))
     with tempfile.TemporaryDirectory(prefix="diffship-onnx-") as scratch:
-        onnx_path, onnx_facts = onnx_for(spec, module, options, opts.onnx_cache, Path(scratch))
+        onnx_path, onnx_facts = onnx_for(spec, module, options, opts, Path(scratch))
         request = {
             "component": spec.name, "flavour": flavour, "onnx": str(onnx_path), "engine": str(out_dir / name),
             "profiles": [{k: [list(s) for s in v] for k, v in spec.input_ranges(r).items()} for r in ranges],
@@ -338,20 +261,21 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
         }
         facts = run_isolated(f"building the {spec.name} TensorRT engine", build_engine, request, error=ExportError)
     cache_note = _cache_note(timing_cache, facts["timing_cache"], flavour)
-    details = {
-        "engine": name, "flavour": flavour, "tensorrt_version": version, "strongly_typed": True,
-        "compute_capability": facts["compute_capability"], "tf32": facts["tf32"],
-        "profiles": [{"request": r.to_dict(), "inputs": p} for r, p in zip(ranges, facts["profiles"])],
-        "optimization_level": facts["optimization_level"], "refittable": opts.refit,
-        "timing_cache": {"path": timing_cache, **facts["timing_cache"]} if timing_cache else {"note": cache_note},
-        "onnx": onnx_facts,
-        "timings": {"onnx_export": onnx_facts["seconds"], "engine_build": facts["seconds"]},
-        "notes": [f"ONNX {'reused from' if onnx_facts['reused'] else 'exported into'} the cache" if onnx_facts["cached"]
-                  else "ONNX exported (cache off)",
-                  f"timing cache {cache_note}"],
-    }
-    return Artifact(component=spec.name, files=[name], precision=options.precision, inputs=inputs, outputs=outputs,
-                    details=details)
+    details = TensorRTDetails(
+        engine=name, flavour=flavour, tensorrt_version=version, strongly_typed=True,
+        compute_capability=facts["compute_capability"], tf32=facts["tf32"],
+        profiles=[parse(EngineProfile, {"request": to_data(r), "inputs": p}, "profile key", error=ExportError)
+                  for r, p in zip(ranges, facts["profiles"])],
+        optimization_level=facts["optimization_level"], refittable=opts.refit,
+        timing_cache={"path": timing_cache, **facts["timing_cache"]} if timing_cache else {"note": cache_note},
+        onnx=onnx_facts,
+        timings={"onnx_export": onnx_facts["seconds"], "engine_build": facts["seconds"]},
+        notes=[f"ONNX {'reused from' if onnx_facts['reused'] else 'exported into'} the cache" if onnx_facts["cached"]
+               else "ONNX exported (cache off)",
+               f"timing cache {cache_note}"],
+    )
+    return ComponentEntry(component=spec.name, source=spec.source, files=[name], precision=options.precision,
+                          inputs=inputs, outputs=outputs, details=details)
 
 
 # --- the build (runs in a child interpreter) ------------------------------------------------------------

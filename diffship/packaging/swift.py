@@ -25,13 +25,15 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from diffship._files import atomic_folder, atomic_write, write_json
+from diffship.backends.coreml import MODEL_FILE
+from diffship.backends.manifest import ComponentEntry, Manifest, read_manifest
 from diffship.errors import DiffshipError, ExportError
-from diffship.manifest import read_manifest
+from diffship.progress import Progress, silent
 
 #: exported component -> the Swift pipeline's resource name.
 RESOURCE_NAMES = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder",
@@ -41,8 +43,6 @@ COMPILE_SCRIPT = "compile-models.sh"
 PACKAGE_MANIFEST = "diffship-package.json"
 #: largest |whole - chained| accepted when verifying a chunked UNet (fp16 programs round at ~1e-3).
 CHUNK_TOLERANCE = 1e-3
-
-Progress = Callable[[str], None]
 
 
 def can_compile() -> bool:
@@ -66,7 +66,7 @@ def package_swift(exported: str | Path, out: str | Path, *, chunk_unet: bool = F
     Returns:
         The package description written to ``out/diffship-package.json``.
     """
-    say = progress or (lambda _msg: None)
+    say = progress or silent
     exported, out = Path(exported), Path(out)
     manifest = read_manifest(exported)
     _check_export(exported, manifest)
@@ -74,25 +74,25 @@ def package_swift(exported: str | Path, out: str | Path, *, chunk_unet: bool = F
     if compile_models and not can_compile():
         raise DiffshipError("compiling Core ML models needs xcrun coremlcompiler (macOS with Xcode); leave compiling "
                             f"to {COMPILE_SCRIPT} on a Mac (omit --compile)")
-    facts: dict[str, Any] = {"format": "diffship.swift-resources/1", "source": manifest["source"]["name"],
-                             "precision": manifest["precision"], "chunked": chunk_unet, "compiled": compile_models}
+    facts: dict[str, Any] = {"format": "diffship.swift-resources/1", "source": manifest.source.name,
+                             "precision": manifest.precision, "chunked": chunk_unet, "compiled": compile_models}
     with atomic_folder(out, overwrite=overwrite, marker=PACKAGE_MANIFEST) as tmp, \
             tempfile.TemporaryDirectory(prefix="diffship-swift-") as scratch:
         packages = {}
         for component, name in RESOURCE_NAMES.items():
-            if component not in manifest["components"]:
+            if component not in manifest.components:
                 continue
             say(f"copying {component} as {name}")
             packages[name] = Path(scratch) / f"{name}.mlpackage"
-            shutil.copytree(exported / component / "model.mlpackage", packages[name])
+            shutil.copytree(exported / component / MODEL_FILE, packages[name])
         if chunk_unet:
             say("splitting the UNet into two chunks")
             packages.update(split_unet(packages.pop("Unet"), Path(scratch)))
             if verify:
                 say("checking that the chained chunks equal the whole UNet (MIL reference evaluator)")
-                facts["chunk_max_abs_error"] = verify_chunks(exported / "unet" / "model.mlpackage",
+                facts["chunk_max_abs_error"] = verify_chunks(exported / "unet" / MODEL_FILE,
                                                              packages["UnetChunk1"], packages["UnetChunk2"],
-                                                             manifest["components"]["unet"])
+                                                             manifest.components["unet"])
         for name, package in packages.items():
             if compile_models:
                 say(f"compiling {name}")
@@ -109,18 +109,18 @@ def package_swift(exported: str | Path, out: str | Path, *, chunk_unet: bool = F
     return facts
 
 
-def _check_export(exported: Path, manifest: dict[str, Any]) -> None:
-    if manifest["backend"] != "coreml":
-        raise DiffshipError(f"{exported} was exported for {manifest['backend']}; --target swift packages Core ML "
+def _check_export(exported: Path, manifest: Manifest) -> None:
+    if manifest.backend != "coreml":
+        raise DiffshipError(f"{exported} was exported for {manifest.backend}; --target swift packages Core ML "
                             f"exports (diffship export SOURCE OUT --backend coreml)")
-    if manifest["family"] != "stable-diffusion":
-        raise DiffshipError(f"--target swift packages Stable Diffusion 1.x/2.x pipelines, not {manifest['family']}")
-    missing = [c for c in REQUIRED if c not in manifest["components"]]
+    if manifest.family != "stable-diffusion":
+        raise DiffshipError(f"--target swift packages Stable Diffusion 1.x/2.x pipelines, not {manifest.family}")
+    missing = [c for c in REQUIRED if c not in manifest.components]
     if missing:
         raise DiffshipError(f"{exported} lacks {', '.join(missing)}, which the Swift pipeline needs; export every "
                             f"component (no --component)")
-    unet = manifest["components"]["unet"]["inputs"][0]["dims"]
-    text = manifest["components"]["text_encoder"]["inputs"][0]["dims"]
+    unet = manifest.components["unet"].inputs[0].dims
+    text = manifest.components["text_encoder"].inputs[0].dims
     if unet[0] != 2 or text[0] != 1:
         raise DiffshipError("the Swift pipeline runs one prompt with classifier-free guidance (text encoder batch 1, "
                             "UNet batch 2); re-export with --batch 1 and guidance (no --no-guidance)")
@@ -145,18 +145,18 @@ def split_unet(package: Path, scratch: Path) -> dict[str, Path]:
     return chunks
 
 
-def verify_chunks(whole: Path, chunk1: Path, chunk2: Path, unet: dict[str, Any]) -> float:
+def verify_chunks(whole: Path, chunk1: Path, chunk2: Path, unet: ComponentEntry) -> float:
     """Run the whole UNet and chunk 1 -> chunk 2 (chunk 1's outputs merged over the inputs, as the
     Swift pipeline chains them) on the same inputs; the largest absolute difference.
 
     Raises:
         ExportError: the chains differ by more than :data:`CHUNK_TOLERANCE`.
     """
-    from diffship.runtimes._mil import MilReference
+    from diffship.runtimes.mil import MilReference
 
     rng = np.random.default_rng(0)
-    feeds = {spec["name"]: rng.standard_normal(spec["shapes"][0]).astype(np.float32)
-             for spec in unet["details"]["model_inputs"]}
+    feeds = {spec.name: rng.standard_normal(spec.shapes[0]).astype(np.float32)
+             for spec in unet.details.model_inputs}
     feeds["timestep"] = np.full_like(feeds["timestep"], 500.0)
     full = MilReference(whole).run(feeds)
     first, second = MilReference(chunk1), MilReference(chunk2)

@@ -14,21 +14,21 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from diffship.backends.manifest import Manifest, read_manifest
 from diffship.configs import load_tolerances
 from diffship.errors import DiffshipError
-from diffship.manifest import read_manifest
 from diffship.parity.result import ComponentResult, ImageResult, OutputResult, ParityReport
+from diffship.progress import Progress, silent
 from diffship.reference import load_with_info
-from diffship.reference.families import build_pipeline, family_of, specs_for_pipeline
+from diffship.reference.families import family_of
+from diffship.reference.pipelines import build_pipeline, set_scheduler, specs_for_pipeline
 from diffship.reference.recording import record_calls
 from diffship.reference.specs import ComponentSpec
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,6 @@ class ParitySettings:
     max_calls: int = 64
 
 
-def _as_outputs(spec: ComponentSpec, value: Any) -> dict[str, torch.Tensor]:
-    values = (value,) if isinstance(value, torch.Tensor) else tuple(value)
-    return dict(zip(spec.output_names, values))
-
-
 def compare_component(spec: ComponentSpec, eager_module: torch.nn.Module, runner: Any,
                       recorded: list[dict[str, torch.Tensor]], tolerances: Any) -> ComponentResult:
     """Replay recorded inputs through the eager wrapper and the exported runner; compare every output.
@@ -72,12 +67,11 @@ def compare_component(spec: ComponentSpec, eager_module: torch.nn.Module, runner
     elements), so one bad UNet step fails the output.
     """
     start = time.perf_counter()
-    wrapper = spec.wrapper(eager_module).eval()
+    eager = spec.eager(eager_module)
     expected: dict[str, list[np.ndarray]] = {n: [] for n in spec.output_names}
     actual: dict[str, list[np.ndarray]] = {n: [] for n in spec.output_names}
     for inputs in recorded:
-        with torch.no_grad():
-            ref = _as_outputs(spec, wrapper(*(inputs[n] for n in spec.input_names)))
+        ref = eager(inputs)
         got = runner.infer(inputs)
         for name in spec.output_names:
             expected[name].append(ref[name].float().cpu().numpy())
@@ -95,21 +89,6 @@ def _stack(expected: list[np.ndarray], actual: list[np.ndarray]) -> tuple[np.nda
         if e.shape != a.shape:
             return e, a
     return np.concatenate([e.ravel() for e in expected]), np.concatenate([a.ravel() for a in actual])
-
-
-def _set_scheduler(pipe: Any, name: str | None) -> None:
-    if name is None:
-        return
-    pipe.scheduler = scheduler_class(pipe, name).from_config(pipe.scheduler.config)
-
-
-def scheduler_class(pipe: Any, name: str) -> type:
-    """The scheduler class ``name`` if it is compatible with ``pipe`` (else an error listing those that are)."""
-    compatible = {cls.__name__: cls for cls in [type(pipe.scheduler), *pipe.scheduler.compatibles]}
-    if name not in compatible:
-        raise DiffshipError(f"unknown or incompatible scheduler {name!r}; choose one of: "
-                            f"{', '.join(sorted(compatible))}")
-    return compatible[name]
 
 
 def synthetic_image(height: int, width: int) -> np.ndarray:
@@ -168,67 +147,67 @@ def check_parity(
     Returns:
         The :class:`ParityReport`; ``report.passed`` says whether every check met its tolerance.
     """
-    from diffship.runtimes.pipeline import load_pipeline
+    from diffship.runtimes.pipeline import open_export
 
-    say = progress or (lambda _msg: None)
+    say = progress or silent
     started = time.perf_counter()
     manifest = read_manifest(exported)
-    tolerances = load_tolerances(manifest["backend"], manifest["precision"], tolerances_file)
+    tolerances = load_tolerances(manifest.backend, manifest.precision, tolerances_file)
     say(f"loading {source}")
     eager, info = load_with_info(source, config=config, allow_pickle=allow_pickle)
-    if info.fingerprint != manifest["source"]["fingerprint"]:
+    if info.fingerprint != manifest.source.fingerprint:
         raise DiffshipError(
-            f"{exported} was exported from {manifest['source']['name']!r} (fingerprint "
-            f"{manifest['source']['fingerprint'][:12]}), not from {source!r} ({info.fingerprint[:12]}); "
+            f"{exported} was exported from {manifest.source.name!r} (fingerprint "
+            f"{manifest.source.fingerprint[:12]}), not from {source!r} ({info.fingerprint[:12]}); "
             f"compare an export with its own source"
         )
     say(f"loading {exported}")
-    exported_pipe = load_pipeline(exported, verify=False, **(runtime_options or {}))
-    runners = exported_pipe.diffship_runners
-    compute = {r.compute_precision for r in runners.values()} - {None}
-    precision = compute.pop() if len(compute) == 1 else manifest["precision"]
-    if precision != manifest["precision"]:  # e.g. OpenVINO computing in bf16: judged by bf16 tolerances
-        tolerances = load_tolerances(manifest["backend"], precision, tolerances_file)
-    settings = _resolve_size(settings or ParitySettings(), manifest)
-    batch = manifest["shapes"]["profile"]["batch_size"] if manifest["shapes"]["static"] else 1
-    for pipe in (eager, exported_pipe):
-        _set_scheduler(pipe, settings.scheduler)
-        pipe.set_progress_bar_config(disable=True)
-    family = family_of(manifest["pipeline_class"])
-    specs = [s for s in specs_for_pipeline(eager) if s.name in manifest["components"]]
-    tasks = [t for t in settings.tasks if t in manifest["tasks"]]
+    with open_export(exported, verify=False, **(runtime_options or {})) as loaded:
+        manifest, runners, exported_pipe = loaded.manifest, loaded.runners, loaded.pipeline
+        compute = {r.compute_precision for r in runners.values()} - {None}
+        precision = compute.pop() if len(compute) == 1 else manifest.precision
+        if precision != manifest.precision:  # e.g. OpenVINO computing in bf16: judged by bf16 tolerances
+            tolerances = load_tolerances(manifest.backend, precision, tolerances_file)
+        settings = _resolve_size(settings or ParitySettings(), manifest)
+        batch = manifest.shapes.profile.batch_size if manifest.shapes.static else 1
+        for pipe in (eager, exported_pipe):
+            set_scheduler(pipe, settings.scheduler)
+            pipe.set_progress_bar_config(disable=True)
+        family = family_of(manifest.pipeline_class)
+        specs = [s for s in specs_for_pipeline(eager) if s.name in manifest.components]
+        tasks = [t for t in settings.tasks if t in manifest.tasks]
 
-    images: list[ImageResult] = []
-    init_image = synthetic_image(settings.height, settings.width)
-    with record_calls(eager, specs, settings.max_calls) as calls:
-        for task in tasks:
-            say(f"running {task}, eager and exported ({settings.steps} steps)")
-            cls = family.pipeline_class(task)
-            # The pipeline settings (the refiner's requires_aesthetics_score) are in the config, not in components.
-            pair = [build_pipeline(cls, {**dict(p.config), **p.components}) for p in (eager, exported_pipe)]
-            for p in pair:
-                p.set_progress_bar_config(disable=True)
-            want = _generate(pair[0], settings, task, init_image, batch)
-            got = _generate(pair[1], settings, task, init_image, batch)
-            images += [ImageResult.evaluate(task, i, e, g, tolerances.image) for i, (e, g) in enumerate(zip(want, got))]
-            if task == "text2img":
-                init_image = want[0]
-    components = []
-    for spec in specs:
-        say(f"comparing {spec.name} on {len(calls[spec.name])} recorded calls")
-        if calls[spec.name]:
-            components.append(compare_component(spec, getattr(eager, spec.source), runners[spec.name],
-                                                calls[spec.name], tolerances))
-    return ParityReport(
-        source=str(source), export=str(exported), backend=manifest["backend"], precision=precision,
-        evaluator=runners[specs[0].name].describe(), settings={**asdict(settings), "tasks": tasks,
-                                                               "scheduler": type(eager.scheduler).__name__},
-        components=components, images=images, seconds=time.perf_counter() - started, versions=manifest["versions"],
-    )
+        images: list[ImageResult] = []
+        init_image = synthetic_image(settings.height, settings.width)
+        with record_calls(eager, specs, settings.max_calls) as calls:
+            for task in tasks:
+                say(f"running {task}, eager and exported ({settings.steps} steps)")
+                cls = family.pipeline_class(task)
+                # The pipeline settings (the refiner's requires_aesthetics_score) are in the config, not in components.
+                pair = [build_pipeline(cls, {**dict(p.config), **p.components}) for p in (eager, exported_pipe)]
+                for p in pair:
+                    p.set_progress_bar_config(disable=True)
+                want = _generate(pair[0], settings, task, init_image, batch)
+                got = _generate(pair[1], settings, task, init_image, batch)
+                images += [ImageResult.evaluate(task, i, e, g, tolerances.image) for i, (e, g) in enumerate(zip(want, got))]
+                if task == "text2img":
+                    init_image = want[0]
+        components = []
+        for spec in specs:
+            say(f"comparing {spec.name} on {len(calls[spec.name])} recorded calls")
+            if calls[spec.name]:
+                components.append(compare_component(spec, getattr(eager, spec.source), runners[spec.name],
+                                                    calls[spec.name], tolerances))
+        return ParityReport(
+            source=str(source), export=str(exported), backend=manifest.backend, precision=precision,
+            evaluator=runners[specs[0].name].describe(), settings={**asdict(settings), "tasks": tasks,
+                                                                   "scheduler": type(eager.scheduler).__name__},
+            components=components, images=images, seconds=time.perf_counter() - started, versions=manifest.versions,
+        )
 
 
-def _resolve_size(settings: ParitySettings, manifest: dict[str, Any]) -> ParitySettings:
+def _resolve_size(settings: ParitySettings, manifest: Manifest) -> ParitySettings:
     from dataclasses import replace
 
-    profile = manifest["shapes"]["profile"]
-    return replace(settings, height=settings.height or profile["height"], width=settings.width or profile["width"])
+    profile = manifest.shapes.profile
+    return replace(settings, height=settings.height or profile.height, width=settings.width or profile.width)

@@ -15,11 +15,12 @@ This module needs numpy only; torch tensors are accepted by duck typing.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from diffship.configs.tolerances import ImageTolerance, TensorTolerance
 from diffship.errors import ShapeError
 
 #: A bound is either an upper limit ("value <= limit") or a lower limit ("value >= limit").
@@ -46,65 +47,6 @@ SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
-
-
-@dataclass(frozen=True)
-class TensorTolerance:
-    """Limits for one component output; a field that is ``None`` is not checked.
-
-    Attributes:
-        max_abs: largest allowed absolute error.
-        mean_abs: largest allowed mean absolute error.
-        p99_abs: largest allowed 99th percentile of the absolute error.
-        cosine_min: smallest allowed cosine similarity, in [0, 1].
-        psnr_min: smallest allowed PSNR, in dB.
-    """
-
-    max_abs: float | None = None
-    mean_abs: float | None = None
-    p99_abs: float | None = None
-    cosine_min: float | None = None
-    psnr_min: float | None = None
-
-
-@dataclass(frozen=True)
-class ImageTolerance:
-    """Limits for one final image; a field that is ``None`` is not checked.
-
-    Attributes:
-        psnr_min: smallest allowed PSNR in dB (data range 1.0).
-        ssim_min: smallest allowed mean SSIM, in [0, 1].
-        max_abs: largest allowed absolute pixel difference (pixels in [0, 1]).
-    """
-
-    psnr_min: float | None = None
-    ssim_min: float | None = None
-    max_abs: float | None = None
-
-
-@dataclass
-class Tolerances:
-    """All tolerances of one backend x precision, as loaded by :func:`diffship.configs.load_tolerances`.
-
-    Attributes:
-        backend: backend name, e.g. ``"onnx"``.
-        precision: export precision, e.g. ``"fp16"``.
-        component: default limits for every component output.
-        image: limits for the final images.
-        overrides: per component name, the defaults with that component's own keys merged over them.
-        source: the file the tolerances were read from (for messages).
-    """
-
-    backend: str
-    precision: str
-    component: TensorTolerance
-    image: ImageTolerance
-    overrides: dict[str, TensorTolerance] = field(default_factory=dict)
-    source: str = ""
-
-    def for_component(self, name: str) -> TensorTolerance:
-        """Return the limits for component ``name`` (its override if any, else the defaults)."""
-        return self.overrides.get(name, self.component)
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,115 @@
-"""Pipeline families diffship exports, as data.
+"""Pipeline families diffship exports, as data, and the component specs each is exported as.
 
-A family ties diffusers pipeline classes (one per task) to the component specs they are exported as.
-A new family (SDXL, say) is one more :class:`Family` entry with its own spec function.
+A family ties diffusers pipeline classes (one per task) to the specs of its components, built from the
+components' configs. A new family is one more :class:`Family` entry with its own spec function.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 from diffship.errors import UnsupportedPipelineError
-from diffship.reference.specs import ComponentSpec, stable_diffusion_specs, stable_diffusion_xl_specs
+from diffship.reference.calls import text_encoder_inputs, unet_inputs, vae_decoder_inputs, vae_encoder_inputs
+from diffship.reference.shapes import FLOAT
+from diffship.reference.specs import ComponentSpec, TensorSpec, vae_scale_factor
+from diffship.reference.wrappers import (PENULTIMATE, SDXLUNetWrapper, TextEncoderWrapper, UNetWrapper,
+                                         VaeDecoderWrapper, VaeEncoderWrapper)
+
+# --- component specs per family -------------------------------------------------------------------------
+
+
+def _text_encoder_spec(name: str, config: dict[str, Any], outputs: tuple[str, ...], f: int) -> ComponentSpec:
+    """A CLIP text encoder: ``input_ids`` -> ``outputs`` (see :class:`TextEncoderWrapper`)."""
+    hidden = config["hidden_size"]
+    dims = {"last_hidden_state": ("batch", "sequence", hidden), PENULTIMATE: ("batch", "sequence", hidden),
+            "pooler_output": ("batch", hidden), "text_embeds": ("batch", config.get("projection_dim", hidden))}
+    return ComponentSpec(
+        name=name, source=name,
+        inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),),
+        outputs=tuple(TensorSpec(o, FLOAT, dims[o]) for o in outputs),
+        wrapper=partial(TextEncoderWrapper, outputs=outputs), method="forward",
+        to_inputs=partial(text_encoder_inputs, hidden=PENULTIMATE in outputs),
+        scale_factor=f, static_batch=False, config=config,
+    )
+
+
+def _unet_spec(unet: dict[str, Any], f: int, added: tuple[TensorSpec, ...] = ()) -> ComponentSpec:
+    """The denoiser; ``added`` are SDXL's added conditions. LCM UNets (``time_cond_proj_dim``) also take
+    ``timestep_cond``."""
+    extra = tuple(added)
+    if unet.get("time_cond_proj_dim"):
+        extra += (TensorSpec("timestep_cond", FLOAT, ("batch", unet["time_cond_proj_dim"])),)
+    return ComponentSpec(
+        name="unet", source="unet",
+        inputs=(TensorSpec("sample", FLOAT, ("batch", unet["in_channels"], "latent_height", "latent_width")),
+                TensorSpec("timestep", "float32", ("batch",)),
+                TensorSpec("encoder_hidden_states", FLOAT, ("batch", "sequence", unet["cross_attention_dim"])),
+                *extra),
+        outputs=(TensorSpec("out_sample", FLOAT, ("batch", unet["out_channels"], "latent_height", "latent_width")),),
+        wrapper=SDXLUNetWrapper if added else UNetWrapper, method="forward",
+        to_inputs=partial(unet_inputs, extra=tuple(t.name for t in extra)),
+        scale_factor=f, batch_multiplier=2, denoiser=True, config=unet,
+        multiples=dict.fromkeys(("latent_height", "latent_width"), 2 ** (len(unet["block_out_channels"]) - 1)),
+    )
+
+
+def _vae_specs(vae: dict[str, Any]) -> list[ComponentSpec]:
+    f = vae_scale_factor(vae)
+    upcast = bool(vae.get("force_upcast", False))  # diffusers runs the whole VAE in fp32 then
+    latent = vae["latent_channels"]
+    return [
+        ComponentSpec(
+            name="vae_encoder", source="vae",
+            inputs=(TensorSpec("sample", FLOAT, ("batch", vae.get("in_channels", 3), "height", "width")),),
+            outputs=(TensorSpec("latent_parameters", FLOAT, ("batch", 2 * latent, "latent_height", "latent_width")),),
+            wrapper=VaeEncoderWrapper, method="encode", to_inputs=vae_encoder_inputs,
+            scale_factor=f, keep_fp32=upcast, static_batch=False, config=vae,
+        ),
+        ComponentSpec(
+            name="vae_decoder", source="vae",
+            inputs=(TensorSpec("latent_sample", FLOAT, ("batch", latent, "latent_height", "latent_width"),
+                               scale=1.0 / vae.get("scaling_factor", 1.0)),),
+            outputs=(TensorSpec("sample", FLOAT, ("batch", vae.get("out_channels", 3), "height", "width")),),
+            wrapper=VaeDecoderWrapper, method="decode", to_inputs=vae_decoder_inputs,
+            scale_factor=f, keep_fp32=upcast, config=vae,
+        ),
+    ]
+
+
+def stable_diffusion_specs(configs: dict[str, dict[str, Any]]) -> list[ComponentSpec]:
+    """Specs of the Stable Diffusion family from the component configs (``text_encoder``, ``unet``, ``vae``).
+
+    Channel counts, hidden sizes and scale factors are read from the configs, so SD 1.x, SD 2.x,
+    inpainting UNets (9 input channels) and LCM UNets (``timestep_cond``) get the right shapes.
+    """
+    f = vae_scale_factor(configs["vae"])
+    return [_text_encoder_spec("text_encoder", configs["text_encoder"], ("last_hidden_state", "pooler_output"), f),
+            _unet_spec(configs["unet"], f), *_vae_specs(configs["vae"])]
+
+
+def stable_diffusion_xl_specs(configs: dict[str, dict[str, Any]]) -> list[ComponentSpec]:
+    """Specs of the SDXL family (base, refiner) from the component configs.
+
+    Both text encoders give SDXL's conditioning, the penultimate hidden states; ``text_encoder_2``
+    also its projected pooled output (``text_embeds``). The refiner has only ``text_encoder_2``. The
+    UNet takes ``text_embeds`` and ``time_ids`` (6 size/crop ids, 5 for the refiner's aesthetic score),
+    their widths read from its ``projection_class_embeddings_input_dim``.
+    """
+    unet, te2 = configs["unet"], configs["text_encoder_2"]
+    f = vae_scale_factor(configs["vae"])
+    pooled = te2.get("projection_dim", te2["hidden_size"])
+    time_ids = (unet["projection_class_embeddings_input_dim"] - pooled) // unet["addition_time_embed_dim"]
+    specs = []
+    if configs.get("text_encoder"):
+        specs.append(_text_encoder_spec("text_encoder", configs["text_encoder"], ("last_hidden_state", PENULTIMATE), f))
+    specs.append(_text_encoder_spec("text_encoder_2", te2, ("text_embeds", "last_hidden_state", PENULTIMATE), f))
+    added = (TensorSpec("text_embeds", FLOAT, ("batch", pooled)), TensorSpec("time_ids", FLOAT, ("batch", time_ids), scale=512.0))
+    return [*specs, _unet_spec(unet, f, added), *_vae_specs(configs["vae"])]
+
+
+# --- families -------------------------------------------------------------------------------------------
 
 TASKS = ("text2img", "img2img", "inpaint")
 
@@ -93,19 +192,6 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
-def build_pipeline(cls: type, components: dict[str, Any]):
-    """``cls(**components)`` with only the arguments ``cls`` takes, and the safety checker off where it has
-    one: SDXL pipelines take no safety checker, and only img2img/inpaint take ``requires_aesthetics_score``
-    (``pipe.components`` carries pipeline settings as well as modules)."""
-    import inspect
-
-    accepted = inspect.signature(cls.__init__).parameters
-    kwargs = {k: v for k, v in {"safety_checker": None, "feature_extractor": None, **components}.items() if k in accepted}
-    if "requires_safety_checker" in accepted:
-        kwargs["requires_safety_checker"] = False
-    return cls(**kwargs)
-
-
 def supported_classes() -> list[str]:
     return [name for fam in FAMILIES for name in fam.pipelines.values()]
 
@@ -118,21 +204,3 @@ def family_of(class_name: str) -> Family:
     raise UnsupportedPipelineError(
         f"pipeline class {class_name!r} is not supported; diffship exports: {', '.join(supported_classes())}"
     )
-
-
-def module_config(module: Any) -> dict[str, Any]:
-    """A torch module's config (diffusers or transformers) as a plain dict."""
-    cfg = module.config
-    return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-
-
-def pipeline_configs(pipe: Any) -> dict[str, dict[str, Any]]:
-    """The configs of an eager pipeline's modules, as its family's spec function takes them (modules a
-    pipeline leaves out, like the SDXL refiner's first text encoder, are absent)."""
-    return {name: module_config(getattr(pipe, name)) for name in family_of(type(pipe).__name__).modules
-            if getattr(pipe, name, None) is not None}
-
-
-def specs_for_pipeline(pipe: Any) -> list[ComponentSpec]:
-    """Component specs of an eager diffusers pipeline."""
-    return family_of(type(pipe).__name__).specs(pipeline_configs(pipe))

@@ -176,7 +176,7 @@ def build_preset(recipe: Recipe, out: Path) -> Path:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from diffship.reference.families import build_pipeline
+    from diffship.reference.pipelines import build_pipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     out = Path(out)

@@ -1,25 +1,21 @@
 """The runner protocol: ``infer(inputs) -> outputs``, with input checking done once, here.
 
-A backend runtime is one module in ``diffship/runtimes/`` defining::
-
-    BACKENDS: tuple[str, ...]    # exporter backends whose artifacts it runs ("onnx",)
-    EXTRA: str                   # pip extra that installs it
-    PACKAGES: tuple[str, ...]    # top-level modules it needs
-    def open_runner(folder, component, options) -> Runner
-
-where ``component`` is the component's entry in the export manifest (its IO description) and
-``options`` the user's runtime options (provider, threads, ...). Its :class:`Runner` subclass
-implements ``_run`` (and, to keep tensors on a device, ``device`` and ``_convert``).
+A backend's runner is the class its record names (``Backend.runner``), a :class:`Runner` subclass built as
+``Runner(folder, entry, options)``: the component folder, its manifest entry
+(:class:`~diffship.backends.manifest.ComponentEntry`) and the backend's parsed runtime options. It
+implements ``_run`` (and, to keep tensors on a device, ``device`` and ``_convert``), and ``close`` when
+it holds something worth releasing early. Runners are context managers.
 """
 
 from __future__ import annotations
 
-import inspect
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
+from diffship.backends.manifest import ComponentEntry
 from diffship.errors import DiffshipError, RuntimeFailure, ShapeError, first_line
 
 
@@ -32,18 +28,22 @@ class Runner:
             round-trips through the host).
 
     Args:
-        name: component name, for messages.
-        inputs: per input ``{"name", "dtype", "dims"}`` as recorded in the manifest; ``dims`` holds
-            ints for fixed sizes and names for symbolic ones.
-        outputs: same for outputs.
+        folder: the component folder.
+        entry: the component's manifest entry: its IO (``dims`` hold ints for fixed sizes and names for
+            symbolic ones) and its backend's details.
+        options: the backend's runtime options record.
     """
 
     device = torch.device("cpu")
 
-    def __init__(self, name: str, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]):
-        self.name = name
-        self.inputs = list(inputs)
-        self.outputs = list(outputs)
+    def __init__(self, folder: Path, entry: ComponentEntry, options: Any = None):
+        self.folder = Path(folder)
+        self.entry = entry
+        self.name = entry.component
+        self.inputs = list(entry.inputs)
+        self.outputs = list(entry.outputs)
+        self.details = entry.details
+        self.closed = False
         #: what the export accepts, in user terms, appended to shape errors (set by the runner or the
         #: pipeline loader), and what to do about a refused shape.
         self.shape_note = ""
@@ -51,11 +51,11 @@ class Runner:
 
     @property
     def input_names(self) -> list[str]:
-        return [i["name"] for i in self.inputs]
+        return self.entry.input_names
 
     @property
     def output_names(self) -> list[str]:
-        return [o["name"] for o in self.outputs]
+        return self.entry.output_names
 
     def check_inputs(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Validate names, ranks and sizes, and convert to the declared dtypes (with :meth:`_convert`).
@@ -72,26 +72,26 @@ class Runner:
         seen: dict[str, tuple[int, str]] = {}
         arrays = {}
         for spec in self.inputs:
-            value = feeds[spec["name"]]
+            value = feeds[spec.name]
             if not isinstance(value, (torch.Tensor, np.ndarray)):
                 value = np.asarray(value)
             shape = tuple(value.shape)
-            dims = spec["dims"]
+            dims = spec.dims
             if len(shape) != len(dims):
-                raise ShapeError(f"{self.name}: input {spec['name']} has shape {shape}, "
+                raise ShapeError(f"{self.name}: input {spec.name} has shape {shape}, "
                                  f"expected {len(dims)} dims {_fmt(dims)}")
             for axis, (want, got) in enumerate(zip(dims, shape)):
                 if isinstance(want, int) and want != got:
                     raise ShapeError(
-                        f"{self.name}: input {spec['name']} has shape {shape}, but this export takes "
+                        f"{self.name}: input {spec.name} has shape {shape}, but this export takes "
                         f"{_fmt(dims)} (axis {axis} is fixed at {want}){self.shape_note}; {self.shape_advice}"
                     )
                 if isinstance(want, str):
                     if want in seen and seen[want][0] != got:
                         raise ShapeError(f"{self.name}: dim {want!r} is {seen[want][0]} in {seen[want][1]} but "
-                                         f"{got} in {spec['name']}")
-                    seen.setdefault(want, (got, spec["name"]))
-            arrays[spec["name"]] = self._convert(value, spec["dtype"])
+                                         f"{got} in {spec.name}")
+                    seen.setdefault(want, (got, spec.name))
+            arrays[spec.name] = self._convert(value, spec.dtype)
         return arrays
 
     def _convert(self, value: torch.Tensor | np.ndarray, dtype: str) -> Any:
@@ -101,6 +101,8 @@ class Runner:
 
     def infer(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Run the component on ``feeds`` (tensors or arrays by input name); outputs as torch tensors."""
+        if self.closed:
+            raise RuntimeFailure(f"{self.name}: this runner was closed; load the export again")
         checked = self.check_inputs(feeds)
         try:
             outputs = self._run(checked)
@@ -118,20 +120,22 @@ class Runner:
         """Where and how this runner computes, for reports (e.g. "onnxruntime 1.20 CPUExecutionProvider")."""
         return type(self).__name__
 
+    def close(self) -> None:
+        """Release what the runner holds (sessions, compiled models, engines); later calls are refused.
+        Subclasses that keep state worth saving (a TensorRT-RTX runtime cache) save it here."""
+        self.closed = True
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
     @property
     def compute_precision(self) -> str | None:
         """A precision coarser than the export's that this runner computes in (e.g. ``bf16``), which
         parity then judges with that precision's tolerances; None when it computes as exported."""
         return None
-
-
-def check_options(runner: type, options: dict[str, Any]) -> None:
-    """Refuse runtime options the runner class does not take, naming the ones it does."""
-    accepted = [n for n in inspect.signature(runner.__init__).parameters if n not in ("self", "folder", "component")]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise DiffshipError(f"unknown runtime option(s) {', '.join(unknown)} for {runner.__name__}; "
-                            f"it takes: {', '.join(accepted)}")
 
 
 def _fmt(dims: list) -> str:

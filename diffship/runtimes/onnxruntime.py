@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from diffship._registry import require_modules
+from diffship.backends.manifest import ComponentEntry
+from diffship.backends.onnx import MODEL_FILE, PROVIDERS, OnnxRuntimeOptions
 from diffship.errors import DiffshipError, ExportedModelError, MissingBackendError, RuntimeFailure, first_line
-from diffship.runtimes.base import Runner, check_options
-
-BACKENDS = ("onnx",)
-EXTRA = "onnx"
-PACKAGES = ("onnxruntime",)
-#: short provider names accepted by ``device=`` / ``--device``; full names pass through.
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "directml": "DmlExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-}
+from diffship.runtimes.base import Runner
 _EXTRA_FOR = {"CUDAExecutionProvider": "onnx-gpu", "TensorrtExecutionProvider": "onnx-gpu"}
 
 
@@ -54,54 +41,41 @@ def providers_for(device: str | list[str] | None) -> list[str]:
 
 
 class OrtRunner(Runner):
-    """One ``onnxruntime.InferenceSession`` per component.
+    """One ``onnxruntime.InferenceSession`` per component (options: :class:`OnnxRuntimeOptions`)."""
 
-    Args:
-        folder: the component folder holding ``model.onnx``.
-        component: the component's manifest entry.
-        device: execution provider, by short name (``cpu``, ``cuda``, ``tensorrt``...) or full name, or a
-            list of them, highest priority first (the CPU provider is always the last fallback).
-        threads: intra-op threads (default: onnxruntime's choice, one per core).
-        provider_options: per-provider option dicts, in the order of ``device``.
-        session_config: ``SessionOptions`` config entries, e.g.
-            ``{"session.intra_op.allow_spinning": "0"}`` when sharing cores with other work.
-    """
-
-    def __init__(self, folder: Path, component: dict[str, Any], device: str | list[str] | None = None,
-                 threads: int | None = None, provider_options: list[dict] | None = None,
-                 session_config: dict[str, str] | None = None):
-        super().__init__(component["component"], component["inputs"], component["outputs"])
+    def __init__(self, folder: Path, entry: ComponentEntry, options: OnnxRuntimeOptions):
+        super().__init__(folder, entry, options)
         import onnxruntime as ort
 
-        path = Path(folder) / "model.onnx"
+        path = Path(folder) / MODEL_FILE
         if not path.is_file():
             raise ExportedModelError(f"{path} is missing; re-run diffship export")
         ort.set_default_logger_severity(3)  # failures reach the user as one RuntimeFailure, not log spam
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        for key, value in (session_config or {}).items():
-            options.add_session_config_entry(key, str(value))
-        providers = providers_for(device)
+        session = ort.SessionOptions()
+        session.log_severity_level = 3
+        if threads := options.threads:
+            session.intra_op_num_threads = threads
+        for key, value in (options.session_config or {}).items():
+            session.add_session_config_entry(key, str(value))
+        providers = providers_for(options.device)
+        provider_options = options.provider_options
         if provider_options:
             provider_options = list(provider_options) + [{}] * (len(providers) - len(provider_options))
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers,
+            self.session = ort.InferenceSession(str(path), session, providers=providers,
                                                 provider_options=provider_options)
         except Exception as exc:
             raise RuntimeFailure(f"onnxruntime could not load {path} "
                                  f"({first_line(exc)})") from exc
         self._version = ort.__version__
+        self._providers = self.session.get_providers()
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
 
     def describe(self) -> str:
-        return f"onnxruntime {self._version} ({', '.join(self.session.get_providers())})"
+        return f"onnxruntime {self._version} ({', '.join(self._providers)})"
 
-
-def open_runner(folder: Path, component: dict[str, Any], options: dict[str, Any]) -> OrtRunner:
-    require_modules(BACKENDS[0], EXTRA, *PACKAGES)
-    check_options(OrtRunner, options)
-    return OrtRunner(folder, component, **options)
+    def close(self) -> None:
+        self.session = None  # onnxruntime frees a session's memory when it is dropped
+        super().close()

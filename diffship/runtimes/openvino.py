@@ -12,37 +12,18 @@ from typing import Any
 
 import numpy as np
 
-from diffship._registry import require_modules
+from diffship.backends.manifest import ComponentEntry
+from diffship.backends.openvino import MODEL_FILE, OpenVINORuntimeOptions
 from diffship.errors import ExportedModelError, RuntimeFailure, first_line
-from diffship.runtimes.base import Runner, check_options
-
-BACKENDS = ("openvino",)
-EXTRA = "openvino"
-PACKAGES = ("openvino",)
-MODEL_FILE = "openvino_model.xml"
-#: OpenVINO's CPU plugin computes in bf16 on CPUs that have it (max error ~3e-2 on the UNet); parity
-#: and the default pipeline ask for f32. ``inference_precision="bf16"`` is the speed mode.
-DEFAULT_PRECISION = "f32"
+from diffship.runtimes.base import Runner
 
 
 class OVRunner(Runner):
-    """One OpenVINO model per component, compiled per input-shape signature.
+    """One OpenVINO model per component, compiled per input-shape signature (options:
+    :class:`OpenVINORuntimeOptions`)."""
 
-    Args:
-        folder: the component folder holding ``openvino_model.xml``.
-        component: the component's manifest entry.
-        device: OpenVINO device name (``CPU``, ``GPU``, ``NPU``, ``AUTO``...), passed through.
-        threads: inference threads (``INFERENCE_NUM_THREADS``).
-        inference_precision: ``f32`` (default, exact) or ``bf16``/``f16`` (faster where supported).
-        ov_config: further OpenVINO properties, passed through (they win over the above).
-        cache_dir: OpenVINO model cache folder (``CACHE_DIR``), reused across processes.
-        static_shapes: compile a static model per request shape (default) instead of one dynamic model.
-    """
-
-    def __init__(self, folder: Path, component: dict[str, Any], device: str = "CPU", threads: int | None = None,
-                 inference_precision: str = DEFAULT_PRECISION, ov_config: dict[str, Any] | None = None,
-                 cache_dir: str | None = None, static_shapes: bool = True):
-        super().__init__(component["component"], component["inputs"], component["outputs"])
+    def __init__(self, folder: Path, entry: ComponentEntry, options: OpenVINORuntimeOptions):
+        super().__init__(folder, entry, options)
         import openvino as ov
 
         path = Path(folder) / MODEL_FILE
@@ -50,18 +31,19 @@ class OVRunner(Runner):
             raise ExportedModelError(f"{path} is missing; re-run diffship export")
         self._core = ov.Core()
         self._version = ov.__version__
-        self.ov_device = device.upper() if isinstance(device, str) else device
-        self.config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": inference_precision}
-        if threads:
-            self.config["INFERENCE_NUM_THREADS"] = int(threads)
-        if cache_dir:
-            self.config["CACHE_DIR"] = str(cache_dir)
-        self.config.update(ov_config or {})
+        self.ov_device = options.device
+        self.config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY",
+                                       "INFERENCE_PRECISION_HINT": options.inference_precision}
+        if options.threads:
+            self.config["INFERENCE_NUM_THREADS"] = options.threads
+        if options.cache_dir:
+            self.config["CACHE_DIR"] = str(options.cache_dir)
+        self.config.update(options.ov_config or {})
         try:
             self._model = self._core.read_model(path)
         except Exception as exc:
             raise RuntimeFailure(f"OpenVINO could not read {path} ({first_line(exc)})") from exc
-        self.static_shapes = static_shapes
+        self.static_shapes = options.static_shapes
         self._compiled: dict[tuple, Any] = {}
         self.compiles = 0
 
@@ -95,8 +77,6 @@ class OVRunner(Runner):
     def describe(self) -> str:
         return f"OpenVINO {self._version.split('-')[0]} ({self.ov_device}, {self.config['INFERENCE_PRECISION_HINT']})"
 
-
-def open_runner(folder: Path, component: dict[str, Any], options: dict[str, Any]) -> OVRunner:
-    require_modules(BACKENDS[0], EXTRA, *PACKAGES)
-    check_options(OVRunner, options)
-    return OVRunner(folder, component, **options)
+    def close(self) -> None:
+        self._compiled.clear()  # compiled models hold most of the runner's memory
+        super().close()

@@ -5,22 +5,29 @@ the same family) and hands it adapters in place of the torch modules. Adapters b
 as far as pipelines and users touch them -- ``.config``, ``.dtype``, ``.device``, calls with the same
 arguments returning the same output classes -- and forward the tensors to a backend :class:`Runner`.
 Host-side tensors stay float32 on the CPU; runners cast to the export's dtypes.
+
+diffship's own tools use :func:`open_export`, which returns an :class:`ExportedPipeline`: the diffusers
+pipeline with the manifest and runners beside it (nothing is patched onto the diffusers object), closed
+as a context manager. A pipeline from :func:`load_pipeline` closes its runners when it is collected.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffship._files import read_json
+from diffship.backends.manifest import Manifest, read_manifest
 from diffship.errors import ExportedModelError, ShapeError
-from diffship.manifest import read_manifest
 from diffship.reference.families import family_of
-from diffship.reference.specs import PENULTIMATE, ComponentSpec
+from diffship.reference.specs import ComponentSpec
+from diffship.reference.wrappers import PENULTIMATE
 from diffship.runtimes import open_runner
 from diffship.runtimes.base import Runner
 
@@ -196,11 +203,11 @@ def _absent(index: dict[str, Any]) -> set[str]:
     return {k for k, v in index.items() if isinstance(v, list) and v[0] is None}
 
 
-def _module_configs(path: Path, manifest: dict[str, Any], modules: tuple[str, ...],
+def _module_configs(path: Path, manifest: Manifest, modules: tuple[str, ...],
                     index: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each pipeline module's config: from its exported component(s), or from the torch module saved
     beside them when an export left it out (``--component``)."""
-    folders = {c["source"]: name for name, c in manifest["components"].items()}
+    folders = {c.source: name for name, c in manifest.components.items()}
     configs = {}
     for module in modules:
         if module in _absent(index):
@@ -212,12 +219,53 @@ def _module_configs(path: Path, manifest: dict[str, Any], modules: tuple[str, ..
     return configs
 
 
-def _static_note(manifest: dict[str, Any]) -> str:
-    if not manifest["shapes"]["static"]:
+def _static_note(manifest: Manifest) -> str:
+    if not manifest.shapes.static:
         return ""
-    p = manifest["shapes"]["profile"]
-    guidance = " with classifier-free guidance" if p["guidance"] else ""
-    return f" -- this export is static: {p['height']}x{p['width']} images, batch {p['batch_size']}{guidance}"
+    p = manifest.shapes.profile
+    guidance = " with classifier-free guidance" if p.guidance else ""
+    return f" -- this export is static: {p.height}x{p.width} images, batch {p.batch_size}{guidance}"
+
+
+def _close_all(runners: list[Runner]) -> None:
+    for runner in runners:
+        runner.close()
+
+
+@dataclass
+class ExportedPipeline:
+    """A loaded export as diffship's own tools use it: the diffusers pipeline, and beside it the manifest
+    and the runners its adapters call (which diffusers knows nothing of).
+
+    Attributes:
+        pipeline: the diffusers pipeline whose models are adapters over the runners.
+        manifest: the export's (verified) manifest.
+        runners: the runner of each exported component, by component name.
+        path: the export folder.
+    """
+
+    pipeline: Any
+    manifest: Manifest
+    runners: dict[str, Runner]
+    path: Path
+
+    def close(self) -> None:
+        """Close every runner (saving what they keep, e.g. a TensorRT-RTX runtime cache)."""
+        self._finalizer()
+
+    def __enter__(self) -> "ExportedPipeline":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __post_init__(self) -> None:
+        # Runners close when the pipeline is collected (or at exit) unless closed before.
+        self._finalizer = weakref.finalize(self.pipeline, _close_all, list(self.runners.values()))
+
+    def unet_runner(self) -> Runner:
+        """The runner that does most of the work (the denoiser), else the first: what reports name."""
+        return self.runners.get("unet") or next(iter(self.runners.values()))
 
 
 def load_pipeline(path: str | Path, *, task: str | None = None, verify: bool = True, **runtime_options: Any):
@@ -228,54 +276,72 @@ def load_pipeline(path: str | Path, *, task: str | None = None, verify: bool = T
         task: ``text2img``, ``img2img`` or ``inpaint`` (default: the task of the exported pipeline).
             All tasks of a family share one export.
         verify: check every file against the sha256 in the manifest first.
-        **runtime_options: passed to the backend runner (ONNX Runtime: ``device``, ``threads``,
-            ``provider_options``).
+        **runtime_options: the backend's runtime options (ONNX Runtime: ``device``, ``threads``,
+            ``provider_options``; see its record in :mod:`diffship.backends`).
 
     Returns:
         An instance of the diffusers pipeline class for ``task``, whose models are adapters over the
-        exported components. Schedulers swap as usual (``pipe.scheduler = X.from_config(...)``).
+        exported components. Schedulers swap as usual (``pipe.scheduler = X.from_config(...)``). Its
+        runners are closed when it is garbage-collected (or at exit).
 
     Raises:
         ExportedModelError: not an export, an unfinished or tampered one.
         MissingBackendError: the backend's runtime package is not installed.
+        OptionError: an unknown runtime option or a bad value.
     """
+    return open_export(path, task=task, verify=verify, **runtime_options).pipeline
+
+
+def open_export(path: str | Path, *, task: str | None = None, verify: bool = True,
+                **runtime_options: Any) -> ExportedPipeline:
+    """Like :func:`load_pipeline`, returning the :class:`ExportedPipeline` (pipeline, manifest, runners),
+    which closes its runners as a context manager."""
     path = Path(path)
     manifest = read_manifest(path, verify=verify)
-    family = family_of(manifest["pipeline_class"])
-    task = task or family.task_of(manifest["pipeline_class"])
-    if task not in manifest["tasks"]:
-        raise ExportedModelError(f"{path} cannot run {task!r}; it supports: {', '.join(manifest['tasks'])}")
+    family = family_of(manifest.pipeline_class)
+    task = task or family.task_of(manifest.pipeline_class)
+    if task not in manifest.tasks:
+        raise ExportedModelError(f"{path} cannot run {task!r}; it supports: {', '.join(manifest.tasks)}")
     cls = family.pipeline_class(task)
     index = read_json(path / "model_index.json")
     configs = _module_configs(path, manifest, family.modules, index)
-    specs = {s.name: s for s in family.specs(configs) if s.name in manifest["components"]}
+    specs = {s.name: s for s in family.specs(configs) if s.name in manifest.components}
     parts: dict[str, dict[str, tuple[ComponentSpec, Runner]]] = {}
-    for name, spec in specs.items():
-        component = manifest["components"][name]
-        runner = open_runner(manifest["backend"], path / name, component, **runtime_options)
-        runner.shape_note = runner.shape_note or _static_note(manifest)
-        parts.setdefault(spec.source, {})[name] = (spec, runner)
+    opened: list[Runner] = []
+    try:
+        for name, spec in specs.items():
+            runner = open_runner(manifest.backend, path / name, manifest.components[name], **runtime_options)
+            opened.append(runner)
+            runner.shape_note = runner.shape_note or _static_note(manifest)
+            parts.setdefault(spec.source, {})[name] = (spec, runner)
+        pipe = _build(cls, path, manifest, index, configs, parts)
+    except BaseException:
+        _close_all(opened)
+        raise
+    runners = {name: runner for p in parts.values() for name, (_, runner) in p.items()}
+    return ExportedPipeline(pipeline=pipe, manifest=manifest, runners=runners, path=path)
+
+
+def _build(cls: type, path: Path, manifest: Manifest, index: dict[str, Any], configs: dict[str, Any],
+           parts: dict[str, dict[str, tuple[ComponentSpec, Runner]]]):
+    """The diffusers pipeline ``cls`` over the adapters, with the export's library components
+    (tokenizers, scheduler), the modules its source lacked (``[null, null]``) and its pipeline settings."""
+    from diffship.reference.pipelines import build_pipeline
+
     modules: dict[str, Any] = {source: ADAPTERS[source](configs[source], p) for source, p in parts.items()}
-    accepted = inspect.signature(cls.__init__).parameters
+    modules.update(dict.fromkeys(_absent(index)))
     for name, entry in index.items():
-        if name.startswith("_") or name in manifest["components"]:
+        if name.startswith("_") or name in manifest.components or name in modules:
             continue
         if not isinstance(entry, list):  # pipeline settings (SDXL: requires_aesthetics_score, ...)
-            if name in accepted:
-                modules[name] = entry
+            modules[name] = entry
         elif entry[0] is not None:
             modules[name] = _load_library_component(path / name, entry)
-    kwargs = {name: modules.get(name) for name in accepted if name != "self" and
-              accepted[name].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD}
-    if "requires_safety_checker" in accepted:
-        kwargs["requires_safety_checker"] = False
-    missing = [n for n, v in kwargs.items() if v is None and accepted[n].default is inspect.Parameter.empty
-               and n not in ("safety_checker", "feature_extractor", "image_encoder") and n not in _absent(index)]
+    accepted = inspect.signature(cls.__init__).parameters
+    missing = [n for n, p in accepted.items() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and n != "self"
+               and p.default is inspect.Parameter.empty and n not in modules
+               and n not in ("safety_checker", "feature_extractor", "image_encoder")]
     if missing:
         raise ExportedModelError(f"{path}: {cls.__name__} needs {', '.join(missing)}, which this export lacks; "
                                  f"re-run diffship export")
-    pipe = cls(**kwargs)
-    # What diffship tools (parity, inspect) need beyond the diffusers interface.
-    pipe.diffship_manifest = manifest
-    pipe.diffship_runners = {name: runner for p in parts.values() for name, (_, runner) in p.items()}
-    return pipe
+    return build_pipeline(cls, modules)

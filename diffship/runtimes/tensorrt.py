@@ -15,7 +15,6 @@ the GPU, so later loads skip the compilation).
 
 from __future__ import annotations
 
-import atexit
 import importlib
 import logging
 from pathlib import Path
@@ -25,72 +24,25 @@ import numpy as np
 import torch
 
 from diffship._files import atomic_write
-from diffship._registry import require_modules
-from diffship.errors import ExportedModelError, RuntimeFailure, ShapeError, UnavailableRuntimeError
-from diffship.exporters.tensorrt import FLAVOURS, installed_versions
-from diffship.reference.specs import TORCH_DTYPES, ShapeRange
-from diffship.runtimes.base import Runner, check_options
+from diffship.backends.manifest import ComponentEntry
+from diffship.backends.tensorrt import (FLAVOURS, EngineProfile, TensorRTRuntimeOptions, check_engine,
+                                        installed_versions)
+from diffship.errors import ExportedModelError, RuntimeFailure, ShapeError
+from diffship.reference.shapes import TORCH_DTYPES
+from diffship.runtimes.base import Runner
 
 log = logging.getLogger("diffship")
 
-BACKENDS = ("tensorrt",)
-EXTRA = "tensorrt"
-PACKAGES = ("tensorrt|tensorrt_rtx",)
 
-
-def check_platform() -> None:
-    """Engines run only on an NVIDIA GPU that torch can use."""
-    if not torch.cuda.is_available():
-        raise UnavailableRuntimeError(
-            f"the tensorrt runtime needs an NVIDIA GPU with CUDA, and torch {torch.__version__} sees none here; "
-            f"engines still build on this machine (TensorRT-RTX): run them where a GPU is"
-        )
-
-
-def check_engine(details: dict[str, Any], installed: dict[str, str], capability: tuple[int, int] | None) -> None:
-    """Refuse an engine this machine cannot run, from its manifest record alone.
-
-    Args:
-        details: the component's manifest ``details`` written by the tensorrt exporter.
-        installed: TensorRT flavour module -> version installed here.
-        capability: the GPU's compute capability (major, minor), or None when unknown.
-
-    Raises:
-        ExportedModelError: the flavour is missing, the version differs (engines only load in the
-            TensorRT build that made them), or the GPU is not among the engine's targets.
-    """
-    flavour, version = details["flavour"], details["tensorrt_version"]
-    name = FLAVOURS.get(flavour, flavour)
-    rebuild = "re-export it here with: diffship export SOURCE OUT --backend tensorrt"
-    if flavour not in installed:
-        have = ", ".join(f"{FLAVOURS[f]} {v}" for f, v in installed.items()) or "no TensorRT"
-        raise ExportedModelError(f"engine {details['engine']} was built with {name} {version}, but this machine has "
-                                 f"{have}; install {name} {version}, or {rebuild}")
-    if installed[flavour] != version:
-        raise ExportedModelError(f"engine {details['engine']} was built with {name} {version}, but {name} "
-                                 f"{installed[flavour]} is installed (engines load only in the version that built "
-                                 f"them); install {version}, or {rebuild}")
-    if capability is None:
-        return
-    sm = f"sm{capability[0]}{capability[1]}"
-    targets = details["compute_capability"]["targets"]
-    ok = (sm in targets if isinstance(targets, list)
-          else capability >= (8, 0) if targets in ("portable", "ampere+") else True)
-    if not ok:
-        wanted = ", ".join(targets) if isinstance(targets, list) else f"{targets} (Ampere, sm80, and later)"
-        raise ExportedModelError(f"engine {details['engine']} targets {wanted}, but this GPU is {sm}; {rebuild}"
-                                 + (f" -o compute_capability={sm}" if flavour == "tensorrt_rtx" else ""))
-
-
-def select_profile(profiles: list[dict[str, Any]], shapes: dict[str, tuple[int, ...]], component: str) -> int:
+def select_profile(profiles: list[EngineProfile], shapes: dict[str, tuple[int, ...]], component: str) -> int:
     """The first optimization profile whose [min, max] ranges hold every input shape.
 
     Raises:
         ShapeError: no profile does; the message gives the request sizes each profile takes.
     """
     for index, profile in enumerate(profiles):
-        if all(all(lo <= s <= hi for lo, s, hi in zip(r["min"], shapes[n], r["max"]))
-               for n, r in profile["inputs"].items()):
+        if all(all(lo <= s <= hi for lo, s, hi in zip(r.min, shapes[n], r.max))
+               for n, r in profile.inputs.items()):
             return index
     takes = "; ".join(_profile_text(p) for p in profiles)
     got = ", ".join(f"{n} {tuple(s)}" for n, s in shapes.items())
@@ -98,10 +50,9 @@ def select_profile(profiles: list[dict[str, Any]], shapes: dict[str, tuple[int, 
                      f"re-export with -o profile=... covering this size (e.g. -o profile=dynamic)")
 
 
-def _profile_text(profile: dict[str, Any]) -> str:
-    request = ShapeRange.from_dict(profile["request"])
-    inputs = ", ".join(f"{n} {tuple(r['min'])}..{tuple(r['max'])}" for n, r in profile["inputs"].items())
-    return f"{request.describe()} ({inputs})"
+def _profile_text(profile: EngineProfile) -> str:
+    inputs = ", ".join(f"{n} {tuple(r.min)}..{tuple(r.max)}" for n, r in profile.inputs.items())
+    return f"{profile.request.describe()} ({inputs})"
 
 
 class TrtRunner(Runner):
@@ -110,31 +61,26 @@ class TrtRunner(Runner):
     A context per profile (created on first use, its profile set once) avoids switching profiles on a
     shared context, which would invalidate captured CUDA graphs; usually only one profile is used.
 
-    Args:
-        folder: the component folder holding the engine.
-        component: the component's manifest entry.
-        device: the CUDA device (``cuda``, ``cuda:1``).
-        cuda_graph: replay captured CUDA graphs (see the module docstring); inputs and outputs then
-            go through fixed buffers per shape, as graph replay needs stable addresses.
-        runtime_cache: TensorRT-RTX runtime-cache file, loaded if present and saved by :meth:`close`
-            (also at interpreter exit).
+    Options (:class:`TensorRTRuntimeOptions`): ``device``; ``cuda_graph`` replays captured CUDA graphs (see
+    the module docstring), inputs and outputs then going through fixed buffers per shape, as graph replay
+    needs stable addresses; ``runtime_cache``, a TensorRT-RTX runtime-cache file, loaded if present and
+    saved by :meth:`close` (a loaded pipeline closes its runners when it is collected, or at exit).
     """
 
-    def __init__(self, folder: Path, component: dict[str, Any], device: str = "cuda", cuda_graph: bool = False,
-                 runtime_cache: str | None = None):
-        super().__init__(component["component"], component["inputs"], component["outputs"])
-        self.details = details = component["details"]
-        self.device = torch.device(device)
+    def __init__(self, folder: Path, entry: ComponentEntry, options: TensorRTRuntimeOptions):
+        super().__init__(folder, entry, options)
+        details = self.details
+        self.device = torch.device(options.device)
         if self.device.type != "cuda":
-            raise RuntimeFailure(f"the tensorrt runtime runs on CUDA devices, not {device!r}; use device=cuda")
+            raise RuntimeFailure(f"the tensorrt runtime runs on CUDA devices, not {options.device!r}; use device=cuda")
         check_engine(details, installed_versions(), torch.cuda.get_device_capability(self.device))
-        path = Path(folder) / details["engine"]
+        path = Path(folder) / details.engine
         if not path.is_file():
             raise ExportedModelError(f"{path} is missing; re-run diffship export")
-        trt = self._trt = importlib.import_module(details["flavour"])
-        self._rtx = details["flavour"] == "tensorrt_rtx"
-        self.cuda_graph = cuda_graph
-        self._runtime_cache_path = Path(runtime_cache) if runtime_cache else None
+        trt = self._trt = importlib.import_module(details.flavour)
+        self._rtx = details.flavour == "tensorrt_rtx"
+        self.cuda_graph = options.cuda_graph
+        self._runtime_cache_path = Path(options.runtime_cache) if options.runtime_cache else None
         self._runtime_cache = None
         blob = path.read_bytes()
         with torch.cuda.device(self.device):
@@ -149,8 +95,6 @@ class TrtRunner(Runner):
         self._contexts: dict[int, Any] = {}
         #: per (profile, input shapes) with cuda_graph: (graph or None, input buffers, output buffers)
         self._static: dict[tuple, tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
-        if self._runtime_cache is not None:
-            atexit.register(self.close)
 
     def _check_validity(self, blob: bytes) -> None:
         """TensorRT's own header check, where the flavour has it, for what the manifest cannot know."""
@@ -161,24 +105,24 @@ class TrtRunner(Runner):
         reasons = [n for n, flag in trt.EngineInvalidityDiagnostics.__members__.items()
                    if int(diagnostics) & int(flag)] or ["no reason given"]
         if validity == trt.EngineValidity.INVALID:
-            raise ExportedModelError(f"TensorRT refuses {self.details['engine']} here ({', '.join(reasons)}); "
+            raise ExportedModelError(f"TensorRT refuses {self.details.engine} here ({', '.join(reasons)}); "
                                      f"re-export it with diffship export ... --backend tensorrt")
         if validity == trt.EngineValidity.SUBOPTIMAL:
             log.warning("%s runs on this GPU but not at its best (%s); re-export it here for full speed",
-                        self.details["engine"], ", ".join(reasons))
+                        self.details.engine, ", ".join(reasons))
 
     def _check_io(self) -> None:
         """The engine's IO tensors are the manifest's, with the same dtypes."""
         trt = self._trt
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        want = {io["name"]: io["dtype"] for io in (*self.inputs, *self.outputs)}
+        want = {io.name: io.dtype for io in (*self.inputs, *self.outputs)}
         if sorted(names) != sorted(want):
-            raise ExportedModelError(f"{self.details['engine']} has IO {names}, the manifest {sorted(want)}; re-export")
+            raise ExportedModelError(f"{self.details.engine} has IO {names}, the manifest {sorted(want)}; re-export")
         for name in names:
             got = str(trt.nptype(self.engine.get_tensor_dtype(name)).__name__) if \
                 self.engine.get_tensor_dtype(name) != trt.DataType.BF16 else "bfloat16"
             if got != want[name]:
-                raise ExportedModelError(f"{self.details['engine']}: {name} is {got} in the engine but {want[name]} in "
+                raise ExportedModelError(f"{self.details.engine}: {name} is {got} in the engine but {want[name]} in "
                                          f"the manifest; re-export")
 
     def _make_runtime_config(self):
@@ -217,7 +161,7 @@ class TrtRunner(Runner):
 
     def _run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         shapes = {n: tuple(t.shape) for n, t in feeds.items()}
-        profile = select_profile(self.details["profiles"], shapes, self.name)
+        profile = select_profile(self.details.profiles, shapes, self.name)
         with torch.cuda.device(self.device):
             current = torch.cuda.current_stream(self.device)
             self.stream.wait_stream(current)  # inputs were produced on the caller's stream
@@ -245,12 +189,12 @@ class TrtRunner(Runner):
             return outputs
         outputs = {}
         for spec in self.outputs:
-            shape = tuple(context.get_tensor_shape(spec["name"]))
+            shape = tuple(context.get_tensor_shape(spec.name))
             if any(d < 0 for d in shape):
-                raise RuntimeFailure(f"TensorRT could not infer the shape of {self.name} output {spec['name']}")
+                raise RuntimeFailure(f"TensorRT could not infer the shape of {self.name} output {spec.name}")
             with torch.cuda.stream(self.stream):
-                outputs[spec["name"]] = torch.empty(shape, dtype=TORCH_DTYPES[spec["dtype"]], device=self.device)
-            context.set_tensor_address(spec["name"], outputs[spec["name"]].data_ptr())
+                outputs[spec.name] = torch.empty(shape, dtype=TORCH_DTYPES[spec.dtype], device=self.device)
+            context.set_tensor_address(spec.name, outputs[spec.name].data_ptr())
         return outputs
 
     def _enqueue(self, context, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -273,8 +217,8 @@ class TrtRunner(Runner):
                 static_in[n].copy_(t)
             static_out = self._enqueue(context, static_in)  # binds the buffers and warms up
             graph = None
-            profile = self.details["profiles"][key[0]]["inputs"].values()
-            if not self._rtx and all(r["min"] == r["max"] for r in profile):
+            profile = self.details.profiles[key[0]].inputs.values()
+            if not self._rtx and all(r.min == r.max for r in profile):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, stream=self.stream):
                     if not context.execute_async_v3(self.stream.cuda_stream):
@@ -294,18 +238,18 @@ class TrtRunner(Runner):
         return static_out
 
     def close(self) -> None:
-        """Save the TensorRT-RTX runtime cache, so the next load skips kernel compilation."""
+        """Save the TensorRT-RTX runtime cache (so the next load skips kernel compilation) and release the
+        engine, its contexts and buffers."""
+        if self.closed:
+            return
         if self._runtime_cache is not None and self._runtime_cache_path:
             torch.cuda.synchronize(self.device)
             atomic_write(self._runtime_cache_path, memoryview(self._runtime_cache.serialize()))
+        self._static.clear()
+        self._contexts.clear()
+        self.engine = None
+        super().close()
 
     def describe(self) -> str:
-        flavour = FLAVOURS[self.details["flavour"]]
-        return f"{flavour} {self.details['tensorrt_version']} ({torch.cuda.get_device_name(self.device)})"
-
-
-def open_runner(folder: Path, component: dict[str, Any], options: dict[str, Any]) -> TrtRunner:
-    require_modules(BACKENDS[0], EXTRA, *PACKAGES)
-    check_platform()
-    check_options(TrtRunner, options)
-    return TrtRunner(folder, component, **options)
+        flavour = FLAVOURS[self.details.flavour]
+        return f"{flavour} {self.details.tensorrt_version} ({torch.cuda.get_device_name(self.device)})"

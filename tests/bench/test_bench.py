@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from diffship.bench.compare import compare
-from diffship.bench.results import SCHEMA_FILE, read_results
-from diffship.bench.run import Progress, _rounds, _series, run_bench
-from diffship.bench.settings import BenchSettings, from_mapping, load_presets, preset
+from diffship.bench.pool import rounds, series
+from diffship.bench.records import SCHEMA_FILE, BenchResults, read_results
+from diffship.bench.run import Progress, run_bench
+from diffship.configs.bench_presets import BenchSettings, from_mapping, load_presets, preset
+from diffship.configs.fields import parse
 from diffship.cli import main
 from diffship.errors import ConfigError
 
@@ -21,11 +23,13 @@ TINY_ARGS = ["--preset", "tiny", "--sizes", "64x64,128x128", "--batches", "1,2",
              "--schedulers", "default,EulerDiscreteScheduler", "--repeats", "2", "--e2e-repeats", "1"]
 
 
-def validate(doc: dict) -> None:
+def validate(path: Path) -> BenchResults:
+    """The results file checked against the JSON Schema, then read as typed records."""
     jsonschema = pytest.importorskip("jsonschema", reason="the test extra is not installed")
     schema = json.loads(SCHEMA_FILE.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
-    jsonschema.Draft202012Validator(schema).validate(doc)
+    jsonschema.Draft202012Validator(schema).validate(json.loads(path.read_text()))
+    return read_results(path)
 
 
 @pytest.fixture(scope="module")
@@ -40,32 +44,31 @@ def tiny_run(tmp_path_factory) -> Path:
 def test_tiny_preset_writes_every_file_and_validates(tiny_run):
     for name in ("results.json", "results.csv", "results.md", "latency_by_backend.png", "resolution_scaling.png"):
         assert (tiny_run / name).stat().st_size > 0, name
-    doc = read_results(tiny_run / "results.json")
-    validate(doc)
-    assert doc["complete"] and doc["reference"] == "torch-fp32"
-    assert doc["machine"]["isa"] is not None and doc["machine"]["versions"]["onnxruntime"]
-    subjects = {s["name"]: s for s in doc["subjects"]}
-    assert subjects["onnx-fp32"]["export"]["seconds"] > 0
-    assert subjects["onnx-fp32"]["export"]["peak_rss_bytes"] > 100e6
+    doc = validate(tiny_run / "results.json")
+    assert doc.complete and doc.reference == "torch-fp32"
+    assert doc.machine["isa"] is not None and doc.machine["versions"]["onnxruntime"]
+    subjects = {s.name: s for s in doc.subjects}
+    assert subjects["onnx-fp32"].export.seconds > 0
+    assert subjects["onnx-fp32"].export.peak_rss_bytes > 100e6
     for s in subjects.values():
-        assert s["runs"] or s["not_run"], s
-        if s["runs"]:
-            assert s["load"]["seconds"] > 0 and s["memory"]["peak_rss_bytes"] > 100e6 and s["size_bytes"] > 1e6
+        assert s.runs or s.not_run, s
+        if s.runs:
+            assert s.load.seconds > 0 and s.memory.peak_rss_bytes > 100e6 and s.size_bytes > 1e6
     # every subject at every point, with parity next to the speed figure
-    comps = [m for m in doc["measurements"] if m["kind"] == "component" and m["subject"] == "onnx-fp32"]
-    assert {(m["component"], m["batch"], m["height"]) for m in comps} >= {
+    comps = doc.find(kind="component", subject="onnx-fp32")
+    assert {(m.component, m.batch, m.height) for m in comps} >= {
         ("unet", 1, 64), ("unet", 2, 64), ("unet", 1, 128), ("vae_decoder", 1, 128), ("text_encoder", 2, 64)}
     for m in comps:
-        assert m["latency_ms"]["n"] == 2 and m["latency_ms"]["p10"] <= m["latency_ms"]["median"] <= m["latency_ms"]["p90"]
-        assert m["parity"]["psnr_db"] == "inf" or m["parity"]["psnr_db"] > 90, m
-    assert all(m["flops"] > 0 and m["gflops_per_s"] > 0 for m in comps)  # counted on eager torch-fp32
-    unet = {(m["batch"], m["height"]): m["flops"] for m in comps if m["component"] == "unet"}
+        assert m.latency_ms.n == 2 and m.latency_ms.p10 <= m.latency_ms.median <= m.latency_ms.p90
+        assert m.parity.psnr_db == "inf" or m.parity.psnr_db > 90, m
+    assert all(m.flops > 0 and m.gflops_per_s > 0 for m in comps)  # counted on eager torch-fp32
+    unet = {(m.batch, m.height): m.flops for m in comps if m.component == "unet"}
     assert unet[(2, 64)] == 2 * unet[(1, 64)] and unet[(1, 128)] > 3 * unet[(1, 64)]  # 2x batch, 4x pixels
-    e2e = [m for m in doc["measurements"] if m["kind"] == "pipeline" and m["subject"] == "onnx-fp32"]
-    assert {(m["scheduler"], m["steps"]) for m in e2e} >= {("default", 2), ("default", 4), ("EulerDiscreteScheduler", 4)}
+    e2e = doc.find(kind="pipeline", subject="onnx-fp32")
+    assert {(m.scheduler, m.steps) for m in e2e} >= {("default", 2), ("default", 4), ("EulerDiscreteScheduler", 4)}
     for m in e2e:
-        assert m["steps_per_s"] > 0 and m["parity"]["psnr_db"] > 60 and m["unet_calls"] >= m["steps"]
-    assert {s["scheduler"] for s in doc["schedulers"]} == {"default", "EulerDiscreteScheduler"}
+        assert m.steps_per_s > 0 and m.parity.psnr_db > 60 and m.unet_calls >= m.steps
+    assert {s.scheduler for s in doc.schedulers} == {"default", "EulerDiscreteScheduler"}
     assert (tiny_run / "images" / "onnx-fp32" / "default-2steps-b1-64x64.png").is_file()
 
 
@@ -73,7 +76,7 @@ def test_tiny_preset_writes_every_file_and_validates(tiny_run):
 def test_csv_and_markdown_carry_the_measurements(tiny_run):
     doc = read_results(tiny_run / "results.json")
     rows = list(csv.DictReader((tiny_run / "results.csv").open()))
-    assert sum(r["kind"] in ("component", "pipeline") for r in rows) == len(doc["measurements"])
+    assert sum(r["kind"] in ("component", "pipeline") for r in rows) == len(doc.measurements)
     assert any(r["kind"] == "export" and r["subject"] == "onnx-fp32" and float(r["peak_rss_bytes"]) > 0 for r in rows)
     md = (tiny_run / "results.md").read_text()
     assert "## Summary" in md and "| onnx-fp32 |" in md and "## Schedulers" in md and "## End to end" in md
@@ -105,20 +108,27 @@ def test_compare_same_run_passes_and_planted_regression_fails(tiny_run, tmp_path
 
 
 def test_compare_judges_each_figure():
-    base = {"machine": {}, "subjects": [{"name": "a", "export": {"seconds": 10.0, "peak_rss_bytes": 100},
-                                         "memory": {"peak_rss_bytes": 1000}}],
+    stats = {"median": 10.0, "p10": 10.0, "p90": 10.0, "mean": 10.0, "min": 10.0, "n": 1}
+    base = {"created": "", "command": None, "settings": {}, "machine": {},
+            "subjects": [{"name": "a", "backend": "onnx", "precision": "fp32",
+                          "export": {"seconds": 10.0, "peak_rss_bytes": 100, "child_peak_rss_bytes": 0, "size_bytes": 1},
+                          "memory": {"peak_rss_bytes": 1000, "rss_bytes": None, "peak_gpu_bytes": None}}],
             "measurements": [{"kind": "component", "subject": "a", "component": "unet", "batch": 1, "height": 64,
-                              "width": 64, "steps": None, "scheduler": None, "latency_ms": {"median": 10.0},
-                              "parity": {"psnr_db": "inf"}}]}
-    same = compare(base, base)
+                              "width": 64, "latency_ms": stats, "first_call_ms": None, "flops": None,
+                              "gflops_per_s": None, "parity": {"psnr_db": "inf", "max_abs": 0.0, "cosine": 1.0}}]}
+
+    def results(data):
+        return parse(BenchResults, data, "key")
+
+    same = compare(results(base), results(base))
     assert same and not any(c.regression for c in same)
     worse = copy.deepcopy(base)
     worse["subjects"][0]["memory"]["peak_rss_bytes"] = 1200
     worse["measurements"][0]["parity"]["psnr_db"] = 120.0  # identical vs 120 dB: both beyond float noise
-    flagged = {c.metric for c in compare(base, worse) if c.regression}
+    flagged = {c.metric for c in compare(results(base), results(worse)) if c.regression}
     assert flagged == {"peak_rss_bytes"}
     worse["measurements"][0]["parity"]["psnr_db"] = "nan"
-    assert {c.metric for c in compare(base, worse) if c.regression} == {"peak_rss_bytes", "psnr_db"}
+    assert {c.metric for c in compare(results(base), results(worse)) if c.regression} == {"peak_rss_bytes", "psnr_db"}
 
 
 def test_interrupted_run_keeps_finished_results(tmp_path):
@@ -130,11 +140,10 @@ def test_interrupted_run_keeps_finished_results(tmp_path):
     settings = from_mapping({"backends": ["torch"], "torch_precisions": ["fp32"], "repeats": 1}, "test")
     with pytest.raises(KeyboardInterrupt):
         run_bench(settings, tmp_path, progress=StopAtEndToEnd())
-    doc = read_results(tmp_path / "results.json")
-    validate(doc)
-    assert not doc["complete"]
-    assert sorted(m["component"] for m in doc["measurements"]) == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
-    assert doc["subjects"][0]["memory"]["peak_rss_bytes"] > 0  # the worker was stopped and asked
+    doc = validate(tmp_path / "results.json")
+    assert not doc.complete
+    assert sorted(m.component for m in doc.measurements) == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    assert doc.subjects[0].memory.peak_rss_bytes > 0  # the worker was stopped and asked
     assert "incomplete run" in (tmp_path / "results.md").read_text()
 
 
@@ -150,7 +159,7 @@ class FakeWorker:
 
 
 def test_rounds_interleave_and_rotate():
-    order = [w for _, w in _rounds(["a", "b", "c"], 3)]
+    order = [w for _, w in rounds(["a", "b", "c"], 3)]
     assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
 
 
@@ -159,10 +168,10 @@ def test_series_skips_and_drops_dead_workers():
     dead = []
     workers = [FakeWorker("a", log), FakeWorker("fixed", log, ("skip", "takes 64x64 only")),
                FakeWorker("gone", log, ("died", "killed"))]
-    series = _series(workers, lambda keep: ("component",), 1, 3, lambda w, why: dead.append((w.name, why)))
-    assert series["a"]["seconds"] == [0.5] * 3 and series["a"]["first"] == 0.5 and series["a"]["kept"]
-    assert series["fixed"]["skipped"] == "takes 64x64 only" and not series["fixed"]["seconds"]
-    assert series["gone"]["skipped"].startswith("error") and dead == [("gone", "killed")]
+    found = series(workers, lambda keep: ("component",), 1, 3, lambda w, why: dead.append((w.name, why)))
+    assert found["a"]["seconds"] == [0.5] * 3 and found["a"]["first"] == 0.5 and found["a"]["kept"]
+    assert found["fixed"]["skipped"] == "takes 64x64 only" and not found["fixed"]["seconds"]
+    assert found["gone"]["skipped"].startswith("error") and dead == [("gone", "killed")]
     assert log.count("fixed") == 1 and log.count("gone") == 1  # not asked again
 
 
@@ -182,7 +191,7 @@ def test_presets_are_valid_and_sd15_arch_is_the_full_architecture():
     ({"sizes": ["60x64"]}, "multiples of 8"),
     ({"batches": [0]}, ">= 1"),
     ({"repeats": "3"}, "whole number"),
-    ({"colour": 1}, "unknown key 'colour'"),
+    ({"colour": 1}, r"unknown setting\(s\) colour"),
     ({"backends": "onnx"}, "must be a list"),
     ({"torch_precisions": ["int4"]}, "unknown torch precision"),
 ])
@@ -212,33 +221,32 @@ def test_machine_info_has_the_facts():
 
 
 def test_memory_groups_put_the_reference_in_every_group(monkeypatch):
-    from diffship.bench import run
+    from diffship.bench import plan
     from diffship.bench.worker import Subject
 
     monkeypatch.setattr("diffship.bench.machine.available_memory_bytes", lambda: 10_000)
-    monkeypatch.setattr(run, "_MEMORY_SHARE", 1.0)
-    monkeypatch.setattr(run, "_footprint", lambda p, settings: p.entry["need"])
+    monkeypatch.setattr(plan, "_MEMORY_SHARE", 1.0)
+    monkeypatch.setattr(plan, "_footprint", lambda p, source_bytes: p.entry["need"])
 
     def planned(name, need):
-        return run.Planned(Subject(name, "x", "fp32"), {"need": need})
+        return plan.Planned(Subject(name, "x", "fp32"), {"need": need})
 
     subjects = [planned("ref", 4000), planned("a", 3000), planned("b", 2500), planned("c", 1000), planned("huge", 9000)]
-    groups = run.memory_groups(subjects, BenchSettings())
+    groups = plan.memory_groups(subjects, 0)
     assert [[p.subject.name for p in g] for g in groups] == [["ref", "a", "b"], ["ref", "c"], ["ref", "huge"]]
-    assert run.memory_groups(subjects[:3], BenchSettings()) == [subjects[:3]]
+    assert plan.memory_groups(subjects[:3], 0) == [subjects[:3]]
 
 
 @pytest.mark.onnx
 def test_export_only_measures_one_component(tmp_path):
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
     assert main(["bench", "--backends", "torch,onnx", "--export-only", "--component", "unet", "--out", str(tmp_path)]) == 0
-    doc = read_results(tmp_path / "results.json")
-    validate(doc)
-    onnx = next(s for s in doc["subjects"] if s["name"] == "onnx-fp32")
-    assert onnx["export"]["peak_rss_bytes"] > 0 and not onnx["runs"] and "export only" in onnx["not_run"]
+    doc = validate(tmp_path / "results.json")
+    onnx = doc.subject("onnx-fp32")
+    assert onnx.export.peak_rss_bytes > 0 and not onnx.runs and "export only" in onnx.not_run
     assert sorted(p.name for p in (tmp_path / "exports" / "onnx-fp32").iterdir() if p.is_dir()) == [
         "scheduler", "text_encoder", "tokenizer", "unet", "vae"]  # the other modules stay torch folders
-    assert doc["complete"] and not doc["measurements"]
+    assert doc.complete and not doc.measurements
     with pytest.raises(ConfigError, match="needs export_only"):
         from_mapping({"components": ["unet"]}, "test")
 
@@ -246,17 +254,17 @@ def test_export_only_measures_one_component(tmp_path):
 def test_groups_measure_every_subject_once(tmp_path, monkeypatch):
     """When subjects do not fit in memory together, each group is led by the reference again, and the
     reference's figures are kept from the first group only."""
-    from diffship.bench import run
-    from diffship.bench.results import key
+    from diffship.bench import plan
+    from diffship.bench.records import key
 
-    monkeypatch.setattr(run, "_MEMORY_SHARE", 1e-9)  # nothing fits: one subject per group beside the reference
+    monkeypatch.setattr(plan, "_MEMORY_SHARE", 1e-9)  # nothing fits: one subject per group beside the reference
     settings = from_mapping({"backends": ["torch"], "torch_precisions": ["fp32", "bf16", "fp16"], "repeats": 1,
                              "e2e_repeats": 1, "steps": [2]}, "test")
     doc = run_bench(settings, tmp_path)
-    assert doc["complete"] and doc["reference"] == "torch-fp32"
-    keys = [key(m) for m in doc["measurements"]]
+    assert doc.complete and doc.reference == "torch-fp32"
+    keys = [key(m) for m in doc.measurements]
     assert len(keys) == len(set(keys))
-    ran = [s["name"] for s in doc["subjects"] if s["runs"]]
-    assert {m["subject"] for m in doc["measurements"]} == set(ran) and "torch-fp16" in ran
-    fp16 = [m for m in doc["measurements"] if m["subject"] == "torch-fp16" and m["kind"] == "pipeline"]
-    assert fp16 and fp16[0]["parity"]["psnr_db"] > 20  # compared with the reference of its own group
+    ran = [s.name for s in doc.subjects if s.runs]
+    assert {m.subject for m in doc.measurements} == set(ran) and "torch-fp16" in ran
+    fp16 = doc.find(subject="torch-fp16", kind="pipeline")
+    assert fp16 and fp16[0].parity.psnr_db > 20  # compared with the reference of its own group

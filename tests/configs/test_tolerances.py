@@ -9,7 +9,7 @@ import pytest
 
 from diffship.configs import BUNDLED_TOLERANCES, load_tolerances, parse_tolerances
 from diffship.errors import ConfigError
-from diffship.parity.metrics import ImageTolerance, TensorTolerance
+from diffship.configs import ImageTolerance, TensorTolerance
 
 VALID = """
 [onnx.fp32.component]

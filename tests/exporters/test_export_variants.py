@@ -10,7 +10,7 @@ pytestmark = pytest.mark.onnx
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 
 from diffship.errors import ExportedModelError, ShapeError  # noqa: E402
-from diffship.exporters import export_pipeline  # noqa: E402
+from diffship.workflows import export_pipeline  # noqa: E402
 from diffship.parity.compare import ParitySettings, check_parity  # noqa: E402
 from diffship.runtimes.pipeline import UNetAdapter, load_pipeline  # noqa: E402
 
@@ -24,7 +24,7 @@ def _images(pipe, **kwargs):
 def test_partial_export_runs_with_the_other_modules_in_torch(tmp_path, tiny_pipe):
     out = tmp_path / "unet-only"
     m = export_pipeline("tiny", out, components=["unet"])
-    assert list(m["components"]) == ["unet"]
+    assert list(m.components) == ["unet"]
     assert (out / "vae" / "diffusion_pytorch_model.safetensors").is_file()  # saved as the torch module
     pipe = load_pipeline(out)
     assert isinstance(pipe.unet, UNetAdapter)
@@ -37,9 +37,9 @@ def test_static_batch_two(tmp_path):
     out = tmp_path / "static-b2"
     m = export_pipeline("tiny", out, static=(64, 64), batch_size=2, components=["text_encoder", "unet", "vae_decoder"])
     # The UNet and decoder batches are fixed; diffusers calls the text encoder once per prompt list.
-    assert m["components"]["unet"]["inputs"][0]["dims"] == [4, 4, 8, 8]
-    assert m["components"]["vae_decoder"]["inputs"][0]["dims"] == [2, 4, 8, 8]
-    assert m["components"]["text_encoder"]["inputs"][0]["dims"] == ["batch", 77]
+    assert m.components["unet"].inputs[0].dims == [4, 4, 8, 8]
+    assert m.components["vae_decoder"].inputs[0].dims == [2, 4, 8, 8]
+    assert m.components["text_encoder"].inputs[0].dims == ["batch", 77]
     pipe = load_pipeline(out)
     assert _images(pipe, num_images_per_prompt=2).shape == (2, 64, 64, 3)
     with pytest.raises(ShapeError, match="batch 2 with classifier-free guidance"):
@@ -52,7 +52,7 @@ def test_static_batch_two(tmp_path):
 def test_static_without_guidance(tmp_path):
     out = tmp_path / "static-nocfg"
     m = export_pipeline("tiny", out, static=(64, 64), guidance=False, components=["unet"])
-    assert m["components"]["unet"]["inputs"][0]["dims"] == [1, 4, 8, 8]
+    assert m.components["unet"].inputs[0].dims == [1, 4, 8, 8]
     pipe = load_pipeline(out)
     assert _images(pipe, guidance_scale=1.0).shape == (1, 64, 64, 3)
 
@@ -69,8 +69,8 @@ def test_inpainting_model_exports_and_passes_parity(tmp_path, tiny_pipe):
                                    requires_safety_checker=False).save_pretrained(src)
     out = tmp_path / "inpaint"
     m = export_pipeline(src, out)
-    assert m["tasks"] == ["inpaint"]
-    assert m["components"]["unet"]["inputs"][0]["dims"] == ["batch", 9, "latent_height", "latent_width"]
+    assert m.tasks == ["inpaint"]
+    assert m.components["unet"].inputs[0].dims == ["batch", 9, "latent_height", "latent_width"]
     pipe = load_pipeline(out)
     assert type(pipe) is StableDiffusionInpaintPipeline
     with pytest.raises(ExportedModelError, match="cannot run 'text2img'; it supports: inpaint"):
@@ -87,7 +87,7 @@ def test_converted_copy_matches_deepcopy_to_without_touching_the_original(tiny_p
 
     import torch
 
-    from diffship.exporters.pipeline import converted_copy
+    from diffship.workflows.export import converted_copy
 
     unet = tiny_pipe.unet
     half = converted_copy(unet, torch.float16)

@@ -13,8 +13,8 @@ onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed")
 
 from diffship._files import read_json, sha256_file  # noqa: E402
 from diffship.errors import DiffshipError, ExportedModelError, MissingBackendError, ShapeError  # noqa: E402
-from diffship.exporters import export_pipeline  # noqa: E402
-from diffship.manifest import read_manifest  # noqa: E402
+from diffship.workflows import export_pipeline  # noqa: E402
+from diffship.backends.manifest import read_manifest  # noqa: E402
 from diffship.runtimes.pipeline import load_pipeline  # noqa: E402
 
 COMPONENTS = ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
@@ -40,15 +40,15 @@ def test_layout_mirrors_diffusers_and_optimum(export_dir):
 def test_manifest_records_everything(export_dir, tiny_dir):
     out = export_dir("onnx")
     m = read_manifest(out)
-    assert m["backend"] == "onnx" and m["precision"] == "fp32" and m["pipeline_class"] == "StableDiffusionPipeline"
-    assert m["source"]["name"] == "tiny" and len(m["source"]["fingerprint"]) == 64
-    assert m["shapes"] == {"static": False, "profile": {"batch_size": 1, "height": 64, "width": 64,
-                                                       "sequence_length": 77, "guidance": True}}
-    assert {"torch", "diffusers", "transformers", "onnx", "python", "diffship"} <= set(m["versions"])
+    assert m.backend == "onnx" and m.precision == "fp32" and m.pipeline_class == "StableDiffusionPipeline"
+    assert m.source.name == "tiny" and len(m.source.fingerprint) == 64
+    assert m.to_dict()["shapes"] == {"static": False, "profile": {"batch_size": 1, "height": 64, "width": 64,
+                                                                 "sequence_length": 77, "guidance": True}}
+    assert {"torch", "diffusers", "transformers", "onnx", "python", "diffship"} <= set(m.versions)
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != "diffship.json"}
-    assert set(m["files"]) == files
-    assert m["files"]["unet/model.onnx"] == sha256_file(out / "unet" / "model.onnx")
-    assert list(m["components"]) == COMPONENTS
+    assert set(m.files) == files
+    assert m.files["unet/model.onnx"] == sha256_file(out / "unet" / "model.onnx")
+    assert list(m.components) == COMPONENTS
 
 
 def test_io_names_dims_and_opset(export_dir):
@@ -90,8 +90,8 @@ def test_dynamic_export_runs_other_shapes(export_dir, tiny_pipe):
 def test_static_export_fixes_shapes_and_refuses_others(export_dir):
     out = export_dir("onnx", static=(64, 64), batch_size=1, components=["text_encoder", "unet", "vae_decoder"])
     m = read_manifest(out)
-    assert m["shapes"]["static"] is True
-    assert m["components"]["unet"]["inputs"][0]["dims"] == [2, 4, 8, 8]
+    assert m.shapes.static is True
+    assert m.components["unet"].inputs[0].dims == [2, 4, 8, 8]
     unet = onnx.load(out / "unet" / "model.onnx", load_external_data=False)
     assert _dims(unet.graph.input[0]) == [2, 4, 8, 8]
     pipe = load_pipeline(out)
@@ -116,11 +116,11 @@ def test_fp16_export_keeps_vae_decoder_fp32_and_passes_parity(export_dir):
 
     out = export_dir("onnx", "fp16")
     m = read_manifest(out)
-    assert m["components"]["unet"]["precision"] == "fp16"
-    assert m["components"]["unet"]["inputs"][0]["dtype"] == "float16"
-    assert m["components"]["unet"]["inputs"][1]["dtype"] == "float32"  # timesteps keep full precision
-    assert m["components"]["vae_decoder"]["precision"] == "fp32"
-    assert "force_upcast" in m["components"]["vae_decoder"]["details"]["fp32_fallback"]
+    assert m.components["unet"].precision == "fp16"
+    assert m.components["unet"].inputs[0].dtype == "float16"
+    assert m.components["unet"].inputs[1].dtype == "float32"  # timesteps keep full precision
+    assert m.components["vae_decoder"].precision == "fp32"
+    assert "force_upcast" in m.components["vae_decoder"].details.fp32_fallback
     unet = onnx.load(out / "unet" / "model.onnx", load_external_data=False)
     assert unet.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     report = check_parity("tiny", out, settings=ParitySettings(steps=4, tasks=("text2img",)))
@@ -135,14 +135,15 @@ def test_fp16_overflow_falls_back_to_fp32(tmp_path, hot_vae_source):
     src = hot_vae_source
     out = tmp_path / "export"
     m = export_pipeline(src, out, precision="fp16", components=["vae_decoder"])
-    entry = m["components"]["vae_decoder"]
-    assert entry["precision"] == "fp32"
-    assert "non-finite values in sample at fp16" in entry["details"]["fp32_fallback"]
+    entry = m.components["vae_decoder"]
+    assert entry.precision == "fp32"
+    assert "non-finite values in sample at fp16" in entry.details.fp32_fallback
     dec = onnx.load(out / "vae_decoder" / "model.onnx", load_external_data=False)
     assert dec.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
 
 def test_external_data_is_written_and_loads(tmp_path, tiny_pipe):
+    from diffship.backends.onnx import OnnxExportOptions
     from diffship.exporters import ExportOptions
     from diffship.exporters.onnx import EXTERNAL_DATA_BYTES, export, needs_external_data
     from diffship.reference import ShapeProfile, specs_for_pipeline
@@ -153,13 +154,13 @@ def test_external_data_is_written_and_loads(tmp_path, tiny_pipe):
     assert not needs_external_data(module, None)  # a few MB: inline
     assert needs_external_data(module, True)
     assert EXTERNAL_DATA_BYTES < 2 * 1024**3
-    options = ExportOptions(profile=ShapeProfile(height=64, width=64), external_data=True)
-    artifact = export(spec, module, tmp_path / "vae_decoder", options)
-    assert artifact.details["external_data"] is True
-    assert sorted(artifact.files) == ["model.onnx", "model.onnx.data"]
-    graph, data = (tmp_path / "vae_decoder" / f for f in artifact.files)
+    options = ExportOptions(profile=ShapeProfile(height=64, width=64), backend=OnnxExportOptions(external_data=True))
+    entry = export(spec, module, tmp_path / "vae_decoder", options)
+    assert entry.details.external_data is True
+    assert sorted(entry.files) == ["model.onnx", "model.onnx.data"]
+    graph, data = (tmp_path / "vae_decoder" / f for f in entry.files)
     assert graph.stat().st_size * 4 < data.stat().st_size  # the weights live outside the graph
-    runner = open_runner("onnx", tmp_path / "vae_decoder", artifact.to_dict())
+    runner = open_runner("onnx", tmp_path / "vae_decoder", entry)
     z = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         want = module(z)

@@ -14,10 +14,10 @@ pytestmark = pytest.mark.openvino
 pytest.importorskip("openvino", reason="the openvino extra is not installed")
 
 from diffship.errors import DiffshipError  # noqa: E402
-from diffship.exporters import export_pipeline  # noqa: E402
-from diffship.manifest import read_manifest  # noqa: E402
+from diffship.workflows import export_pipeline  # noqa: E402
+from diffship.backends.manifest import read_manifest  # noqa: E402
 from diffship.parity.compare import ParitySettings, check_parity  # noqa: E402
-from diffship.runtimes.pipeline import load_pipeline  # noqa: E402
+from diffship.runtimes.pipeline import load_pipeline, open_export  # noqa: E402
 
 FAST = ParitySettings(steps=4, tasks=("text2img",))
 
@@ -25,9 +25,9 @@ FAST = ParitySettings(steps=4, tasks=("text2img",))
 def test_layout_and_manifest(export_dir):
     out = export_dir("openvino")
     m = read_manifest(out)
-    assert m["backend"] == "openvino" and "openvino" in m["versions"]
+    assert m.backend == "openvino" and "openvino" in m.versions
     for name in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
-        assert sorted(m["components"][name]["files"]) == ["openvino_model.bin", "openvino_model.xml"]
+        assert sorted(m.components[name].files) == ["openvino_model.bin", "openvino_model.xml"]
         assert (out / name / "config.json").is_file()
     import openvino as ov
 
@@ -49,9 +49,9 @@ def test_fp32_parity_meets_the_onnx_bar(export_dir):
 def test_weight_formats_pass_their_tolerances(export_dir, precision):
     out = export_dir("openvino", precision)
     m = read_manifest(out)
-    assert m["components"]["unet"]["details"]["weights"] == precision
-    assert "activations" not in m["components"]["unet"]["details"]
-    assert m["components"]["unet"]["inputs"][0]["dtype"] == "float32"  # IO stays f32 whatever the weights
+    assert m.components["unet"].details.weights == precision
+    assert m.components["unet"].details.activations is None
+    assert m.components["unet"].inputs[0].dtype == "float32"  # IO stays f32 whatever the weights
     fp32_size = (export_dir("openvino") / "unet" / "openvino_model.bin").stat().st_size
     size = (out / "unet" / "openvino_model.bin").stat().st_size
     assert size < fp32_size * (0.6 if precision == "fp16" else 0.4)
@@ -70,8 +70,8 @@ def test_bf16_speed_mode_is_judged_by_its_own_tolerance(export_dir):
 
 
 def test_static_shapes_compile_once_per_shape(export_dir):
-    pipe = load_pipeline(export_dir("openvino"))
-    unet = pipe.diffship_runners["unet"]
+    loaded = open_export(export_dir("openvino"))
+    pipe, unet = loaded.pipeline, loaded.runners["unet"]
     run = lambda h: pipe("a cat", num_inference_steps=3, height=h, width=64, output_type="np",  # noqa: E731
                          generator=torch.Generator().manual_seed(0)).images
     first = run(64)
@@ -81,24 +81,24 @@ def test_static_shapes_compile_once_per_shape(export_dir):
     np.testing.assert_array_equal(first, again)
     assert run(96).shape == (1, 96, 64, 3)
     assert unet.compiles == 2
-    dynamic = load_pipeline(export_dir("openvino"), static_shapes=False)
-    run_dynamic = dynamic("a cat", num_inference_steps=3, height=96, width=64, output_type="np",
-                          generator=torch.Generator().manual_seed(0)).images
-    assert dynamic.diffship_runners["unet"].compiles == 1
+    dynamic = open_export(export_dir("openvino"), static_shapes=False)
+    run_dynamic = dynamic.pipeline("a cat", num_inference_steps=3, height=96, width=64, output_type="np",
+                                   generator=torch.Generator().manual_seed(0)).images
+    assert dynamic.runners["unet"].compiles == 1
     np.testing.assert_allclose(run_dynamic, run(96), atol=1e-5)
 
 
 def test_runtime_options_pass_through(export_dir, tmp_path):
     cache = tmp_path / "ov-cache"
-    pipe = load_pipeline(export_dir("openvino"), device="cpu", threads=1, cache_dir=str(cache),
+    loaded = open_export(export_dir("openvino"), device="cpu", threads=1, cache_dir=str(cache),
                          ov_config={"NUM_STREAMS": "1"})
-    runner = pipe.diffship_runners["vae_decoder"]
+    runner = loaded.runners["vae_decoder"]
     assert runner.ov_device == "CPU" and runner.device == torch.device("cpu")  # OpenVINO device; torch tensors on the host
     assert runner.config["INFERENCE_NUM_THREADS"] == 1 and runner.config["NUM_STREAMS"] == "1"
     assert runner.config["PERFORMANCE_HINT"] == "LATENCY" and runner.config["INFERENCE_PRECISION_HINT"] == "f32"
     runner.infer({"latent_sample": torch.randn(1, 4, 8, 8)})
     assert any(cache.iterdir())  # OpenVINO wrote its model cache
-    with pytest.raises(DiffshipError, match=r"unknown runtime option\(s\) provider for OVRunner; it takes: device"):
+    with pytest.raises(DiffshipError, match=r"unknown openvino runtime option\(s\) provider; it takes: device"):
         load_pipeline(export_dir("openvino"), provider="cpu")
 
 
@@ -118,11 +118,11 @@ def test_hybrid_int8_quantizes_unet_activations_on_calibration_data(tmp_path):
     out = tmp_path / "hybrid"
     m = export_pipeline("tiny", out, backend="openvino", precision="hybrid-int8",
                         components=["text_encoder", "unet", "vae_decoder"])
-    unet = m["components"]["unet"]
-    assert unet["precision"] == "hybrid-int8" and unet["details"]["weights"] == "int8"
+    unet = m.components["unet"]
+    assert unet.precision == "hybrid-int8" and unet.details.weights == "int8"
     # 4 calibration prompts x (10 steps + PNDM's extra first step), one UNet call per step.
-    assert unet["details"]["activations"] == "int8, calibrated on 44 recorded calls"
-    assert "activations" not in m["components"]["text_encoder"]["details"]  # weights only
+    assert unet.details.activations == "int8, calibrated on 44 recorded calls"
+    assert m.components["text_encoder"].details.activations is None  # weights only
     xml = (out / "unet" / "openvino_model.xml").read_text()
     assert xml.count('type="FakeQuantize"') > 0  # activation quantizers are in the graph
     report = check_parity("tiny", out, settings=FAST)

@@ -33,7 +33,7 @@ def sd2_dir(tmp_path_factory, tiny_pipe):
 
 
 def test_sd2_style_export_passes_parity(sd2_dir, tmp_path):
-    from diffship.exporters import export_pipeline
+    from diffship.workflows import export_pipeline
     from diffship.parity.compare import ParitySettings, check_parity
     from diffship.runtimes.pipeline import load_pipeline
 

@@ -55,9 +55,9 @@ def test_wrappers_compute_what_the_pipeline_uses(sdxl_pipe):
                                      pytest.param("openvino", marks=pytest.mark.openvino),
                                      pytest.param("coreml", marks=pytest.mark.coreml)])
 def test_export_and_parity_cli(backend, tmp_path):
-    from diffship.exporters import available_backends
+    from diffship import backends
 
-    if backend not in available_backends():
+    if backend not in backends.installed():
         pytest.skip(f"the {backend} extra is not installed")
     out = tmp_path / "export"
     assert main(["export", "tiny-sdxl", str(out), "--backend", backend]) == 0
@@ -91,7 +91,7 @@ def test_exported_sdxl_pipeline_behaves_like_diffusers(export_dir_sdxl, sdxl_pip
 @pytest.fixture(scope="module")
 def export_dir_sdxl(tmp_path_factory):
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
-    from diffship.exporters import export_pipeline
+    from diffship.workflows import export_pipeline
 
     out = tmp_path_factory.mktemp("sdxl") / "onnx"
     export_pipeline("tiny-sdxl", out)
@@ -103,7 +103,7 @@ def test_refiner_exports_with_text_encoder_2_only(tmp_path, sdxl_pipe):
     """The SDXL refiner: img2img without the first text encoder, aesthetic-score time ids (5)."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
 
-    from diffship.exporters import export_pipeline
+    from diffship.workflows import export_pipeline
     from diffship.parity.compare import ParitySettings, check_parity
     from diffship.runtimes.pipeline import load_pipeline
 
@@ -117,9 +117,9 @@ def test_refiner_exports_with_text_encoder_2_only(tmp_path, sdxl_pipe):
     ).save_pretrained(src)
     out = tmp_path / "export"
     manifest = export_pipeline(src, out)
-    assert set(manifest["components"]) == {"text_encoder_2", "unet", "vae_encoder", "vae_decoder"}
-    assert manifest["tasks"] == ["img2img", "inpaint"]
-    assert [i for i in manifest["components"]["unet"]["inputs"] if i["name"] == "time_ids"][0]["dims"] == ["batch", 5]
+    assert set(manifest.components) == {"text_encoder_2", "unet", "vae_encoder", "vae_decoder"}
+    assert manifest.tasks == ["img2img", "inpaint"]
+    assert [i for i in manifest.components["unet"].inputs if i.name == "time_ids"][0].dims == ["batch", 5]
     pipe = load_pipeline(out)
     assert pipe.text_encoder is None and pipe.config.requires_aesthetics_score is True
     report = check_parity(src, out, settings=ParitySettings(steps=4, tasks=("img2img",)))
@@ -131,7 +131,7 @@ def test_lcm_unet_takes_timestep_cond(tmp_path, tiny_pipe):
     """An LCM-distilled UNet (time_cond_proj_dim) gets the guidance embedding as an input."""
     from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    from diffship.exporters import export_pipeline
+    from diffship.workflows import export_pipeline
     from diffship.parity.compare import ParitySettings, check_parity
 
     torch.manual_seed(3)
@@ -142,7 +142,7 @@ def test_lcm_unet_takes_timestep_cond(tmp_path, tiny_pipe):
                             requires_safety_checker=False).save_pretrained(src)
     out = tmp_path / "export"
     manifest = export_pipeline(src, out, guidance=False)
-    assert [i["name"] for i in manifest["components"]["unet"]["inputs"]][-1] == "timestep_cond"
+    assert [i.name for i in manifest.components["unet"].inputs][-1] == "timestep_cond"
     report = check_parity(src, out, settings=ParitySettings(steps=4, guidance_scale=8.0, tasks=("text2img",)))
     assert report.passed, report.failures()
     assert report.settings["scheduler"] == "LCMScheduler"
@@ -156,7 +156,7 @@ def test_sdxl_vae_fp16_overflow_gives_finite_images(tmp_path, sdxl_pipe):
 
     from diffusers import StableDiffusionXLPipeline
 
-    from diffship.exporters import export_pipeline
+    from diffship.workflows import export_pipeline
     from diffship.runtimes.pipeline import load_pipeline
 
     vae = copy.deepcopy(sdxl_pipe.vae)
@@ -171,9 +171,9 @@ def test_sdxl_vae_fp16_overflow_gives_finite_images(tmp_path, sdxl_pipe):
     StableDiffusionXLPipeline(**{**sdxl_pipe.components, "vae": vae}).save_pretrained(src)
     out = tmp_path / "export"
     manifest = export_pipeline(src, out, precision="fp16", components=["unet", "vae_decoder"])
-    assert manifest["components"]["vae_decoder"]["precision"] == "fp32"
-    assert "non-finite" in manifest["components"]["vae_decoder"]["details"]["fp32_fallback"]
-    assert manifest["components"]["unet"]["precision"] == "fp16"
+    assert manifest.components["vae_decoder"].precision == "fp32"
+    assert "non-finite" in manifest.components["vae_decoder"].details.fp32_fallback
+    assert manifest.components["unet"].precision == "fp16"
     pipe = load_pipeline(out)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
@@ -182,9 +182,9 @@ def test_sdxl_vae_fp16_overflow_gives_finite_images(tmp_path, sdxl_pipe):
 
 @pytest.mark.tensorrt
 def test_tensorrt_builds_sdxl(tmp_path):
-    from diffship.exporters import available_backends
+    from diffship import backends
 
-    if "tensorrt" not in available_backends():
+    if "tensorrt" not in backends.installed():
         pytest.skip("the tensorrt extra is not installed")
     out = tmp_path / "export"
     assert main(["export", "tiny-sdxl", str(out), "--backend", "tensorrt", "--static", "64x64"]) == 0

@@ -17,12 +17,15 @@ pytestmark = pytest.mark.tensorrt
 if not any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx")):
     pytest.skip("neither tensorrt nor tensorrt_rtx is installed (the tensorrt extra)", allow_module_level=True)
 
-from diffship.errors import ExportError, ShapeError, UnavailableRuntimeError  # noqa: E402
-from diffship.exporters import ExportOptions, export_pipeline  # noqa: E402
-from diffship.exporters.tensorrt import BuildOptions, resolve_profiles  # noqa: E402
-from diffship.manifest import read_manifest  # noqa: E402
-from diffship.reference.families import specs_for_pipeline  # noqa: E402
-from diffship.reference.specs import ShapeProfile, ShapeRange  # noqa: E402
+from diffship.backends.manifest import read_manifest  # noqa: E402
+from diffship.backends.tensorrt import TENSORRT  # noqa: E402
+from diffship.configs.fields import to_data  # noqa: E402
+from diffship.errors import ExportError, OptionError, ShapeError, UnavailableRuntimeError  # noqa: E402
+from diffship.exporters import ExportOptions  # noqa: E402
+from diffship.exporters.tensorrt import resolve_profiles  # noqa: E402
+from diffship.reference.pipelines import specs_for_pipeline  # noqa: E402
+from diffship.reference.shapes import ShapeProfile, ShapeRange  # noqa: E402
+from diffship.workflows import export_pipeline  # noqa: E402
 
 COMPONENTS = ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
 TINY = ShapeProfile(batch_size=1, height=64, width=64)  # tiny's default request; its UNet takes multiples of 16 px
@@ -31,36 +34,36 @@ CAN_RUN = torch.cuda.is_available()
 
 
 def engine_details(out, name):
-    return read_manifest(out)["components"][name]["details"]
+    return read_manifest(out).components[name].details
 
 
 def test_builds_an_engine_per_component_with_the_manifest_record(export_dir, tiny_pipe):
     out = export_dir("tensorrt")
     m = read_manifest(out)
     flavour = "tensorrt_rtx" if RTX else "tensorrt"
-    assert m["backend"] == "tensorrt" and flavour in m["versions"]
+    assert m.backend == "tensorrt" and flavour in m.versions
     specs = {s.name: s for s in specs_for_pipeline(tiny_pipe)}
     for name in COMPONENTS:
-        d = m["components"][name]["details"]
-        plan = out / name / d["engine"]
-        assert m["components"][name]["files"] == [d["engine"]] and plan.stat().st_size > 100_000
-        assert d["engine"].startswith("fp32.b1-4_h32-128_w32-128.") and d["engine"].endswith(".plan")
-        assert f"-{d['tensorrt_version']}." in d["engine"] and d["flavour"] == flavour
-        assert d["strongly_typed"] and d["tf32"] is False and d["refittable"] is False
+        d = m.components[name].details
+        plan = out / name / d.engine
+        assert m.components[name].files == [d.engine] and plan.stat().st_size > 100_000
+        assert d.engine.startswith("fp32.b1-4_h32-128_w32-128.") and d.engine.endswith(".plan")
+        assert f"-{d.tensorrt_version}." in d.engine and d.flavour == flavour
+        assert d.strongly_typed and d.tf32 is False and d.refittable is False
         # The profile TensorRT reports back is the one diffship computed from the request range.
-        (profile,) = d["profiles"]
-        assert profile["request"]["batch"] == [1, 1, 4] and profile["request"]["height"] == [32, 64, 128]
-        expected = specs[name].input_ranges(ShapeRange.from_dict(profile["request"]))
-        assert profile["inputs"] == {n: {"min": list(lo), "opt": list(opt), "max": list(hi)}
-                                     for n, (lo, opt, hi) in expected.items()}
-    unet = m["components"]["unet"]["details"]["profiles"][0]["inputs"]
+        (profile,) = d.profiles
+        assert profile.request.batch == (1, 1, 4) and profile.request.height == (32, 64, 128)
+        expected = specs[name].input_ranges(profile.request)
+        assert to_data(profile.inputs) == {n: {"min": list(lo), "opt": list(opt), "max": list(hi)}
+                                           for n, (lo, opt, hi) in expected.items()}
+    unet = to_data(m.components["unet"].details.profiles[0].inputs)
     # Guidance doubling: one image without guidance (1) up to 4 images with it (8).
     assert unet["sample"] == {"min": [1, 4, 4, 4], "opt": [2, 4, 8, 8], "max": [8, 4, 16, 16]}
-    text = m["components"]["text_encoder"]["details"]["profiles"][0]["inputs"]
+    text = to_data(m.components["text_encoder"].details.profiles[0].inputs)
     assert text["input_ids"] == {"min": [1, 77], "opt": [1, 77], "max": [4, 77]}
     if flavour == "tensorrt_rtx":
-        assert engine_details(out, "unet")["compute_capability"]["targets"] == "portable"
-        assert "not used" in engine_details(out, "unet")["timing_cache"]["note"]
+        assert engine_details(out, "unet").compute_capability["targets"] == "portable"
+        assert "not used" in engine_details(out, "unet").timing_cache["note"]
 
 
 def test_static_profile_and_builder_options(export_dir):
@@ -68,14 +71,15 @@ def test_static_profile_and_builder_options(export_dir):
                **({"refit": True} if CAN_RUN or not RTX else {})}
     out = export_dir("tensorrt", static=(64, 64), batch_size=2, backend_options=options)
     m = read_manifest(out)
-    unet = m["components"]["unet"]["details"]
-    assert unet["profiles"][0]["inputs"]["sample"] == {"min": [4, 4, 8, 8], "opt": [4, 4, 8, 8], "max": [4, 4, 8, 8]}
-    assert unet["refittable"] is options.get("refit", False) and unet["optimization_level"] == 1
-    assert ".b2_h64_w64." in unet["engine"]
+    unet = m.components["unet"].details
+    assert to_data(unet.profiles[0].inputs["sample"]) == {"min": [4, 4, 8, 8], "opt": [4, 4, 8, 8],
+                                                          "max": [4, 4, 8, 8]}
+    assert unet.refittable is options.get("refit", False) and unet.optimization_level == 1
+    assert ".b2_h64_w64." in unet.engine
     # The text encoder keeps a dynamic batch even in a static export (one call per prompt list).
-    assert m["components"]["text_encoder"]["details"]["profiles"][0]["inputs"]["input_ids"]["max"] == [2, 77]
+    assert m.components["text_encoder"].details.profiles[0].inputs["input_ids"].max == [2, 77]
     if RTX:
-        assert unet["compute_capability"]["targets"] == ["sm86", "sm89"] and unet["engine"].endswith(".sm86-sm89.plan")
+        assert unet.compute_capability["targets"] == ["sm86", "sm89"] and unet.engine.endswith(".sm86-sm89.plan")
 
 
 @pytest.mark.skipif(not RTX or CAN_RUN, reason="shows a TensorRT-RTX limitation of hosts without a GPU")
@@ -89,23 +93,23 @@ def test_several_profiles_in_one_engine(tmp_path):
     ranges = [{"batch": 1, "height": 64, "width": 64}, {"batch": [1, 2, 2], "height": [96, 128, 128], "width": 128}]
     m = export_pipeline("tiny", tmp_path / "out", backend="tensorrt", components=["vae_decoder"],
                         backend_options={"profile": ranges})
-    d = m["components"]["vae_decoder"]["details"]
-    assert [p["inputs"]["latent_sample"]["max"] for p in d["profiles"]] == [[1, 4, 8, 8], [2, 4, 16, 16]]
-    assert ".b1_h64_w64+b1-2_h96-128_w128." in d["engine"]
+    d = m.components["vae_decoder"].details
+    assert [p.inputs["latent_sample"].max for p in d.profiles] == [[1, 4, 8, 8], [2, 4, 16, 16]]
+    assert ".b1_h64_w64+b1-2_h96-128_w128." in d.engine
 
 
 def test_fp16_engines_keep_the_vae_fp32_and_bf16_builds(export_dir):
     m = read_manifest(export_dir("tensorrt", "fp16", backend_options={"profile": "static"}))
-    assert m["components"]["unet"]["precision"] == "fp16"
-    assert m["components"]["unet"]["inputs"][0]["dtype"] == "float16"
-    assert m["components"]["unet"]["details"]["engine"].startswith("fp16.")
-    dec = m["components"]["vae_decoder"]
-    assert dec["precision"] == "fp32" and "force_upcast" in dec["details"]["fp32_fallback"]
+    assert m.components["unet"].precision == "fp16"
+    assert m.components["unet"].inputs[0].dtype == "float16"
+    assert m.components["unet"].details.engine.startswith("fp16.")
+    dec = m.components["vae_decoder"]
+    assert dec.precision == "fp32" and "force_upcast" in dec.details.fp32_fallback
     m = read_manifest(export_dir("tensorrt", "bf16", backend_options={"profile": "static"},
                                  components=["text_encoder", "unet"]))
-    unet = m["components"]["unet"]
-    assert unet["precision"] == "bf16" and unet["inputs"][0]["dtype"] == "bfloat16"
-    assert unet["details"]["onnx"]["opset"] == 22  # bfloat16 convolutions need opset 22
+    unet = m.components["unet"]
+    assert unet.precision == "bf16" and unet.inputs[0].dtype == "bfloat16"
+    assert unet.details.onnx["opset"] == 22  # bfloat16 convolutions need opset 22
 
 
 def test_fp16_overflow_is_caught_without_a_runtime(tmp_path, hot_vae_source):
@@ -113,21 +117,21 @@ def test_fp16_overflow_is_caught_without_a_runtime(tmp_path, hot_vae_source):
     src = hot_vae_source
     m = export_pipeline(src, tmp_path / "out", backend="tensorrt", precision="fp16", components=["vae_decoder"],
                         backend_options={"profile": "static"})
-    entry = m["components"]["vae_decoder"]
-    assert entry["precision"] == "fp32" and entry["details"]["engine"].startswith("fp32.")
-    assert "non-finite values in sample at fp16" in entry["details"]["fp32_fallback"]
+    entry = m.components["vae_decoder"]
+    assert entry.precision == "fp32" and entry.details.engine.startswith("fp32.")
+    assert "non-finite values in sample at fp16" in entry.details.fp32_fallback
 
 
 def test_rebuild_reuses_the_onnx_export(tmp_path):
     first = export_pipeline("tiny", tmp_path / "a", backend="tensorrt", components=["unet"])
     again = export_pipeline("tiny", tmp_path / "b", backend="tensorrt", components=["unet"],
                             backend_options={"profile": "static", "optimization_level": 0})
-    onnx_first, onnx_again = (m["components"]["unet"]["details"]["onnx"] for m in (first, again))
+    onnx_first, onnx_again = (m.components["unet"].details.onnx for m in (first, again))
     assert onnx_again["reused"] is True and onnx_again["cached"] == onnx_first["cached"]
-    assert "ONNX reused from the cache" in again["components"]["unet"]["details"]["notes"][0]
+    assert "ONNX reused from the cache" in again.components["unet"].details.notes[0]
     off = export_pipeline("tiny", tmp_path / "c", backend="tensorrt", components=["unet"],
                           backend_options={"onnx_cache": False, "profile": "static"})
-    assert off["components"]["unet"]["details"]["onnx"]["cached"] is None
+    assert off.components["unet"].details.onnx["cached"] is None
 
 
 def _options(**kwargs) -> ExportOptions:
@@ -161,11 +165,11 @@ def test_profile_presets_and_static_exports():
     ({"optimisation_level": 2}, r"unknown tensorrt export option\(s\) optimisation_level; it takes: profile"),
     ({"optimization_level": 9}, r"optimization_level must be 0-5"),
     ({"refit": "yes"}, r"refit must be true or false"),
-    ({"flavour": "tensorrt_llm"}, r"unknown TensorRT flavour 'tensorrt_llm'"),
+    ({"flavour": "tensorrt_llm"}, r"unknown flavour 'tensorrt_llm'; choose one of: tensorrt, tensorrt_rtx"),
 ])
 def test_bad_build_options(extra, message):
-    with pytest.raises(ExportError, match=message):
-        BuildOptions.parse(extra)
+    with pytest.raises(OptionError, match=message):
+        TENSORRT.parse_export_options(extra)
 
 
 def test_bad_compute_capability_is_refused(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from diffship.errors import DiffshipError
-from diffship.parity.metrics import ImageTolerance, TensorTolerance
+from diffship.configs import ImageTolerance, TensorTolerance
 from diffship.parity.report import (
     HEATMAP_STOPS,
     difference_heatmap,

@@ -39,11 +39,11 @@ def test_the_mil_reference_agrees_with_core_ml(export_dir):
     import numpy as np
     import torch
 
-    from diffship.manifest import read_manifest
+    from diffship.backends.manifest import read_manifest
     from diffship.runtimes import open_runner
 
     out = export_dir("coreml")
-    entry = read_manifest(out)["components"]["unet"]
+    entry = read_manifest(out).components["unet"]
     feeds = {"sample": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([500.0, 500.0]),
              "encoder_hidden_states": torch.randn(2, 77, 32)}
     mil = open_runner("coreml", out / "unet", entry, evaluator="mil").infer(feeds)["out_sample"]

@@ -21,7 +21,7 @@ ct = pytest.importorskip("coremltools", reason="the coreml extra is not installe
 from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.mil import types  # noqa: E402
 
-from diffship.runtimes._mil import KERNELS, MilReference, UnsupportedOpError  # noqa: E402
+from diffship.runtimes.mil import KERNELS, MilReference, UnsupportedOpError  # noqa: E402
 
 RNG = np.random.default_rng(0)
 TESTED: set[str] = set()

@@ -136,7 +136,7 @@ def eager(tiny_pipe):
 @pytest.fixture
 def unet_calls(exp, monkeypatch):
     """The batch sizes of every exported UNet run during the test."""
-    runner = exp.diffship_runners["unet"]
+    runner = exp.unet.runner
     batches: list[int] = []
     original = runner.infer
 

@@ -6,13 +6,18 @@ import numpy as np
 import pytest
 import torch
 
+from diffship.backends.manifest import ComponentEntry, TensorIO
+from diffship.backends.onnx import OnnxDetails
 from diffship.errors import MissingBackendError, ShapeError
 from diffship.runtimes.base import Runner
 
-INPUTS = [
-    {"name": "sample", "dtype": "float16", "dims": ["batch", 4, "latent_height", "latent_width"]},
-    {"name": "timestep", "dtype": "float32", "dims": ["batch"]},
-]
+INPUTS = (TensorIO("sample", "float16", ["batch", 4, "latent_height", "latent_width"]),
+          TensorIO("timestep", "float32", ["batch"]))
+
+
+def entry(outputs=(TensorIO("out", "float16", ["batch", 4, "h", "w"]),)) -> ComponentEntry:
+    return ComponentEntry(component="unet", source="unet", precision="fp16", files=[], inputs=INPUTS, outputs=outputs,
+                          details=OnnxDetails(opset=18, external_data=False))
 
 
 class Echo(Runner):
@@ -21,7 +26,7 @@ class Echo(Runner):
 
 
 def runner():
-    return Echo("unet", INPUTS, [{"name": "out", "dtype": "float16", "dims": ["batch", 4, "h", "w"]}])
+    return Echo(".", entry())
 
 
 def test_inputs_are_cast_to_declared_dtypes():
@@ -67,13 +72,13 @@ def test_unavailable_provider_names_the_extra():
 @pytest.mark.onnx
 def test_ort_runner_options(export_dir):
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
-    from diffship.runtimes.pipeline import load_pipeline
+    from diffship.runtimes.pipeline import open_export
 
-    pipe = load_pipeline(export_dir("onnx"), threads=1, session_config={"session.intra_op.allow_spinning": "0"})
-    session = pipe.diffship_runners["unet"].session
+    loaded = open_export(export_dir("onnx"), threads=1, session_config={"session.intra_op.allow_spinning": "0"})
+    session = loaded.runners["unet"].session
     assert session.get_session_options().intra_op_num_threads == 1
     assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    assert "CPUExecutionProvider" in pipe.diffship_runners["unet"].describe()
+    assert "CPUExecutionProvider" in loaded.runners["unet"].describe()
 
 
 def test_backend_exceptions_become_one_diffship_error():
@@ -83,7 +88,7 @@ def test_backend_exceptions_become_one_diffship_error():
         def _run(self, feeds):
             raise ValueError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : bad input\nsecond line")
 
-    r = Broken("unet", INPUTS, [])
+    r = Broken(".", entry(outputs=()))
     with pytest.raises(RuntimeFailure, match=r"running unet on Broken failed: \[ONNXRuntimeError\].*bad input; re-run"):
         r.infer({"sample": np.zeros((1, 4, 8, 8)), "timestep": [1]})
 
@@ -97,5 +102,5 @@ def test_unknown_provider_and_option_names(export_dir):
 
     with pytest.raises(DiffshipError, match=r"unknown onnxruntime provider 'cdua'; use one of cpu, cuda"):
         providers_for("cdua")
-    with pytest.raises(DiffshipError, match=r"unknown runtime option\(s\) thread for OrtRunner; it takes: device, threads"):
+    with pytest.raises(DiffshipError, match=r"unknown onnx runtime option\(s\) thread; it takes: device, threads"):
         load_pipeline(export_dir("onnx"), thread=2)

@@ -14,8 +14,9 @@ import importlib.util
 import pytest
 import torch
 
+from diffship.backends.tensorrt import TENSORRT, check_engine
 from diffship.errors import ExportedModelError, ShapeError
-from diffship.runtimes.tensorrt import check_engine, select_profile
+from diffship.runtimes.tensorrt import select_profile
 
 HAS_TRT = any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx"))
 
@@ -28,9 +29,15 @@ PROFILES = [
 
 
 def details(**overrides):
+    """A TensorRT-RTX engine's manifest record, as read from a manifest."""
     base = {"engine": "fp16.b1-4_h256-1024_w256-1024.trt-rtx-1.7.1.116.portable.plan", "flavour": "tensorrt_rtx",
-            "tensorrt_version": "1.7.1.116", "compute_capability": {"targets": "portable"}}
-    return {**base, **overrides}
+            "tensorrt_version": "1.7.1.116", "compute_capability": {"targets": "portable"}, "strongly_typed": True,
+            "tf32": False, "profiles": PROFILES, "optimization_level": 3, "refittable": False, "timing_cache": {},
+            "onnx": {}, "timings": {}, "notes": []}
+    return TENSORRT.parse_details({**base, **overrides}, "test")
+
+
+PROFILES = details().profiles
 
 
 def test_the_first_profile_that_holds_the_shapes_is_chosen():
@@ -90,16 +97,17 @@ def test_engines_pass_parity(export_dir, precision):
 @pytest.mark.tensorrt
 @gpu
 def test_tensors_stay_on_the_gpu(export_dir):
-    from diffship.runtimes.pipeline import load_pipeline
+    from diffship.runtimes.pipeline import open_export
 
-    pipe = load_pipeline(export_dir("tensorrt"))
+    loaded = open_export(export_dir("tensorrt"))
+    pipe = loaded.pipeline
     assert pipe.device.type == "cuda" and pipe.unet.device.type == "cuda"
     seen = []
     pipe(prompt="a cat", num_inference_steps=2, output_type="latent",
          callback_on_step_end=lambda p, i, t, kw: seen.append(kw["latents"].device.type) or kw)
     assert seen == ["cuda", "cuda"]
-    out = pipe.diffship_runners["unet"].infer({"sample": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([1.0, 1.0]),
-                                               "encoder_hidden_states": torch.randn(2, 77, 32)})
+    out = loaded.runners["unet"].infer({"sample": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([1.0, 1.0]),
+                                        "encoder_hidden_states": torch.randn(2, 77, 32)})
     assert out["out_sample"].device.type == "cuda"
 
 
@@ -119,11 +127,11 @@ def test_a_size_outside_the_profile_is_refused_at_call_time(export_dir):
 @pytest.mark.tensorrt
 @gpu
 def test_cuda_graphs_replay_the_same_results(export_dir):
-    from diffship.manifest import read_manifest
+    from diffship.backends.manifest import read_manifest
     from diffship.runtimes import open_runner
 
     out = export_dir("tensorrt", static=(64, 64))
-    entry = read_manifest(out)["components"]["unet"]
+    entry = read_manifest(out).components["unet"]
     plain = open_runner("tensorrt", out / "unet", entry)
     graphed = open_runner("tensorrt", out / "unet", entry, cuda_graph=True)
     gen = torch.Generator().manual_seed(0)

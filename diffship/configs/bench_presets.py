@@ -1,17 +1,17 @@
-"""What a benchmark run measures: settings as data, presets from ``configs/bench_presets.toml``."""
+"""What a benchmark run measures: :class:`BenchSettings`, and the presets of ``bench_presets.toml``."""
 
 from __future__ import annotations
 
-import tomllib
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from diffship.configs.fields import parse
+from diffship.configs.toml import read_toml
 from diffship.errors import ConfigError
-from diffship.reference.specs import parse_hw
 
 #: Benchmark presets shipped with diffship (``diffship bench --preset NAME``).
-BUNDLED_PRESETS = Path(__file__).resolve().parent.parent / "configs" / "bench_presets.toml"
+BUNDLED_PRESETS = Path(__file__).with_name("bench_presets.toml")
 #: the subject name of eager PyTorch in ``backends``.
 TORCH = "torch"
 AUTO = "auto"
@@ -100,23 +100,9 @@ class BenchSettings:
 
 
 def from_mapping(data: dict[str, Any], where: str, base: BenchSettings | None = None) -> BenchSettings:
-    """Settings from a preset table or CLI overrides; unknown keys and wrong types are errors."""
-    known = {f.name: f for f in fields(BenchSettings)}
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in known:
-            raise ConfigError(f"{where}: unknown key {key!r}; expected one of: {', '.join(known)}")
-        default = getattr(BenchSettings(), key)
-        if isinstance(default, tuple):
-            if not isinstance(value, (list, tuple)):
-                raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
-            value = tuple(parse_hw(v) for v in value) if key == "sizes" else tuple(value)
-            kind = int if key in ("batches", "steps") else str
-            if key != "sizes" and not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
-                raise ConfigError(f"{where}: {key} must be a list of {kind.__name__}s, got {list(value)!r}")
-        elif key in ("warmup", "repeats", "e2e_repeats", "seed") and (not isinstance(value, int) or isinstance(value, bool)):
-            raise ConfigError(f"{where}: {key} must be a whole number, got {value!r}")
-        values[key] = value
+    """Settings from a preset table or CLI overrides over ``base``; unknown keys and wrong types are errors."""
+    given = parse(BenchSettings, data, "setting", where=where)
+    values = {k: getattr(given, k) for k in data}
     try:
         return replace(base or BenchSettings(), **values).validate()
     except ConfigError as exc:
@@ -126,11 +112,7 @@ def from_mapping(data: dict[str, Any], where: str, base: BenchSettings | None = 
 def load_presets(path: Path | None = None) -> dict[str, BenchSettings]:
     """Every benchmark preset, validated."""
     file = Path(path) if path is not None else BUNDLED_PRESETS
-    try:
-        with open(file, "rb") as f:
-            doc = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{file}: cannot read benchmark presets: {exc}") from None
+    doc = read_toml(file, "benchmark presets")
     out = {}
     for name, table in doc.items():
         if not isinstance(table, dict):

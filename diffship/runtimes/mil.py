@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffship.errors import DiffshipError, ExportedModelError
+from diffship.backends.coreml import load_program
+from diffship.errors import DiffshipError
 
 
 class UnsupportedOpError(DiffshipError):
@@ -524,22 +525,6 @@ CONSTEXPR = {name for name in KERNELS if name.startswith("constexpr_")}
 
 
 # --- the program --------------------------------------------------------------------------------------------
-
-
-def load_program(package: Path):
-    """The ``main`` function of a saved ``.mlpackage``'s MIL program, weights included."""
-    import coremltools as ct
-    from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
-
-    package = Path(package)
-    try:
-        spec = ct.utils.load_spec(str(package))
-        weights = package / "Data" / "com.apple.CoreML" / "weights"
-        program = load_milproto(spec, spec.specificationVersion, str(weights))
-    except Exception as exc:
-        raise ExportedModelError(f"could not read the ML Program in {package} ({type(exc).__name__}: {exc}); "
-                                 f"re-run diffship export") from exc
-    return program.functions["main"]
 
 
 class MilReference:

@@ -1,50 +1,35 @@
-"""Export a whole pipeline: load the source, export each component, write the folder atomically."""
+"""Export a whole pipeline: load the source, export each component with its backend's exporter (with fp32
+fallbacks, the overflow probe and calibration), write the folder atomically with its manifest.
+
+This is the one place that uses an exporter and a runtime together (the probe runs a fresh export), so
+it sits above both; ``diffship.export_pipeline`` is its public name.
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import fields, replace
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from diffship import backends
 from diffship._files import atomic_folder, write_json
-from diffship._registry import modules_with, registered
-from diffship.errors import DiffshipError, MissingBackendError
-from diffship.exporters.base import Artifact, ExportOptions
-from diffship.manifest import library_versions, write_manifest
+from diffship.backends import Backend
+from diffship.backends.manifest import ComponentEntry, Manifest, Shapes, library_versions
+from diffship.errors import DiffshipError
+from diffship.exporters.base import ExportOptions
+from diffship.progress import Progress, silent
 from diffship.reference import ShapeProfile, family_of, load_with_info
-from diffship.reference.families import pipeline_configs
-from diffship.reference.specs import PRECISIONS, ComponentSpec, size_multiple, vae_scale_factor
+from diffship.reference.pipelines import pipeline_configs
+from diffship.reference.shapes import PRECISIONS
+from diffship.reference.specs import ComponentSpec, size_multiple, vae_scale_factor
 
 log = logging.getLogger("diffship")
-Progress = Callable[[str], None]
-
-
-def backends() -> dict[str, ModuleType]:
-    """Every exporter module by backend name."""
-    return {m.BACKEND: m for m in modules_with("diffship.exporters", "BACKEND")}
-
-
-def backend_module(name: str) -> ModuleType:
-    """The exporter module of ``name``, checked to be importable."""
-    return registered("diffship.exporters", "BACKEND", name)
-
-
-def available_backends() -> list[str]:
-    """Backends whose packages are installed here."""
-    out = []
-    for name in backends():
-        try:
-            backend_module(name)
-        except MissingBackendError:
-            continue
-        out.append(name)
-    return out
 
 
 def default_profile(pipe: Any, batch_size: int = 1, size: tuple[int, int] | None = None,
@@ -86,12 +71,13 @@ def _non_finite(outputs: dict[str, torch.Tensor] | tuple | torch.Tensor, names: 
     return f"non-finite values in {', '.join(bad)} at {precision}" if bad else None
 
 
-def _overflows(backend: str, folder: Path, artifact: Artifact, spec: ComponentSpec, options: ExportOptions) -> str | None:
+def _overflows(record: Backend, folder: Path, entry: ComponentEntry, spec: ComponentSpec,
+               options: ExportOptions) -> str | None:
     """Run a freshly exported reduced-precision component once; describe any non-finite output, else None."""
     from diffship.runtimes import open_runner
 
-    runner = open_runner(backend, folder, artifact.to_dict())
-    outputs = runner.infer(spec.example_inputs(options.profile, options.precision))
+    with open_runner(record.name, folder, entry) as runner:
+        outputs = runner.infer(spec.example_inputs(options.profile, options.precision))
     return _non_finite(outputs, spec.output_names, options.precision)
 
 
@@ -103,34 +89,35 @@ def _overflows_in_torch(spec: ComponentSpec, module: torch.nn.Module, options: E
     return _non_finite(outputs, spec.output_names, options.precision)
 
 
-def _export_component(mod: ModuleType, spec: ComponentSpec, eager: torch.nn.Module, folder: Path,
-                      options: ExportOptions) -> Artifact:
-    """Export one component; a reduced-precision export that overflows is replaced by an fp32 one."""
-    from diffship.runtimes import runtime_available
+def _with_fallback(entry: ComponentEntry, reason: str) -> ComponentEntry:
+    entry.details.fp32_fallback = reason
+    return entry
 
+
+def _export_component(record: Backend, exporter: ModuleType, spec: ComponentSpec, eager: torch.nn.Module,
+                      folder: Path, options: ExportOptions) -> ComponentEntry:
+    """Export one component; a reduced-precision export that overflows is replaced by an fp32 one."""
     if options.precision != "fp32" and spec.keep_fp32:
-        artifact = mod.export(spec, spec.wrapper(eager).eval(), folder, replace(options, precision="fp32"))
-        artifact.details["fp32_fallback"] = "kept in fp32: the VAE config sets force_upcast (diffusers runs it in fp32)"
-        return artifact
+        entry = exporter.export(spec, spec.wrapper(eager).eval(), folder, replace(options, precision="fp32"))
+        return _with_fallback(entry, "kept in fp32: the VAE config sets force_upcast (diffusers runs it in fp32)")
     module = spec.wrapper(eager).eval()
     # Weight formats (Core ML palettes, int8) say which precision they compute in.
-    compute = getattr(mod, "COMPUTE", {}).get(options.precision, options.precision)
+    compute = record.compute_precision(options.precision)
     reduced = PRECISIONS.get(compute, torch.float32) != torch.float32
     if reduced:
         module = converted_copy(module, PRECISIONS[compute])
-    runnable = options.precision != "fp32" and runtime_available(mod.BACKEND)
+    runnable = options.precision != "fp32" and record.unavailable_reason() is None
     reason = _overflows_in_torch(spec, module, replace(options, precision=compute)) if reduced and not runnable else None
     if reason is None:
-        artifact = mod.export(spec, module, folder, options)
+        entry = exporter.export(spec, module, folder, options)
         if runnable:
-            reason = _overflows(mod.BACKEND, folder, artifact, spec, options)
+            reason = _overflows(record, folder, entry, spec, options)
         if reason is None:
-            return artifact
+            return entry
         shutil.rmtree(folder)
     log.warning("%s: %s; exporting it in fp32 instead", spec.name, reason)
-    artifact = mod.export(spec, spec.wrapper(eager).eval(), folder, replace(options, precision="fp32"))
-    artifact.details["fp32_fallback"] = reason
-    return artifact
+    entry = exporter.export(spec, spec.wrapper(eager).eval(), folder, replace(options, precision="fp32"))
+    return _with_fallback(entry, reason)
 
 
 def export_pipeline(
@@ -148,32 +135,35 @@ def export_pipeline(
     backend_options: dict[str, Any] | None = None,
     components: list[str] | None = None,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """Export every component of a diffusers pipeline to ``backend``.
 
     Args:
         source: what :func:`diffship.reference.load` accepts (folder, single file, preset).
         out: the folder to create. It appears only once complete (written beside it, then renamed).
-        backend: exporter backend name (see :func:`backends`).
-        precision: one of the backend's ``PRECISIONS`` (``fp32``, ``fp16``; weight formats such as
-            ``int8`` where the backend has them); components that overflow are kept in fp32.
+        backend: a backend name (see :mod:`diffship.backends`).
+        precision: one of the backend's precisions (``fp32``, ``fp16``; weight formats such as ``int8``
+            where the backend has them); components that overflow are kept in fp32.
         static: ``(height, width)`` to export fixed shapes; dynamic batch/height/width otherwise.
         batch_size: images per call the static export takes (the UNet gets twice that, for guidance).
         guidance: whether requests use classifier-free guidance (fixes the static UNet batch at 2x).
         overwrite: replace ``out`` if it exists.
         config: local diffusers folder with configs for a single-file ``source``.
         allow_pickle: allow pickle weights (read with ``torch.load(weights_only=True)``).
-        backend_options: passed to the exporter as ``ExportOptions.extra``.
+        backend_options: the backend's export options (``-o KEY=VALUE``), validated before any work.
         components: export only these components (default: all).
         progress: called with a line of text before each step.
 
     Returns:
         The manifest written to ``out/diffship.json``.
     """
-    mod = backend_module(backend)
-    if precision not in mod.PRECISIONS:
-        raise DiffshipError(f"unknown precision {precision!r} for {backend}; choose one of: {', '.join(mod.PRECISIONS)}")
-    say = progress or (lambda _msg: None)
+    record = backends.get(backend)
+    exporter = record.exporter_module()
+    if precision not in record.precisions:
+        raise DiffshipError(f"unknown precision {precision!r} for {backend}; choose one of: "
+                            f"{', '.join(record.precisions)}")
+    parsed = record.parse_export_options(backend_options or {})
+    say = progress or silent
     say(f"loading {source}")
     pipe, info = load_with_info(source, config=config, allow_pickle=allow_pickle)
     profile = default_profile(pipe, batch_size, static, guidance)
@@ -189,58 +179,47 @@ def export_pipeline(
         specs = [s for s in specs if s.name in components]
     from diffship import __version__
 
-    options = replace(_options(precision, profile, static is not None, backend_options or {}), size_multiple=multiple,
-                      metadata={"source": info.name, "source_fingerprint": info.fingerprint,
-                                "diffship_version": __version__, "pipeline_class": type(pipe).__name__})
+    options = ExportOptions(precision=precision, profile=profile, static=static is not None, backend=parsed,
+                            size_multiple=multiple,
+                            metadata={"source": info.name, "source_fingerprint": info.fingerprint,
+                                      "diffship_version": __version__, "pipeline_class": type(pipe).__name__})
     calibration = {}
-    if precision in getattr(mod, "CALIBRATED", ()):
+    if precision in record.calibrated:
         from diffship.reference.recording import calibration_inputs
 
         say(f"recording calibration inputs ({precision})")
         calibration = calibration_inputs(pipe, [s for s in specs if s.denoiser])
     out = Path(out)
-    artifacts: dict[str, dict[str, Any]] = {}
+    entries: dict[str, ComponentEntry] = {}
     with atomic_folder(out, overwrite=overwrite) as tmp:
         for spec in specs:
             say(f"exporting {spec.name} ({backend}, {precision})")
             eager = getattr(pipe, spec.source)
-            artifact = _export_component(mod, spec, eager, tmp / spec.name,
-                                         replace(options, calibration=calibration.get(spec.name)))
+            entries[spec.name] = _export_component(record, exporter, spec, eager, tmp / spec.name,
+                                                   replace(options, calibration=calibration.get(spec.name)))
             save_module_config(eager, tmp / spec.name)
-            artifacts[spec.name] = {"source": spec.source, **artifact.to_dict()}
         say("writing tokenizer, scheduler and manifest")
-        _write_pipeline_files(pipe, tmp, backend, artifacts)
-        manifest = write_manifest(tmp, {
-            "backend": backend, "precision": precision, "family": family.name,
-            "pipeline_class": type(pipe).__name__, "tasks": family.tasks_for(artifacts, configs),
-            "source": info.to_dict(),
-            "shapes": {"static": static is not None, "profile": profile.to_dict()},
-            "components": artifacts, "versions": library_versions(mod.versions()),
-        })
+        _write_pipeline_files(pipe, tmp, backend, entries)
+        manifest = Manifest(
+            backend=backend, precision=precision, family=family.name, pipeline_class=type(pipe).__name__,
+            tasks=family.tasks_for(entries, configs), source=info,
+            shapes=Shapes(static=static is not None, profile=profile), components=entries,
+            versions=library_versions(record.versions()),
+        ).write(tmp)
     return manifest
 
 
-def _options(precision: str, profile: ShapeProfile, static: bool, backend_options: dict[str, Any]) -> ExportOptions:
-    """ExportOptions from the pipeline-level arguments; ``backend_options`` naming a common field
-    (``opset``, ``external_data``) set it, the rest go to ``extra`` for the backend to check."""
-    common = {f.name for f in fields(ExportOptions)} - {"precision", "profile", "static", "extra", "calibration",
-                                                         "size_multiple", "metadata"}
-    return ExportOptions(precision=precision, profile=profile, static=static,
-                         **{k: v for k, v in backend_options.items() if k in common},
-                         extra={k: v for k, v in backend_options.items() if k not in common})
-
-
-def _write_pipeline_files(pipe: Any, folder: Path, backend: str, artifacts: dict[str, Any]) -> None:
+def _write_pipeline_files(pipe: Any, folder: Path, backend: str, entries: dict[str, ComponentEntry]) -> None:
     """``model_index.json``, ``scheduler/``, ``tokenizer/``: the diffusers layout around the exported parts."""
     import diffusers
 
-    exported_sources = {a["source"] for a in artifacts.values()}
+    exported_sources = {e.source for e in entries.values()}
     index = {"_class_name": type(pipe).__name__, "_diffusers_version": diffusers.__version__}
     index.update((k, v) for k, v in dict(pipe.config).items() if k not in exported_sources and not k.startswith("_"))
-    for name in artifacts:
+    for name in entries:
         index[name] = ["diffship", backend]
     for name, value in list(index.items()):
-        if name.startswith("_") or name in artifacts or not isinstance(value, (list, tuple)) or value[0] is None:
+        if name.startswith("_") or name in entries or not isinstance(value, (list, tuple)) or value[0] is None:
             continue
         component = getattr(pipe, name, None)
         if component is not None and hasattr(component, "save_pretrained"):

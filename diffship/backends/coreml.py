@@ -1,0 +1,167 @@
+"""Core ML: one ML Program (``<component>/model.mlpackage``) per component, converted with coremltools,
+run by Core ML on macOS and by diffship's MIL reference evaluator elsewhere.
+
+What the exporter and the runtime share lives here: the model IO Apple's Swift pipeline
+(ml-stable-diffusion) expects where it differs from the spec's -- ``input_ids`` as float32, the UNet's
+``encoder_hidden_states`` as (B, D, 1, S) -- and reading a saved ML Program back.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffship.backends.base import Backend, Details
+from diffship.configs.fields import comma_list, option
+from diffship.errors import ExportedModelError
+from diffship.reference.attention import VARIANTS as ATTENTION
+
+MODEL_FILE = "model.mlpackage"
+PRECISIONS = ("fp32", "fp16", "palette4", "palette6", "palette8", "int8")
+#: weight formats compress an fp16 model.
+COMPUTE = {"palette4": "fp16", "palette6": "fp16", "palette8": "fp16", "int8": "fp16"}
+TARGETS = ("macOS13", "macOS14", "macOS15", "iOS16", "iOS17", "iOS18")
+#: ``compute_units`` names (as Apple's Swift CLI spells them) -> coremltools ComputeUnit members.
+COMPUTE_UNITS = {"all": "ALL", "cpuOnly": "CPU_ONLY", "cpuAndGPU": "CPU_AND_GPU", "cpuAndNeuralEngine": "CPU_AND_NE"}
+EVALUATORS = ("auto", "coreml", "mil")
+
+#: model inputs that differ from the spec's for Apple's Swift pipeline: component -> input -> (dtype, layout).
+#: ``bc1s``: a (B, S, D) tensor passed as (B, D, 1, S).
+APPLE_INPUTS = {"text_encoder": {"input_ids": ("float32", None)}, "text_encoder_2": {"input_ids": ("float32", None)},
+                "unet": {"encoder_hidden_states": ("float32", "bc1s")}}
+
+
+@dataclass(frozen=True)
+class CoreMLExportOptions:
+    """``-o`` options of a Core ML export.
+
+    Attributes:
+        attention: ``original`` or ``split_einsum`` (the Neural Engine's layout).
+        deployment_target: the oldest OS the models load on (``macOS13`` ... ``iOS18``).
+        sizes: more image sizes the same model takes (enumerated shapes); the export's own comes first.
+        author / license / version: model metadata (defaults: diffship, the source's license, its fingerprint).
+    """
+
+    attention: str = option("original", choices=ATTENTION)
+    deployment_target: str = option("macOS13", choices=TARGETS)
+    sizes: tuple[tuple[int, int], ...] = option((), normalize=comma_list)
+    author: str | None = None
+    license: str | None = None
+    version: str | None = None
+
+
+@dataclass(frozen=True)
+class CoreMLRuntimeOptions:
+    """Core ML runtime options.
+
+    Attributes:
+        compute_units: ``all`` (default), ``cpuOnly``, ``cpuAndGPU`` or ``cpuAndNeuralEngine`` (Core ML runtime).
+        evaluator: ``auto`` (Core ML on macOS, the MIL reference elsewhere), ``coreml`` or ``mil``.
+    """
+
+    compute_units: str = option("all", choices=tuple(COMPUTE_UNITS))
+    evaluator: str = option("auto", choices=EVALUATORS)
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One input of the Core ML model as Apple's pipeline feeds it.
+
+    Attributes:
+        name: the input's name (the spec's).
+        dtype: its dtype in the model (``float32``).
+        layout: ``bc1s`` where the model takes (B, D, 1, S) for the spec's (B, S, D); None otherwise.
+        shapes: every shape the model takes (one per enumerated size).
+    """
+
+    name: str
+    dtype: str
+    layout: str | None
+    shapes: list[list[int]]
+
+
+@dataclass(kw_only=True)
+class CoreMLDetails(Details):
+    """What a Core ML export records per component.
+
+    Attributes:
+        attention / deployment_target: as exported (see :class:`CoreMLExportOptions`).
+        compute_precision: ``fp32`` or ``fp16``.
+        weights: the weight format (``palette4``... ``int8``), or None (plain weights).
+        sizes: the image sizes (height, width) the model takes.
+        model_inputs: the model's own inputs (:class:`ModelInput`).
+        mil_ops: the operation types of the saved program.
+    """
+
+    attention: str
+    deployment_target: str
+    compute_precision: str
+    weights: str | None = None
+    sizes: list[list[int]]
+    model_inputs: list[ModelInput]
+    mil_ops: list[str]
+
+
+def has_coreml_runtime() -> bool:
+    """Whether Core ML itself can run models here (macOS only)."""
+    return platform.system() == "Darwin"
+
+
+def adaptation(component: str, name: str) -> tuple[str, str | None]:
+    """(model dtype, layout) of an input: float32 as the spec has it, unless ``APPLE_INPUTS`` says otherwise."""
+    return APPLE_INPUTS.get(component, {}).get(name, ("float32", None))
+
+
+def model_shape(component: str, name: str, shape: tuple) -> tuple:
+    """The Core ML model's shape for a spec input of ``shape`` (``bc1s`` inputs are (B, D, 1, S))."""
+    if adaptation(component, name)[1] == "bc1s":
+        return shape[0], shape[2], 1, shape[1]
+    return tuple(shape)
+
+
+def to_model_inputs(component: str, feeds: dict[str, Any]) -> dict[str, Any]:
+    """Spec-form inputs -> the Core ML model's (Apple's dtypes and layouts)."""
+    adapt = APPLE_INPUTS.get(component, {})
+    out = {}
+    for name, value in feeds.items():
+        if name in adapt:
+            dtype, layout = adapt[name]
+            value = np.asarray(value)
+            if layout == "bc1s":
+                value = np.ascontiguousarray(value.transpose(0, 2, 1)[:, :, None, :])
+            value = value.astype(dtype)
+        out[name] = value
+    return out
+
+
+def load_program(package: Path):
+    """The ``main`` function of a saved ``.mlpackage``'s MIL program, weights included."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
+
+    package = Path(package)
+    try:
+        spec = ct.utils.load_spec(str(package))
+        weights = package / "Data" / "com.apple.CoreML" / "weights"
+        program = load_milproto(spec, spec.specificationVersion, str(weights))
+    except Exception as exc:
+        raise ExportedModelError(f"could not read the ML Program in {package} ({type(exc).__name__}: {exc}); "
+                                 f"re-run diffship export") from exc
+    return program.functions["main"]
+
+
+def program_ops(path: str) -> list[str]:
+    """The operation types of a saved ML Program (reading it back proves it is complete)."""
+    return sorted({op.op_type for op in load_program(Path(path)).operations})
+
+
+COREML = Backend(
+    name="coreml", extra="coreml", packages=("coremltools",), runtime_packages=("coremltools",),
+    precisions=PRECISIONS, compute=COMPUTE, fixed_shapes=True, model_file=MODEL_FILE,
+    export_options=CoreMLExportOptions, runtime_options=CoreMLRuntimeOptions, details=CoreMLDetails,
+    exporter="diffship.exporters.coreml", runner="diffship.runtimes.coreml:CoreMLRunner",
+)

@@ -1,0 +1,74 @@
+"""ONNX: exported with ``torch.onnx.export(dynamo=True)``, run by ONNX Runtime.
+
+Layout per component (as optimum writes it): ``<component>/model.onnx`` and, past the 2 GB protobuf
+limit or when asked, the weights in ``<component>/model.onnx.data``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from diffship.backends.base import Backend, Details
+from diffship.configs.fields import option
+
+MODEL_FILE = "model.onnx"
+MIN_OPSET = 17
+#: short provider names accepted by ``device=`` / ``--device``; full names pass through.
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "directml": "DmlExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+
+
+@dataclass(frozen=True)
+class OnnxExportOptions:
+    """``-o`` options of an ONNX export.
+
+    Attributes:
+        opset: the ONNX opset (17 or newer).
+        external_data: store weights in ``model.onnx.data``: true, false, or unset to decide by size
+            (graphs past the 2 GB protobuf limit must).
+    """
+
+    opset: int = option(18, minimum=MIN_OPSET)
+    external_data: bool | None = None
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeOptions:
+    """ONNX Runtime options.
+
+    Attributes:
+        device: execution provider, by short name (``cpu``, ``cuda``, ``tensorrt``...) or full name, or a
+            list of them, highest priority first (the CPU provider is always the last fallback).
+        threads: intra-op threads (default: onnxruntime's choice, one per core).
+        provider_options: per-provider option dicts, in the order of ``device``.
+        session_config: ``SessionOptions`` config entries, e.g.
+            ``{"session.intra_op.allow_spinning": "0"}`` when sharing cores with other work.
+    """
+
+    device: str | list[str] | None = None
+    threads: int | None = option(None, minimum=1)
+    provider_options: list[dict[str, Any]] | None = None
+    session_config: dict[str, Any] | None = None
+
+
+@dataclass(kw_only=True)
+class OnnxDetails(Details):
+    """What an ONNX export records per component: its opset and whether weights are external data."""
+
+    opset: int
+    external_data: bool
+
+
+ONNX = Backend(
+    name="onnx", extra="onnx", packages=("onnx", "onnxscript"), runtime_packages=("onnxruntime",),
+    precisions=("fp32", "fp16"), model_file=MODEL_FILE,
+    export_options=OnnxExportOptions, runtime_options=OnnxRuntimeOptions, details=OnnxDetails,
+    exporter="diffship.exporters.onnx", runner="diffship.runtimes.onnxruntime:OrtRunner",
+)

@@ -1,0 +1,62 @@
+"""OpenVINO: IR (``openvino_model.xml`` + ``.bin``, optimum-intel's layout) through ``openvino.convert_model``,
+run by OpenVINO Runtime.
+
+Precisions are weight formats; computation stays float32 on the host side of the graph: ``fp32``,
+``fp16`` (weights compressed to fp16), ``int8`` (NNCF 8-bit weight compression) and ``hybrid-int8``
+(the denoiser also gets 8-bit activations, calibrated on inputs recorded from eager runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from diffship.backends.base import Backend, Details, NoOptions
+from diffship.configs.fields import option
+
+MODEL_FILE = "openvino_model.xml"
+#: OpenVINO's CPU plugin computes in bf16 on CPUs that have it (max error ~3e-2 on the UNet); parity
+#: and the default pipeline ask for f32. ``inference_precision="bf16"`` is the speed mode.
+DEFAULT_PRECISION = "f32"
+
+
+@dataclass(frozen=True)
+class OpenVINORuntimeOptions:
+    """OpenVINO Runtime options.
+
+    Attributes:
+        device: OpenVINO device name (``CPU``, ``GPU``, ``NPU``, ``AUTO``...), passed through.
+        threads: inference threads (``INFERENCE_NUM_THREADS``).
+        inference_precision: ``f32`` (default, exact) or ``bf16``/``f16`` (faster where supported).
+        ov_config: further OpenVINO properties, passed through (they win over the above).
+        cache_dir: OpenVINO model cache folder (``CACHE_DIR``), reused across processes.
+        static_shapes: compile a static model per request shape (default) instead of one dynamic model.
+    """
+
+    device: str = option("CPU", normalize=lambda v: v.upper() if isinstance(v, str) else v)
+    threads: int | None = option(None, minimum=1)
+    inference_precision: str = DEFAULT_PRECISION
+    ov_config: dict[str, Any] | None = None
+    cache_dir: str | None = None
+    static_shapes: bool = True
+
+
+@dataclass(kw_only=True)
+class OpenVINODetails(Details):
+    """What an OpenVINO export records per component.
+
+    Attributes:
+        weights: the weight format (``fp32``, ``fp16``, ``int8``).
+        activations: how activations are quantized (hybrid int8's denoiser), or None (float).
+    """
+
+    weights: str
+    activations: str | None = None
+
+
+OPENVINO = Backend(
+    name="openvino", extra="openvino", packages=("openvino",), runtime_packages=("openvino",),
+    optional_packages=("nncf",), precisions=("fp32", "fp16", "int8", "hybrid-int8"), calibrated=("hybrid-int8",),
+    model_file=MODEL_FILE, export_options=NoOptions, runtime_options=OpenVINORuntimeOptions, details=OpenVINODetails,
+    exporter="diffship.exporters.openvino", runner="diffship.runtimes.openvino:OVRunner",
+)

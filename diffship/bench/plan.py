@@ -1,0 +1,161 @@
+"""What a run measures and in which order: its subjects, their exports, the points of every sweep, and
+the memory groups that subjects too large to load together are measured in."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffship import backends
+from diffship.bench.machine import bf16_native, folder_bytes, peak_rss_bytes
+from diffship.bench.records import ExportFigures, SubjectRecord
+from diffship.bench.worker import Subject
+from diffship.configs.bench_presets import AUTO, TORCH, BenchSettings
+from diffship.errors import ConfigError
+
+
+@dataclass
+class Planned:
+    """A subject and what happened to it so far (its record in the results)."""
+
+    subject: Subject
+    entry: SubjectRecord
+
+
+def plan(settings: BenchSettings) -> list[Planned]:
+    """The subjects of a run: eager precisions first (the first is the parity reference), then exports."""
+    known = [TORCH, *backends.names()]
+    names: list[str] = []
+    for b in settings.backends:
+        for name in ([TORCH, *backends.installed()] if b == AUTO else [b]):
+            if name not in known:
+                raise ConfigError(f"unknown backend {name!r} in --backends; choose from: {', '.join(known)}, {AUTO}")
+            if name not in names:
+                names.append(name)
+    planned = []
+    for name in names:
+        if name == TORCH:
+            for precision in sorted(settings.torch_precisions, key=lambda x: x != "fp32"):
+                entry = SubjectRecord(f"torch-{precision}", TORCH, precision)
+                if precision == "bf16" and not bf16_native(settings.device):
+                    entry.not_run = f"no native bf16 on this {settings.device} (PyTorch would emulate it)"
+                planned.append(Planned(Subject(entry.name, TORCH, precision), entry))
+            continue
+        record = backends.get(name)
+        record.require()  # a missing package raises here, naming the pip extra
+        for precision in settings.precisions:
+            entry = SubjectRecord(f"{name}-{precision}", name, precision)
+            if precision not in record.precisions:
+                entry.not_run = f"{name} has no {precision} precision ({', '.join(record.precisions)})"
+            planned.append(Planned(Subject(entry.name, name, precision,
+                                           options=dict(settings.runtime_options.get(name, {}))), entry))
+    return sorted(planned, key=lambda p: p.subject.backend != TORCH)  # eager fp32 first: the reference
+
+
+def measured_export(source: str, folder: str, backend: str, precision: str, static: tuple[int, int] | None,
+                    options: dict[str, Any], components: list[str] | None = None) -> ExportFigures:
+    """Export in this (child) process and report its time, peak memory and size on disk."""
+    from diffship.workflows import export_pipeline
+
+    start = time.perf_counter()
+    manifest = export_pipeline(source, folder, backend=backend, precision=precision, static=static, overwrite=True,
+                               backend_options=options, components=components)
+    return ExportFigures(seconds=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes(),
+                         child_peak_rss_bytes=peak_rss_bytes(children=True), size_bytes=folder_bytes(Path(folder)),
+                         fp32_fallbacks=sorted(n for n, c in manifest.components.items() if c.details.fp32_fallback))
+
+
+def export_subject(p: Planned, settings: BenchSettings, exports: Path, reuse: bool) -> None:
+    """Export one subject in a child process (its figures are its own), or reuse an existing export."""
+    from diffship._isolate import run_isolated
+    from diffship.backends.manifest import MANIFEST, read_manifest
+
+    folder = exports / p.subject.name
+    p.entry.folder = str(folder)
+    if reuse and (folder / MANIFEST).is_file():
+        manifest = read_manifest(folder, verify=False)
+        if (manifest.source.name, manifest.backend, manifest.precision) == (
+                settings.source, p.subject.backend, p.subject.precision):
+            p.entry.size_bytes = folder_bytes(folder)
+            return
+    static = settings.size if backends.get(p.subject.backend).fixed_shapes else None
+    figures = run_isolated(f"exporting {settings.source} to {p.subject.name}", measured_export, settings.source,
+                           str(folder), p.subject.backend, p.subject.precision, static,
+                           dict(settings.export_options.get(p.subject.backend, {})), list(settings.components) or None)
+    p.entry.export = figures
+    p.entry.size_bytes = figures.size_bytes
+
+
+def component_points(settings: BenchSettings, components: list[str]) -> list[tuple[str, int, int, int]]:
+    """(component, batch, height, width): the batch sweep at the default size, the size sweep at the first
+    batch. The text encoder does not depend on the image size; the VAE encoder (image-to-image only) is
+    measured at the default request."""
+    h, w = settings.size
+    points = [(b, h, w) for b in settings.batches] + [(settings.batches[0], *s) for s in settings.sizes[1:]]
+    out = []
+    for name in components:
+        for b, hh, ww in points:
+            if name.startswith("text_encoder") and (hh, ww) != (h, w):
+                continue
+            if name == "vae_encoder" and (b, hh, ww) != (settings.batches[0], h, w):
+                continue
+            out.append((name, b, hh, ww))
+    return out
+
+
+def pipeline_points(settings: BenchSettings) -> list[dict[str, Any]]:
+    """The scheduler x steps grid at the default request, then the batch and size sweeps."""
+    h, w = settings.size
+    base = {"batch": settings.batches[0], "height": h, "width": w}
+    points = [{**base, "steps": n, "scheduler": s} for s in settings.schedulers for n in settings.steps]
+    points += [{**base, "batch": b, "steps": settings.default_steps, "scheduler": settings.schedulers[0]}
+               for b in settings.batches[1:]]
+    points += [{**base, "height": hh, "width": ww, "steps": settings.default_steps, "scheduler": settings.schedulers[0]}
+               for hh, ww in settings.sizes[1:]]
+    return points
+
+
+def _footprint(p: Planned, source_bytes: int) -> int:
+    """Expected resident memory of a loaded subject: its weights (eager bf16 converts from fp32, so it
+    peaks at the fp32 size; runtimes keep a copy plus work buffers) and the libraries."""
+    if p.subject.backend == TORCH:
+        weights = source_bytes
+    else:
+        weights = int(folder_bytes(Path(p.entry.folder)) * 1.25)
+    return weights + _WORKER_BASE
+
+
+#: memory of a worker before its weights: interpreter, torch, diffusers and a runtime.
+_WORKER_BASE = 700 * 2**20
+#: share of the memory available when the run starts that its workers may use together.
+_MEMORY_SHARE = 0.8
+
+
+def memory_groups(runnable: list[Planned], source_bytes: int) -> list[list[Planned]]:
+    """Subjects that fit in memory together, each group led by the reference (eager fp32) so every ratio
+    comes from interleaved runs. Page-cache-backed weights (safetensors, OpenVINO) that do not fit are
+    re-read from disk on every call, which would make a figure measure the disk.
+
+    Args:
+        runnable: the subjects to measure, the reference first.
+        source_bytes: the eager source's weights on disk (an eager subject's footprint).
+    """
+    from diffship.bench.machine import available_memory_bytes
+
+    if not runnable:
+        return []
+    budget = int((available_memory_bytes() or 1 << 62) * _MEMORY_SHARE)
+    lead, rest = runnable[0], runnable[1:]
+    room = budget - _footprint(lead, source_bytes)
+    groups: list[list[Planned]] = [[lead]]
+    used = 0
+    for p in rest:
+        need = _footprint(p, source_bytes)
+        if len(groups[-1]) > 1 and used + need > room:
+            groups.append([lead])
+            used = 0
+        groups[-1].append(p)
+        used += need
+    return groups

@@ -1,0 +1,58 @@
+"""Call mapping: a diffusers-style call on an eager module (its bound arguments) -> the spec's input
+tensors, refusing what an exported graph cannot honour."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffship.errors import ShapeError
+
+
+
+def text_encoder_inputs(a: dict[str, Any], hidden: bool = False) -> dict[str, torch.Tensor]:
+    mask = a.get("attention_mask")
+    if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
+        raise ShapeError("text_encoder: exported text encoders take no attention mask (CLIP does not use one); "
+                         "pass attention_mask=None")
+    if a.get("output_hidden_states") and not hidden:
+        raise ShapeError("text_encoder: this export has no hidden-state outputs, so clip_skip is not supported; "
+                         "call without clip_skip")
+    return {"input_ids": torch.as_tensor(a["input_ids"]).to(torch.int64)}
+
+
+#: UNet call arguments an exported graph can take as inputs, and where diffusers passes them.
+_ADDED = {"text_embeds": "added_cond_kwargs", "time_ids": "added_cond_kwargs", "timestep_cond": "timestep_cond"}
+
+
+def unet_inputs(a: dict[str, Any], extra: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    # The exported graph cannot honour these; refusing beats silently returning a different result.
+    # (An empty cross_attention_kwargs dict changes nothing, so it passes.)
+    takes = {_ADDED[name] for name in extra}
+    unsupported = [k for k in ("class_labels", "timestep_cond", "added_cond_kwargs", "down_block_additional_residuals",
+                               "mid_block_additional_residual", "down_intrablock_additional_residuals",
+                               "encoder_attention_mask", "attention_mask", "cross_attention_kwargs")
+                   if k not in takes and a.get(k) is not None and not (k in ("cross_attention_kwargs", "added_cond_kwargs") and not a[k])]
+    if unsupported:
+        raise ShapeError(f"unet: this export does not take {', '.join(unsupported)}; call without them")
+    sample = a["sample"]
+    t = torch.as_tensor(a["timestep"], dtype=torch.float32)
+    if t.ndim == 0 or t.numel() == 1:
+        t = t.reshape(1).expand(sample.shape[0])
+    out = {"sample": sample, "timestep": t.contiguous(), "encoder_hidden_states": a["encoder_hidden_states"]}
+    for name in extra:
+        value = a.get(name) if _ADDED[name] == name else (a.get(_ADDED[name]) or {}).get(name)
+        if value is None:
+            raise ShapeError(f"unet: this export needs {name} (passed as {_ADDED[name]}); "
+                             f"the UNet it was exported from takes it")
+        out[name] = value
+    return out
+
+
+def vae_encoder_inputs(a: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {"sample": a["x"]}
+
+
+def vae_decoder_inputs(a: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {"latent_sample": a["z"]}

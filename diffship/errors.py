@@ -15,8 +15,9 @@ def first_line(exc: BaseException) -> str:
 class DiffshipError(Exception):
     """Base class of all diffship errors.
 
-    CLI exit codes: 1 parity outside tolerance, 2 a DiffshipError (bad input, missing package, a
-    failed step), 3 an unexpected internal error.
+    CLI exit codes: 1 parity outside tolerance, 2 a DiffshipError or another bad input or environment
+    problem (a usage error, a path that cannot be written, a full disk), 3 an unexpected internal error,
+    130 Ctrl-C, 143 SIGTERM.
     """
 
     exit_code = 2
@@ -62,6 +63,10 @@ class ShapeError(DiffshipError, ValueError):
     """An input has a shape, dtype or size the export cannot take."""
 
 
+class NonFiniteError(DiffshipError):
+    """A component received or produced NaN or Inf: never turned into an image."""
+
+
 class ConfigError(DiffshipError):
     """A bundled or user-supplied configuration file is invalid."""
 
@@ -74,6 +79,11 @@ class ParityFailure(DiffshipError):
     """Parity checks ran and at least one comparison is outside its tolerance."""
 
     exit_code = 1
+
+
+class Terminated(BaseException):
+    """The process was asked to stop (SIGTERM). Like Ctrl-C it unwinds everything, removing what was
+    half-written, so it derives from BaseException: no ``except Exception`` swallows it."""
 
 
 class BenchRegression(DiffshipError):

@@ -21,9 +21,10 @@ Schema (``format: diffship.export/1``)::
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from diffship._files import read_json, sha256_file, write_json
@@ -122,6 +123,9 @@ class Manifest:
         from diffship.backends import get
 
         manifest = parse(cls, data, "manifest key", where=where, error=ExportedModelError)
+        paths = [*manifest.files] + [f"{name}/{f}" for name, e in manifest.components.items() for f in e.files]
+        if unsafe := next((p for p in paths if not inside(p)), None):
+            raise ExportedModelError(f"{where}: the path {unsafe!r} leaves the export folder; refusing this manifest")
         try:
             backend = get(manifest.backend)
         except DiffshipError as exc:
@@ -161,8 +165,43 @@ def file_hashes(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
+def inside(rel: str) -> bool:
+    """Whether ``rel`` is a plain relative POSIX path that stays inside its folder (no ``..``, not absolute)."""
+    path = PurePosixPath(rel)
+    return (bool(rel) and "\\" not in rel and not path.is_absolute() and path.as_posix() == rel
+            and all(part not in ("..", ".") for part in path.parts))
+
+
+def present_files(folder: Path) -> set[str]:
+    """Every file below ``folder`` but the manifest, by relative POSIX path.
+
+    Raises:
+        ExportedModelError: a symbolic link (an export holds only its own files; a link could point anywhere).
+    """
+    found = set()
+    for root, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            path = Path(root) / name
+            if path.is_symlink():
+                raise ExportedModelError(f"{folder}: {path.relative_to(folder).as_posix()} is a symbolic link; an "
+                                         f"export holds only its own files: remove it or re-run diffship export")
+        found.update((Path(root) / name).relative_to(folder).as_posix() for name in files)
+    found.discard(MANIFEST)
+    return found
+
+
 def verify_files(folder: Path, manifest: Manifest) -> None:
-    """Raise :class:`ExportedModelError` if a recorded file is missing or its sha256 differs."""
+    """Raise :class:`ExportedModelError` unless the folder holds exactly the files its manifest lists (no
+    more, no fewer, no links), every component's files among them, each with its recorded sha256."""
+    listed = set(manifest.files)
+    unlisted = sorted(present_files(folder) - listed)
+    if unlisted:
+        raise ExportedModelError(f"{folder}: {unlisted[0]} is not listed in {MANIFEST} (added after the export?); "
+                                 f"remove it or re-run diffship export")
+    for name, entry in manifest.components.items():
+        if stray := next((f for f in entry.files if f"{name}/{f}" not in listed), None):
+            raise ExportedModelError(f"{folder}: {name}/{stray} is a file of {name} but {MANIFEST} does not list it; "
+                                     f"re-run diffship export")
     for rel, digest in manifest.files.items():
         path = folder / rel
         if not path.is_file():

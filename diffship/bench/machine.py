@@ -93,17 +93,6 @@ def peak_rss_bytes(children: bool = False) -> int:
     return usage if sys.platform == "darwin" else usage * 1024  # Linux reports KiB, macOS bytes
 
 
-def available_memory_bytes() -> int | None:
-    """Memory available for new work without swapping (``MemAvailable``, Linux), else None."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def current_rss_bytes() -> int | None:
     """Resident memory of this process now (Linux ``/proc``), else None."""
     try:

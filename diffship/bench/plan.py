@@ -142,7 +142,7 @@ def memory_groups(runnable: list[Planned], source_bytes: int) -> list[list[Plann
         runnable: the subjects to measure, the reference first.
         source_bytes: the eager source's weights on disk (an eager subject's footprint).
     """
-    from diffship.bench.machine import available_memory_bytes
+    from diffship.reference.memory import available_memory_bytes
 
     if not runnable:
         return []

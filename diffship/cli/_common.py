@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
 from rich.console import Console
+from rich.text import Text
 
 
 console = Console(stderr=True, highlight=False)
@@ -26,6 +28,12 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     height, width = parse_hw(text)
     ShapeProfile(height=height, width=width).validate(8)
     return height, width
+
+
+def plain(value: object) -> Text:
+    """``value`` as plain text for rich: no markup is interpreted and control characters (terminal escape
+    sequences) are shown as ``?``, so text from a file (a manifest) cannot restyle or take over the terminal."""
+    return Text(re.sub(r"[\x00-\x1f\x7f-\x9f]", "?", str(value)))
 
 
 def component_summary(folder: Path, entry) -> tuple[str, str]:

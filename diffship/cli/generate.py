@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from diffship._files import atomic_write, png_bytes
 from diffship.cli import app
 from diffship.cli._common import console, out, parse_size, runtime_options, steps
+from diffship.errors import DiffshipError
 
 
 @app.command()
@@ -25,6 +26,7 @@ def generate(
     size: Optional[str] = typer.Option(None, "--size", metavar="HxW", help="Image size (default: the model's)."),
     num_images: int = typer.Option(1, "--num-images", min=1, help="Images for the prompt."),
     output: Path = typer.Option(Path("generated"), "--out", help="Folder for the PNG files."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace images of the same name in --out."),
     device: Optional[str] = typer.Option(None, "--device", help="Where to run (onnx: cpu, cuda, tensorrt; comma list = fallbacks)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Runtime threads."),
     option: Optional[list[str]] = typer.Option(None, "--option", "-o", metavar="KEY=VALUE",
@@ -33,10 +35,15 @@ def generate(
     """Generate images with an exported pipeline, exactly as diffusers would."""
     import torch
 
+    from diffship._files import check_writable
     from diffship.reference.pipelines import set_scheduler
     from diffship.runtimes.pipeline import open_export
 
     hw = parse_size(size)
+    targets = [output / f"seed{seed}-{i}.png" for i in range(num_images)]
+    check_writable(output)  # refused now, not after the denoising
+    if not overwrite and (taken := next((p for p in targets if p.exists()), None)):
+        raise DiffshipError(f"{taken} already exists; pass --overwrite, or choose another --out or --seed")
     with steps("loading") as say:
         say(f"loading {exported}")
         loaded = open_export(exported, task="text2img", **runtime_options(device, threads, option))
@@ -45,6 +52,8 @@ def generate(
             hw = shapes.profile.height, shapes.profile.width
         pipe.set_progress_bar_config(disable=True)
         set_scheduler(pipe, scheduler)
+    for text in filter(None, (prompt, negative_prompt)):
+        _note_truncation(pipe, text)
     bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console)
     with loaded, bars as bar:
@@ -60,6 +69,20 @@ def generate(
             height=hw[0] if hw else None, width=hw[1] if hw else None, num_images_per_prompt=num_images,
             generator=torch.Generator("cpu").manual_seed(seed), callback_on_step_end=advance,
         ).images
-    for i, image in enumerate(images):
-        path = atomic_write(output / f"seed{seed}-{i}.png", png_bytes(image))
+    for path, image in zip(targets, images):
+        try:
+            atomic_write(path, png_bytes(image), replace=overwrite)
+        except FileExistsError:  # written by another process since the check above
+            raise DiffshipError(f"{path} was written by another process meanwhile; pass --overwrite, or choose "
+                                f"another --out or --seed") from None
         out.print(f"wrote {path}")
+
+
+def _note_truncation(pipe, text: str) -> None:
+    """Say when a prompt is longer than the text encoder takes: diffusers cuts it (its own warning is
+    among the library logs the CLI keeps quiet)."""
+    tokenizer = pipe.tokenizer or pipe.tokenizer_2
+    count = len(tokenizer(text).input_ids)
+    if count > tokenizer.model_max_length:
+        console.print(f"[yellow]note[/]: a prompt is {count} tokens; the text encoder takes {tokenizer.model_max_length}, "
+                      f"so the rest is cut (as diffusers does)", soft_wrap=True)

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from diffship.cli import app
-from diffship.cli._common import component_summary, out
+from diffship.cli._common import component_summary, out, plain
 
 
 @app.command()
@@ -27,25 +27,26 @@ def inspect(
     src = manifest.source
     shapes = manifest.shapes
     profile = shapes.profile
-    out.print(f"[bold]{exported}[/]: {manifest.pipeline_class} ({manifest.family}), backend "
-              f"{manifest.backend}, {manifest.precision}")
-    out.print(f"source: {src.name} ({src.kind}, fingerprint {src.fingerprint[:12]})")
+    # Everything below comes from the manifest, which anyone can edit: printed as plain text, never as
+    # rich markup or terminal control sequences.
+    say(f"{exported}: {manifest.pipeline_class} ({manifest.family}), backend {manifest.backend}, "
+        f"{manifest.precision}")
+    say(f"source: {src.name} ({src.kind}, fingerprint {src.fingerprint[:12]})")
     kind = "static" if shapes.static else "dynamic (traced at)"
-    out.print(f"shapes: {kind} {profile.height}x{profile.width}, batch {profile.batch_size}")
+    say(f"shapes: {kind} {profile.height}x{profile.width}, batch {profile.batch_size}")
     table = Table("component", "io", "name", "dtype", "dims", "files / size")
     for name, entry in manifest.components.items():
         precision_label, size = component_summary(exported / name, entry)
         rows = [("in", io) for io in entry.inputs] + [("out", io) for io in entry.outputs]
         for i, (direction, io) in enumerate(rows):
             first = i == 0
-            table.add_row(f"{name} [{precision_label}]" if first else "", direction, io.name, io.dtype,
-                          "(" + ", ".join(map(str, io.dims)) + ")",
-                          f"{', '.join(entry.files)} {size}" if first else "")
+            table.add_row(*map(plain, (f"{name} [{precision_label}]" if first else "", direction, io.name, io.dtype,
+                                       "(" + ", ".join(map(str, io.dims)) + ")",
+                                       f"{', '.join(entry.files)} {size}" if first else "")))
     out.print(table)
     _print_details(manifest)
-    versions = ", ".join(f"{k} {v}" for k, v in manifest.versions.items())
-    out.print(f"versions: {versions}")
-    out.print(f"[green]verified[/]: {len(manifest.files)} files match their sha256")
+    say("versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()))
+    say(f"verified: {len(manifest.files)} files match their sha256")
 
 
 #: detail keys shown elsewhere (profiles get their own table) or too bulky for one line.
@@ -59,11 +60,11 @@ def _print_details(manifest) -> None:
     for name, entry in manifest.components.items():
         details = {k: v for k, v in to_data(entry.details, drop_none=True).items() if k not in _SEPARATE}
         if details:
-            out.print(f"[bold]{name}[/]: " + "; ".join(f"{k} {_compact(v)}" for k, v in details.items()))
+            say(f"{name}: " + "; ".join(f"{k} {_compact(v)}" for k, v in details.items()))
         for index, profile in enumerate(getattr(entry.details, "profiles", [])):
-            table = Table("input", "min", "opt", "max", title=f"{name} profile {index}: {profile.request.describe()}")
+            table = Table("input", "min", "opt", "max", title=plain(f"{name} profile {index}: {profile.request.describe()}"))
             for input_name, r in profile.inputs.items():
-                table.add_row(input_name, *(_fmt(v) for v in (r.min, r.opt, r.max)))
+                table.add_row(*map(plain, (input_name, *(_fmt(v) for v in (r.min, r.opt, r.max)))))
             out.print(table)
 
 
@@ -80,3 +81,8 @@ def _compact(value) -> str:
 
 def _fmt(dims: list) -> str:
     return "(" + ", ".join(map(str, dims)) + ")"
+
+
+def say(text: str) -> None:
+    """One line of manifest facts, printed as plain text."""
+    out.print(plain(text))

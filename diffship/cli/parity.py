@@ -46,6 +46,13 @@ def run_parity(source, exported, *, steps_=10, prompt=None, seed=0, scheduler=No
     """Run the checks, print the summary and write the requested reports (shared with ``demo``)."""
     from dataclasses import replace
 
+    from diffship._files import check_writable
+
+    if junit:  # refused now, not after the whole run
+        check_writable(junit, folder=False)
+    if report:
+        check_writable(report)
+
     from diffship.parity.compare import ParitySettings, check_parity
     from diffship.parity.report import write_junit, write_report
 

@@ -201,7 +201,7 @@ def onnx_for(spec: ComponentSpec, module: nn.Module, options: ExportOptions, bui
     reused = (folder / "artifact.json").is_file()
     if not reused:
         try:
-            with atomic_folder(folder) as tmp:
+            with atomic_folder(folder, wait=True) as tmp:
                 entry = onnx_exporter.export(spec, module, tmp, onnx_options)
                 write_json(tmp / "artifact.json", {"details": to_data(entry.details, drop_none=True)})
         except DiffshipError:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from diffship._files import atomic_folder, atomic_write, write_json
+from diffship._files import atomic_folder, atomic_write, read_json, write_json
 from diffship.backends.coreml import MODEL_FILE
 from diffship.backends.manifest import ComponentEntry, Manifest, read_manifest
 from diffship.errors import DiffshipError, ExportError
@@ -76,7 +76,7 @@ def package_swift(exported: str | Path, out: str | Path, *, chunk_unet: bool = F
                             f"to {COMPILE_SCRIPT} on a Mac (omit --compile)")
     facts: dict[str, Any] = {"format": "diffship.swift-resources/1", "source": manifest.source.name,
                              "precision": manifest.precision, "chunked": chunk_unet, "compiled": compile_models}
-    with atomic_folder(out, overwrite=overwrite, marker=PACKAGE_MANIFEST) as tmp, \
+    with atomic_folder(out, overwrite=overwrite, replaceable=_is_package, what="diffship package") as tmp, \
             tempfile.TemporaryDirectory(prefix="diffship-swift-") as scratch:
         packages = {}
         for component, name in RESOURCE_NAMES.items():
@@ -107,6 +107,14 @@ def package_swift(exported: str | Path, out: str | Path, *, chunk_unet: bool = F
         facts["notes"] = _scheduler_notes(exported)
         write_json(tmp / PACKAGE_MANIFEST, facts)
     return facts
+
+
+def _is_package(folder: Path) -> bool:
+    """Whether ``folder`` is a package this module wrote (its description parses), so --overwrite may replace it."""
+    try:
+        return read_json(folder / PACKAGE_MANIFEST).get("format") == "diffship.swift-resources/1"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _check_export(exported: Path, manifest: Manifest) -> None:
@@ -208,8 +216,6 @@ def _compile_script() -> str:
 
 def _scheduler_notes(exported: Path) -> list[str]:
     """What the Swift pipeline will do differently from the export's own scheduler config."""
-    from diffship._files import read_json
-
     config_path = exported / "scheduler" / "scheduler_config.json"
     if not config_path.is_file():
         return []

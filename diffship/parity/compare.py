@@ -162,7 +162,8 @@ def check_parity(
             f"compare an export with its own source"
         )
     say(f"loading {exported}")
-    with open_export(exported, verify=False, **(runtime_options or {})) as loaded:
+    # Non-finite outputs are parity failures (reported with their figures), not errors that end the run.
+    with open_export(exported, verify=False, check_finite=False, **(runtime_options or {})) as loaded:
         manifest, runners, exported_pipe = loaded.manifest, loaded.runners, loaded.pipeline
         compute = {r.compute_precision for r in runners.values()} - {None}
         precision = compute.pop() if len(compute) == 1 else manifest.precision

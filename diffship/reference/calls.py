@@ -10,8 +10,9 @@ import torch
 from diffship.errors import ShapeError
 
 
-
-def text_encoder_inputs(a: dict[str, Any], hidden: bool = False) -> dict[str, torch.Tensor]:
+def text_encoder_inputs(a: dict[str, Any], hidden: bool = False, vocab_size: int | None = None) -> dict[str, torch.Tensor]:
+    """``input_ids`` as int64, refusing what eager torch refuses: token ids that are not integers or lie
+    outside the vocabulary (an exported graph would silently read another embedding row)."""
     mask = a.get("attention_mask")
     if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
         raise ShapeError("text_encoder: exported text encoders take no attention mask (CLIP does not use one); "
@@ -19,7 +20,16 @@ def text_encoder_inputs(a: dict[str, Any], hidden: bool = False) -> dict[str, to
     if a.get("output_hidden_states") and not hidden:
         raise ShapeError("text_encoder: this export has no hidden-state outputs, so clip_skip is not supported; "
                          "call without clip_skip")
-    return {"input_ids": torch.as_tensor(a["input_ids"]).to(torch.int64)}
+    ids = torch.as_tensor(a["input_ids"])
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ShapeError(f"text_encoder: input_ids must be integer token ids, got {ids.dtype}; tokenize the prompt "
+                         f"with the pipeline's tokenizer")
+    if ids.numel() and (int(ids.min()) < 0 or (vocab_size is not None and int(ids.max()) >= vocab_size)):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        span = f" (0..{vocab_size - 1})" if vocab_size else ""
+        raise ShapeError(f"text_encoder: input_ids holds {bad}, outside the vocabulary{span}; tokenize the prompt "
+                         f"with the pipeline's tokenizer")
+    return {"input_ids": ids.to(torch.int64)}
 
 
 #: UNet call arguments an exported graph can take as inputs, and where diffusers passes them.

@@ -30,7 +30,7 @@ def _text_encoder_spec(name: str, config: dict[str, Any], outputs: tuple[str, ..
         inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),),
         outputs=tuple(TensorSpec(o, FLOAT, dims[o]) for o in outputs),
         wrapper=partial(TextEncoderWrapper, outputs=outputs), method="forward",
-        to_inputs=partial(text_encoder_inputs, hidden=PENULTIMATE in outputs),
+        to_inputs=partial(text_encoder_inputs, hidden=PENULTIMATE in outputs, vocab_size=config.get("vocab_size")),
         scale_factor=f, static_batch=False, config=config,
     )
 
@@ -121,16 +121,21 @@ class Family:
     Attributes:
         name: family name recorded in manifests.
         pipelines: diffusers pipeline class name per task.
-        modules: pipeline attributes holding the torch modules whose configs feed ``specs``.
+        modules: pipeline attributes holding the torch modules whose configs feed ``specs``, each with the
+            (library, class) it must be: a source whose ``text_encoder`` is another architecture is refused.
         specs: builds the component specs from those modules' configs.
+        library: the other pipeline attributes a source or export may hold (tokenizers, scheduler,
+            feature extractor), each with its library and the base class its class must derive from;
+            nothing else named in an export's ``model_index.json`` is ever imported.
         task_needs: components (or pipeline modules) a task needs beyond the others (an export may omit them).
         extra_channel_tasks: the only tasks of a UNet that takes extra (mask) input channels.
     """
 
     name: str
     pipelines: dict[str, str]
-    modules: tuple[str, ...]
+    modules: dict[str, tuple[str, str]]
     specs: Callable[[dict[str, dict[str, Any]]], list[ComponentSpec]]
+    library: dict[str, tuple[str, str]] = field(default_factory=dict)
     task_needs: dict[str, tuple[str, ...]] = field(default_factory=dict)
     extra_channel_tasks: tuple[str, ...] = ()
 
@@ -149,6 +154,31 @@ class Family:
             tasks = [t for t in tasks if t in self.extra_channel_tasks]
         return tasks
 
+    def library_class(self, name: str, entry: Any) -> type:
+        """The class of the library component ``name`` that ``model_index.json`` names as ``entry``
+        (``[library, class]``), if the family allows it there.
+
+        Raises:
+            UnsupportedPipelineError: another library, an unknown class, or one not derived from the
+                allowed base (custom code in a model folder is never imported).
+        """
+        import importlib
+
+        allowed = self.library.get(name)
+        library, class_name = (list(entry) + [None, None])[:2] if isinstance(entry, (list, tuple)) else (None, None)
+        found = None
+        if allowed and library == allowed[0]:
+            module = importlib.import_module(library)
+            found = getattr(module, str(class_name), None)
+            if not (isinstance(found, type) and issubclass(found, getattr(module, allowed[1]))):
+                found = None
+        if found is None:
+            what = f"a {allowed[1]} from {allowed[0]}" if allowed else "nothing (not a component of this family)"
+            raise UnsupportedPipelineError(
+                f"model_index.json names {library}.{class_name} for {name!r}, where a {self.name} pipeline takes "
+                f"{what}; diffship imports no other code from a model folder")
+        return found
+
     def pipeline_class(self, task: str):
         """The diffusers class for ``task``."""
         import diffusers
@@ -163,6 +193,12 @@ class Family:
         return next(task for task, name in self.pipelines.items() if name == class_name)
 
 
+_TOKENIZER = ("transformers", "PreTrainedTokenizerBase")
+_LIBRARY = {"tokenizer": _TOKENIZER, "scheduler": ("diffusers", "SchedulerMixin"),
+            "feature_extractor": ("transformers", "ImageProcessingMixin")}
+_CLIP = ("transformers", "CLIPTextModel")
+_UNET_VAE = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL")}
+
 FAMILIES: tuple[Family, ...] = (
     Family(
         name="stable-diffusion",
@@ -171,8 +207,9 @@ FAMILIES: tuple[Family, ...] = (
             "img2img": "StableDiffusionImg2ImgPipeline",
             "inpaint": "StableDiffusionInpaintPipeline",
         },
-        modules=("text_encoder", "unet", "vae"),
+        modules={"text_encoder": _CLIP, **_UNET_VAE},
         specs=stable_diffusion_specs,
+        library=_LIBRARY,
         task_needs={"img2img": ("vae_encoder",), "inpaint": ("vae_encoder",)},
         extra_channel_tasks=("inpaint",),
     ),
@@ -184,8 +221,10 @@ FAMILIES: tuple[Family, ...] = (
             "img2img": "StableDiffusionXLImg2ImgPipeline",
             "inpaint": "StableDiffusionXLInpaintPipeline",
         },
-        modules=("text_encoder", "text_encoder_2", "unet", "vae"),
+        modules={"text_encoder": _CLIP, "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+                 **_UNET_VAE},
         specs=stable_diffusion_xl_specs,
+        library={**_LIBRARY, "tokenizer_2": _TOKENIZER},
         task_needs={"text2img": ("text_encoder",), "img2img": ("vae_encoder",), "inpaint": ("vae_encoder",)},
         extra_channel_tasks=("inpaint",),
     ),

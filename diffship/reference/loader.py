@@ -10,6 +10,7 @@ from typing import Any, Callable
 from diffship._files import read_json, sha256_file
 from diffship.errors import SourceError, first_line
 from diffship.reference.families import family_of
+from diffship.reference.integrity import check_classes, check_weights
 from diffship.reference.presets import RECIPES, preset_path
 
 #: built-in pipelines, built offline on first use; name -> function returning the cached folder.
@@ -53,7 +54,7 @@ def fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
-def _pipeline_class_name(folder: Path) -> str:
+def _model_index(folder: Path) -> dict[str, Any]:
     index = folder / "model_index.json"
     if not index.is_file():
         raise SourceError(
@@ -61,9 +62,15 @@ def _pipeline_class_name(folder: Path) -> str:
             f"save_pretrained(), a .safetensors checkpoint, or a preset ({', '.join(PRESETS)})"
         )
     try:
-        return read_json(index)["_class_name"]
-    except (ValueError, KeyError) as exc:
+        data = read_json(index)
+        data["_class_name"]
+    except (ValueError, KeyError, TypeError) as exc:
         raise SourceError(f"{index} is not a valid model_index.json ({exc}); re-save the pipeline") from None
+    return data
+
+
+def _pipeline_class_name(folder: Path) -> str:
+    return _model_index(folder)["_class_name"]
 
 
 def _has_pickle_only(folder: Path) -> bool:
@@ -72,8 +79,10 @@ def _has_pickle_only(folder: Path) -> bool:
 
 
 def _load_folder(folder: Path, allow_pickle: bool):
-    class_name = _pipeline_class_name(folder)
+    index = _model_index(folder)
+    class_name = index["_class_name"]
     fam = family_of(class_name)
+    check_classes(folder, index, fam)
     cls = fam.pipeline_class(fam.task_of(class_name))
     pickle_only = _has_pickle_only(folder)
     if pickle_only and not allow_pickle:
@@ -82,7 +91,7 @@ def _load_folder(folder: Path, allow_pickle: bool):
             f"--allow-pickle to load them with torch.load(weights_only=True)"
         )
     try:
-        return cls.from_pretrained(
+        pipe = cls.from_pretrained(
             # With --allow-pickle, each component takes safetensors where it has them, pickle elsewhere.
             folder, local_files_only=True, use_safetensors=None if allow_pickle else True, safety_checker=None,
             feature_extractor=None, requires_safety_checker=False,
@@ -90,6 +99,8 @@ def _load_folder(folder: Path, allow_pickle: bool):
     except Exception as exc:  # diffusers/transformers raise many types for a broken folder
         raise SourceError(f"loading the diffusers folder {folder} failed ({type(exc).__name__}: {first_line(exc)}); "
                           f"check that it is complete and was saved with save_pretrained()") from exc
+    check_weights(folder, pipe, fam)
+    return pipe
 
 
 def _load_single_file(path: Path, config: Path | None, allow_pickle: bool):

@@ -180,7 +180,8 @@ def build_preset(recipe: Recipe, out: Path) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     out = Path(out)
-    with atomic_folder(out) as tmp:
+    # wait: another process building the same preset finishes first, and its folder is then used.
+    with atomic_folder(out, wait=True) as tmp:
         modules: dict[str, Any] = {}
         # One seed per module, so changing one module's config leaves the others' weights alone.
         encoders = [("text_encoder", "tokenizer", CLIPTextModel, recipe.text_encoder, "<|endoftext|>", SEED)]

@@ -4,7 +4,8 @@ and that calibrated (activation-quantized) exports are calibrated on."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -48,9 +49,18 @@ def record_calls(pipe: Any, specs: list[ComponentSpec], limit: int) -> Iterator[
 
 
 def calibration_inputs(pipe: Any, specs: list[ComponentSpec], steps: int = 10,
-                       prompts: tuple[str, ...] = CALIBRATION_PROMPTS) -> dict[str, list[dict[str, torch.Tensor]]]:
-    """Inputs each component receives while ``pipe`` generates ``prompts`` (seeded, ``steps`` steps)."""
+                       prompts: tuple[str, ...] = CALIBRATION_PROMPTS,
+                       progress: Callable[[str], None] | None = None) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Inputs each component receives while ``pipe`` generates ``prompts`` (seeded, ``steps`` steps).
+
+    ``progress`` hears before each prompt how far it is and, after the first, about how long is left
+    (at full size this takes minutes)."""
+    start = time.perf_counter()
     with record_calls(pipe, specs, limit=10_000) as calls:
         for seed, prompt in enumerate(prompts):
+            if progress:
+                done = time.perf_counter() - start
+                left = f", about {done / seed * (len(prompts) - seed):.0f} s left" if seed else ""
+                progress(f"recording calibration inputs: prompt {seed + 1} of {len(prompts)}{left}")
             pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="latent")
     return calls

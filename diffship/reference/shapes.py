@@ -42,7 +42,7 @@ class ShapeProfile:
         for name, size in (("height", self.height), ("width", self.width)):
             if size < scale_factor or size % scale_factor:
                 raise ShapeError(
-                    f"{name} {size} is not a positive multiple of {scale_factor} (the VAE's scale factor); "
+                    f"{name} {size} is not a positive multiple of {scale_factor} (the image sizes this model takes); "
                     f"use e.g. {max(scale_factor, size // scale_factor * scale_factor)}"
                 )
 

@@ -74,6 +74,9 @@ class TrtRunner(Runner):
         if self.device.type != "cuda":
             raise RuntimeFailure(f"the tensorrt runtime runs on CUDA devices, not {options.device!r}; use device=cuda")
         check_engine(details, installed_versions(), torch.cuda.get_device_capability(self.device))
+        if details.engine not in entry.files:  # the manifest's file list is what was verified
+            raise ExportedModelError(f"{folder}: the engine {details.engine!r} is not among the component's files; "
+                                     f"re-export")
         path = Path(folder) / details.engine
         if not path.is_file():
             raise ExportedModelError(f"{path} is missing; re-run diffship export")

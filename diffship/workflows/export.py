@@ -18,13 +18,14 @@ from typing import Any
 import torch
 
 from diffship import backends
-from diffship._files import atomic_folder, write_json
+from diffship._files import atomic_folder, check_destination, write_json
 from diffship.backends import Backend
 from diffship.backends.manifest import ComponentEntry, Manifest, Shapes, library_versions
-from diffship.errors import DiffshipError
+from diffship.errors import DiffshipError, ShapeError
 from diffship.exporters.base import ExportOptions
 from diffship.progress import Progress, silent
 from diffship.reference import ShapeProfile, family_of, load_with_info
+from diffship.reference.memory import available_memory_bytes, largest_tensor
 from diffship.reference.pipelines import pipeline_configs
 from diffship.reference.shapes import PRECISIONS
 from diffship.reference.specs import ComponentSpec, size_multiple, vae_scale_factor
@@ -163,6 +164,8 @@ def export_pipeline(
         raise DiffshipError(f"unknown precision {precision!r} for {backend}; choose one of: "
                             f"{', '.join(record.precisions)}")
     parsed = record.parse_export_options(backend_options or {})
+    out = Path(out)
+    check_destination(out, overwrite, is_export, "diffship export")  # before minutes of work, not after
     say = progress or silent
     say(f"loading {source}")
     pipe, info = load_with_info(source, config=config, allow_pickle=allow_pickle)
@@ -177,6 +180,8 @@ def export_pipeline(
             raise DiffshipError(f"unknown component(s) {', '.join(unknown)}; this pipeline has: "
                                 f"{', '.join(s.name for s in specs)}")
         specs = [s for s in specs if s.name in components]
+    if static:
+        _check_static(profile, specs, multiple)
     from diffship import __version__
 
     options = ExportOptions(precision=precision, profile=profile, static=static is not None, backend=parsed,
@@ -187,11 +192,9 @@ def export_pipeline(
     if precision in record.calibrated:
         from diffship.reference.recording import calibration_inputs
 
-        say(f"recording calibration inputs ({precision})")
-        calibration = calibration_inputs(pipe, [s for s in specs if s.denoiser])
-    out = Path(out)
+        calibration = calibration_inputs(pipe, [s for s in specs if s.denoiser], progress=say)
     entries: dict[str, ComponentEntry] = {}
-    with atomic_folder(out, overwrite=overwrite) as tmp:
+    with atomic_folder(out, overwrite=overwrite, replaceable=is_export, what="diffship export") as tmp:
         for spec in specs:
             say(f"exporting {spec.name} ({backend}, {precision})")
             eager = getattr(pipe, spec.source)
@@ -207,6 +210,28 @@ def export_pipeline(
             versions=library_versions(record.versions()),
         ).write(tmp)
     return manifest
+
+
+def _check_static(profile: ShapeProfile, specs: list[ComponentSpec], multiple: int) -> None:
+    """Refuse a static size the exported graphs could never run at: not a multiple of what the UNet
+    takes, or one whose largest single tensor exceeds this machine's available memory."""
+    profile.validate(multiple)
+    need, what = largest_tensor(specs, profile)
+    available = available_memory_bytes()
+    if available and need > available:
+        raise ShapeError(f"--static {profile.height}x{profile.width}: the {what} alone take {need / 1e9:.1f} GB, and "
+                         f"this machine has {available / 1e9:.1f} GB available; export a smaller size")
+
+
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` is a diffship export (its manifest parses), which ``--overwrite`` may replace."""
+    from diffship.backends.manifest import read_manifest
+
+    try:
+        read_manifest(folder, verify=False)
+    except DiffshipError:
+        return False
+    return True
 
 
 def _write_pipeline_files(pipe: Any, folder: Path, backend: str, entries: dict[str, ComponentEntry]) -> None:

@@ -224,7 +224,7 @@ def test_memory_groups_put_the_reference_in_every_group(monkeypatch):
     from diffship.bench import plan
     from diffship.bench.worker import Subject
 
-    monkeypatch.setattr("diffship.bench.machine.available_memory_bytes", lambda: 10_000)
+    monkeypatch.setattr("diffship.reference.memory.available_memory_bytes", lambda: 10_000)
     monkeypatch.setattr(plan, "_MEMORY_SHARE", 1.0)
     monkeypatch.setattr(plan, "_footprint", lambda p, source_bytes: p.entry["need"])
 

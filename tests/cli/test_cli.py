@@ -223,7 +223,7 @@ def test_overwrite_only_replaces_exports(tmp_path, capsys):
     precious.mkdir()
     (precious / "keep.txt").write_text("mine")
     code, _, err = run(capsys, "export", "tiny", precious, "--component", "vae_decoder", "--overwrite")
-    assert code == 2 and "is not a diffship output" in one_error_line(err)
+    assert code == 2 and "is not a diffship export" in one_error_line(err)
     assert (precious / "keep.txt").read_text() == "mine"
 
 
@@ -261,5 +261,5 @@ def test_runtime_option_passthrough(cli_export, tmp_path, capsys):
     code, _, err = run(capsys, "generate", cli_export, "--prompt", "x", "--steps", "2", "--threads", "1",
                        "-o", 'session_config={"session.intra_op.allow_spinning": "0"}', "--out", tmp_path)
     assert code == 0, err
-    code, _, err = run(capsys, "generate", cli_export, "--prompt", "x", "-o", "thread=2", "--out", tmp_path)
+    code, _, err = run(capsys, "generate", cli_export, "--prompt", "x", "-o", "thread=2", "--out", tmp_path / "b")
     assert code == 2 and "unknown onnx runtime option(s) thread" in one_error_line(err)

@@ -12,7 +12,8 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 from diffship.errors import ExportedModelError, ShapeError  # noqa: E402
 from diffship.workflows import export_pipeline  # noqa: E402
 from diffship.parity.compare import ParitySettings, check_parity  # noqa: E402
-from diffship.runtimes.pipeline import UNetAdapter, load_pipeline  # noqa: E402
+from diffship.runtimes.adapters import UNetAdapter  # noqa: E402
+from diffship.runtimes.pipeline import load_pipeline  # noqa: E402
 
 
 def _images(pipe, **kwargs):

@@ -25,7 +25,8 @@ from diffusers import (
 from PIL import Image
 
 from diffship.errors import ShapeError
-from diffship.runtimes.pipeline import TextEncoderAdapter, UNetAdapter, VaeAdapter, load_pipeline
+from diffship.runtimes.adapters import TextEncoderAdapter, UNetAdapter, VaeAdapter
+from diffship.runtimes.pipeline import load_pipeline
 
 STEPS = 3
 PROMPT = "a photo of a cat"

@@ -154,26 +154,35 @@ class Family:
             tasks = [t for t in tasks if t in self.extra_channel_tasks]
         return tasks
 
-    def library_class(self, name: str, entry: Any) -> type:
-        """The class of the library component ``name`` that ``model_index.json`` names as ``entry``
-        (``[library, class]``), if the family allows it there.
+    def component_class(self, name: str, entry: Any) -> type:
+        """The class ``model_index.json`` names as ``entry`` (``[library, class]``) for the pipeline attribute
+        ``name``, if the family allows it there: one of its torch modules as its declared class (kept in
+        torch by a ``--component`` export), or a library component derived from the allowed base.
 
         Raises:
-            UnsupportedPipelineError: another library, an unknown class, or one not derived from the
-                allowed base (custom code in a model folder is never imported).
+            UnsupportedPipelineError: another library or class (custom code in a model folder is never
+                imported).
         """
         import importlib
 
-        allowed = self.library.get(name)
         library, class_name = (list(entry) + [None, None])[:2] if isinstance(entry, (list, tuple)) else (None, None)
         found = None
-        if allowed and library == allowed[0]:
-            module = importlib.import_module(library)
-            found = getattr(module, str(class_name), None)
-            if not (isinstance(found, type) and issubclass(found, getattr(module, allowed[1]))):
-                found = None
+        if name in self.modules:
+            allowed = self.modules[name]
+            if [library, class_name] == list(allowed):
+                found = getattr(importlib.import_module(library), class_name)
+            what = f"a {allowed[0]}.{allowed[1]}"
+        elif name in self.library:
+            allowed = self.library[name]
+            if library == allowed[0]:
+                module = importlib.import_module(library)
+                candidate = getattr(module, str(class_name), None)
+                if isinstance(candidate, type) and issubclass(candidate, getattr(module, allowed[1])):
+                    found = candidate
+            what = f"a {allowed[1]} from {allowed[0]}"
+        else:
+            what = "nothing (not a component of this family)"
         if found is None:
-            what = f"a {allowed[1]} from {allowed[0]}" if allowed else "nothing (not a component of this family)"
             raise UnsupportedPipelineError(
                 f"model_index.json names {library}.{class_name} for {name!r}, where a {self.name} pipeline takes "
                 f"{what}; diffship imports no other code from a model folder")

@@ -41,7 +41,7 @@ def check_classes(folder: Path, index: dict[str, Any], family: Any) -> None:
     for name, entry in index.items():
         if name in family.library and isinstance(entry, list) and entry[0] is not None:
             try:
-                family.library_class(name, entry)
+                family.component_class(name, entry)
             except SourceError as exc:
                 raise SourceError(f"{folder}: {exc}") from None
 

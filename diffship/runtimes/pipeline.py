@@ -32,9 +32,9 @@ from diffship.runtimes.base import Runner
 
 def _load_library_component(family: Any, folder: Path, name: str, entry: list[str]):
     """A tokenizer, scheduler or feature extractor saved in the export, if the family allows its class
-    there (:meth:`Family.library_class`); nothing else named in ``model_index.json`` is imported."""
+    there (:meth:`Family.component_class`); nothing else named in ``model_index.json`` is imported."""
     try:
-        cls = family.library_class(name, entry)
+        cls = family.component_class(name, entry)
     except DiffshipError as exc:
         raise ExportedModelError(f"{folder.parent}: {exc}") from None
     return cls.from_pretrained(folder)

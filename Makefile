@@ -8,7 +8,7 @@ EXTRAS ?= test,onnx,openvino,coreml,tensorrt,bench
 DEMO_OUT ?= diffship-demo
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test test-gpu clean
 
 venv: $(VENV)/.installed
 
@@ -25,5 +25,17 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Where an NVIDIA GPU is: the GPU tests (engines run, parity, profiles, CUDA graphs, runtime caches) in their own
+# venv with a CUDA build of torch and standard TensorRT beside TensorRT-RTX (the CPU venv would skip them).
+GPU_VENV ?= .venv-gpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cu128
+
+test-gpu:
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install --quiet "$(TORCH)" --index-url $(TORCH_INDEX)
+	$(GPU_VENV)/bin/python -m pip install --quiet -e ".[test,tensorrt]" tensorrt --extra-index-url https://pypi.nvidia.com
+	$(GPU_VENV)/bin/python -m pytest -m "gpu or tensorrt" $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(GPU_VENV) $(DEMO_OUT) .pytest_cache build *.egg-info

@@ -138,8 +138,8 @@ def to_model_inputs(component: str, feeds: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_program(package: Path):
-    """The ``main`` function of a saved ``.mlpackage``'s MIL program, weights included."""
+def load_mil_program(package: Path):
+    """A saved ``.mlpackage``'s MIL program (weights included) and its specification version."""
     import coremltools as ct
     from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
 
@@ -147,11 +147,15 @@ def load_program(package: Path):
     try:
         spec = ct.utils.load_spec(str(package))
         weights = package / "Data" / "com.apple.CoreML" / "weights"
-        program = load_milproto(spec, spec.specificationVersion, str(weights))
+        return load_milproto(spec, spec.specificationVersion, str(weights)), spec.specificationVersion
     except Exception as exc:
         raise ExportedModelError(f"could not read the ML Program in {package} ({type(exc).__name__}: {exc}); "
                                  f"re-run diffship export") from exc
-    return program.functions["main"]
+
+
+def load_program(package: Path):
+    """The ``main`` function of a saved ``.mlpackage``'s MIL program, weights included."""
+    return load_mil_program(package)[0].functions["main"]
 
 
 def program_ops(path: str) -> list[str]:

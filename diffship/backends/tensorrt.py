@@ -22,8 +22,11 @@ from diffship.reference.shapes import ShapeRange, span
 #: TensorRT flavours by module name, in order of preference.
 FLAVOURS = {"tensorrt": "TensorRT", "tensorrt_rtx": "TensorRT-RTX"}
 ENGINE_SUFFIX = ".plan"
-#: compute-capability targets each flavour builds for (``-o compute_capability=...``).
+#: compute-capability targets each flavour builds for (``-o compute_capability=...``). TensorRT-RTX runs on
+#: these GPUs only (its bindings know no others: not Volta, Hopper or data-center Blackwell); its default
+#: ("portable") set is the Ampere-and-later part of it, Turing (sm75) only when named.
 TARGETS = {"tensorrt_rtx": ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121"), "tensorrt": ("ampere+",)}
+RTX_PORTABLE = ("sm80", "sm86", "sm89", "sm120", "sm121")
 
 
 def installed_flavours() -> list[str]:
@@ -81,7 +84,8 @@ class TensorRTRuntimeOptions:
     Attributes:
         device: the CUDA device (``cuda``, ``cuda:1``).
         cuda_graph: replay captured CUDA graphs.
-        runtime_cache: TensorRT-RTX runtime-cache file, loaded if present and saved when the runner closes.
+        runtime_cache: a folder of TensorRT-RTX runtime caches, one file per component, loaded if present
+            and saved when the runner closes.
     """
 
     device: str = "cuda"
@@ -190,11 +194,18 @@ def check_engine(details: TensorRTDetails, installed: dict[str, str], capability
     if capability is None:
         return
     sm = f"sm{capability[0]}{capability[1]}"
+    if flavour == "tensorrt_rtx" and sm not in TARGETS["tensorrt_rtx"]:
+        raise ExportedModelError(f"TensorRT-RTX does not run on this GPU ({sm}; it runs on "
+                                 f"{', '.join(TARGETS['tensorrt_rtx'])}); use standard TensorRT here: install it from "
+                                 f"NVIDIA's index (pip install tensorrt --extra-index-url https://pypi.nvidia.com) and "
+                                 f"re-export with -o flavour=tensorrt")
     targets = details.compute_capability["targets"]
     ok = (sm in targets if isinstance(targets, list)
-          else capability >= (8, 0) if targets in ("portable", "ampere+") else True)
+          else sm in RTX_PORTABLE if targets == "portable"
+          else capability >= (8, 0) if targets == "ampere+" else True)
     if not ok:
-        wanted = ", ".join(targets) if isinstance(targets, list) else f"{targets} (Ampere, sm80, and later)"
+        wanted = (", ".join(targets) if isinstance(targets, list) else
+                  f"portable ({', '.join(RTX_PORTABLE)})" if targets == "portable" else f"{targets} (Ampere, sm80, and later)")
         raise ExportedModelError(f"engine {details.engine} targets {wanted}, but this GPU is {sm}; {rebuild}"
                                  + (f" -o compute_capability={sm}" if flavour == "tensorrt_rtx" else ""))
 

@@ -134,6 +134,49 @@ def _check_export(exported: Path, manifest: Manifest) -> None:
                             "UNet batch 2); re-export with --batch 1 and guidance (no --no-guidance)")
 
 
+def weights_beside_their_use(package: Path, out: Path) -> Path:
+    """``package`` saved again with each constant (weights) just before the first operation that reads it.
+
+    ``torch.export`` conversions put nearly every constant before the first compute operation; coremltools'
+    ``bisect_model`` cuts where the weights seen so far pass half of them, which would then be after a few
+    operations (chunk 1 all constants, chunk 2 all compute). Beside their use, weights are spread through
+    the program as the compute is, and the cut falls in the middle. The program is otherwise unchanged
+    (no passes run when it is saved again).
+    """
+    import coremltools as ct
+
+    from diffship.backends.coreml import load_mil_program
+
+    program, version = load_mil_program(package)
+    main = program.functions["main"]
+    operations = list(main.operations)
+    placed: set[int] = set()
+    order: list = []
+
+    def constant(op) -> bool:
+        return op.op_type == "const" or op.op_type.startswith("constexpr")
+
+    def place(op) -> None:
+        if id(op) in placed:
+            return
+        for value in op.inputs.values():
+            for var in value if isinstance(value, (list, tuple)) else (value,):
+                if var.op is not None and constant(var.op):
+                    place(var.op)
+        placed.add(id(op))
+        order.append(op)
+
+    for op in operations:
+        if not constant(op):
+            place(op)
+    order += [op for op in operations if id(op) not in placed]  # constants nothing reads (outputs)
+    main.operations = order
+    model = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=ct.target(version),
+                       pass_pipeline=ct.PassPipeline.EMPTY, skip_model_load=True)
+    model.save(str(out))
+    return out
+
+
 def split_unet(package: Path, scratch: Path) -> dict[str, Path]:
     """Bisect ``package`` into two ML Programs of about equal weight size: ``UnetChunk1``, ``UnetChunk2``."""
     import coremltools as ct
@@ -141,13 +184,14 @@ def split_unet(package: Path, scratch: Path) -> dict[str, Path]:
     folder = scratch / "chunks"
     folder.mkdir()
     try:
-        ct.models.utils.bisect_model(str(package), str(folder), check_output_correctness=False)
+        spread = weights_beside_their_use(package, scratch / "Unet.spread.mlpackage")
+        ct.models.utils.bisect_model(str(spread), str(folder), check_output_correctness=False)
     except Exception as exc:
         raise ExportError(f"splitting the UNet failed ({type(exc).__name__}: {exc}); package without --chunk-unet") \
             from exc
     chunks = {}
     for i in (1, 2):
-        made = folder / f"{package.stem}_chunk{i}.mlpackage"
+        made = folder / f"{spread.stem}_chunk{i}.mlpackage"
         chunks[f"UnetChunk{i}"] = made.rename(scratch / f"UnetChunk{i}.mlpackage")
     shutil.rmtree(package)
     return chunks
@@ -214,16 +258,28 @@ def _compile_script() -> str:
             "done\n")
 
 
+#: what Apple's Swift schedulers hard-code (PNDM, DPM-Solver++ and Euler ancestral alike: Scheduler.swift),
+#: and the decoder's default latent scale factor (StableDiffusionPipeline.Configuration).
+SWIFT_SCHEDULER = {"prediction_type": "epsilon", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                   "beta_end": 0.012, "num_train_timesteps": 1000, "steps_offset": 1}
+SWIFT_DECODER_SCALE = 0.18215
+
+
 def _scheduler_notes(exported: Path) -> list[str]:
-    """What the Swift pipeline will do differently from the export's own scheduler config."""
-    config_path = exported / "scheduler" / "scheduler_config.json"
-    if not config_path.is_file():
-        return []
-    config = read_json(config_path)
+    """Where the Swift pipeline will compute differently from the export's own configs: every value its
+    schedulers hard-code, and the latent scale factor its decoder assumes."""
     notes = []
-    if config.get("prediction_type", "epsilon") != "epsilon":
-        notes.append(f"the model predicts {config['prediction_type']}; the Swift pipeline's schedulers assume "
-                     f"epsilon prediction")
-    if config.get("beta_schedule", "scaled_linear") != "scaled_linear":
-        notes.append(f"the model uses a {config['beta_schedule']} beta schedule; the Swift schedulers use scaled_linear")
+    config_path = exported / "scheduler" / "scheduler_config.json"
+    config = read_json(config_path) if config_path.is_file() else {}
+    for key, swift in SWIFT_SCHEDULER.items():
+        value = config.get(key, swift)
+        if value != swift and not (isinstance(swift, float) and isinstance(value, (int, float))
+                                   and abs(value - swift) <= 1e-9):
+            notes.append(f"the scheduler config sets {key} = {value}; the Swift pipeline's schedulers use {swift}")
+    decoder = exported / "vae_decoder" / "config.json"
+    scale = read_json(decoder).get("scaling_factor", SWIFT_DECODER_SCALE) if decoder.is_file() else SWIFT_DECODER_SCALE
+    if abs(scale - SWIFT_DECODER_SCALE) > 1e-9:
+        notes.append(f"the VAE's latent scale factor is {scale}; the Swift pipeline decodes with "
+                     f"{SWIFT_DECODER_SCALE} unless the app sets StableDiffusionPipeline.Configuration's "
+                     f"decoderScaleFactor (and encoderScaleFactor) to {scale}")
     return notes

@@ -117,6 +117,11 @@ for _name, _fn in _UNARY.items():
     KERNELS[_name] = lambda a, _fn=_fn: _fn(a.t("x"))
 
 
+@kernel("identity")
+def _identity(a: Op) -> torch.Tensor:
+    return a.t("x")
+
+
 @kernel("rsqrt")
 def _rsqrt(a: Op) -> torch.Tensor:
     return torch.rsqrt(a.t("x") + a.v("epsilon", 1e-12))

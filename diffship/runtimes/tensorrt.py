@@ -9,8 +9,8 @@ refused with a message saying what to rebuild, instead of failing inside TensorR
 
 Options: ``device`` (``cuda`` or ``cuda:N``), ``cuda_graph`` (replay a captured CUDA graph per shape:
 standard TensorRT captures static-shape profiles through torch, TensorRT-RTX uses its own
-whole-graph capture), ``runtime_cache`` (TensorRT-RTX: file that keeps the kernels it compiles on
-the GPU, so later loads skip the compilation).
+whole-graph capture), ``runtime_cache`` (TensorRT-RTX: a folder keeping, per component, the kernels it
+compiles on the GPU, so later loads skip the compilation; saved when the runner closes).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from diffship._files import atomic_write
 from diffship.backends.manifest import ComponentEntry
 from diffship.backends.tensorrt import (FLAVOURS, EngineProfile, TensorRTRuntimeOptions, check_engine,
                                         installed_versions)
-from diffship.errors import ExportedModelError, RuntimeFailure, ShapeError
+from diffship.errors import ExportedModelError, OptionError, RuntimeFailure, ShapeError
 from diffship.reference.shapes import TORCH_DTYPES
 from diffship.runtimes.base import Runner
 
@@ -50,6 +50,34 @@ def select_profile(profiles: list[EngineProfile], shapes: dict[str, tuple[int, .
                      f"re-export with -o profile=... covering this size (e.g. -o profile=dynamic)")
 
 
+def graph_capture_problem(rtx: bool, profile: EngineProfile) -> str | None:
+    """Why a CUDA graph is not captured through torch for calls in ``profile``, or None when it is.
+
+    TensorRT-RTX captures graphs itself (its runtime config). Standard TensorRT is captured only for a
+    fixed-shape profile: a context that has run other shapes may have moved its scratch memory, which a
+    graph captured earlier would still point at.
+    """
+    if rtx:
+        return "TensorRT-RTX captures its own graphs"
+    if not all(r.min == r.max for r in profile.inputs.values()):
+        return (f"the engine's profile for {profile.request.describe()} takes a range of shapes, and standard "
+                f"TensorRT is captured only for fixed-shape profiles (export with --static or -o profile=static)")
+    return None
+
+
+def runtime_cache_file(folder: Path, component: str, engine: str) -> Path:
+    """The TensorRT-RTX runtime-cache file of one component in the ``runtime_cache`` folder: one file per
+    component and engine, so the runners of a pipeline never overwrite each other's cache.
+
+    Raises:
+        OptionError: ``folder`` is an existing file (it names a folder).
+    """
+    if folder.is_file():
+        raise OptionError(f"tensorrt runtime option runtime_cache names a folder (one cache file per component is "
+                          f"kept there), but {folder} is a file; give a folder")
+    return folder / f"{component}.{Path(engine).stem}.rtcache"
+
+
 def _profile_text(profile: EngineProfile) -> str:
     inputs = ", ".join(f"{n} {tuple(r.min)}..{tuple(r.max)}" for n, r in profile.inputs.items())
     return f"{profile.request.describe()} ({inputs})"
@@ -63,7 +91,8 @@ class TrtRunner(Runner):
 
     Options (:class:`TensorRTRuntimeOptions`): ``device``; ``cuda_graph`` replays captured CUDA graphs (see
     the module docstring), inputs and outputs then going through fixed buffers per shape, as graph replay
-    needs stable addresses; ``runtime_cache``, a TensorRT-RTX runtime-cache file, loaded if present and
+    needs stable addresses; ``runtime_cache``, a folder of TensorRT-RTX runtime caches (one file per
+    component, :func:`runtime_cache_file`), loaded if present and
     saved by :meth:`close` (a loaded pipeline closes its runners when it is collected, or at exit).
     """
 
@@ -83,7 +112,8 @@ class TrtRunner(Runner):
         trt = self._trt = importlib.import_module(details.flavour)
         self._rtx = details.flavour == "tensorrt_rtx"
         self.cuda_graph = options.cuda_graph
-        self._runtime_cache_path = Path(options.runtime_cache) if options.runtime_cache else None
+        self._runtime_cache_path = (runtime_cache_file(Path(options.runtime_cache), self.name, details.engine)
+                                    if options.runtime_cache else None)
         self._runtime_cache = None
         blob = path.read_bytes()
         with torch.cuda.device(self.device):
@@ -98,6 +128,7 @@ class TrtRunner(Runner):
         self._contexts: dict[int, Any] = {}
         #: per (profile, input shapes) with cuda_graph: (graph or None, input buffers, output buffers)
         self._static: dict[tuple, tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+        self._said: set[str] = set()
 
     def _check_validity(self, blob: bytes) -> None:
         """TensorRT's own header check, where the flavour has it, for what the manifest cannot know."""
@@ -210,35 +241,45 @@ class TrtRunner(Runner):
         return outputs
 
     def _replay(self, context, key: tuple, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """CUDA graphs: fixed input/output buffers per shape. Standard TensorRT with a static profile: bind
-        them, warm up once (TensorRT finishes lazy set-up outside capture), capture one enqueue through
-        torch, then copy in and replay. TensorRT-RTX captures by itself (its runtime config), given
-        stable addresses."""
-        if key not in self._static:
-            static_in = {n: torch.empty_like(t) for n, t in feeds.items()}
-            for n, t in feeds.items():
-                static_in[n].copy_(t)
-            static_out = self._enqueue(context, static_in)  # binds the buffers and warms up
-            graph = None
-            profile = self.details.profiles[key[0]].inputs.values()
-            if not self._rtx and all(r.min == r.max for r in profile):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=self.stream):
-                    if not context.execute_async_v3(self.stream.cuda_stream):
-                        raise RuntimeFailure(f"TensorRT could not be captured in a CUDA graph for {self.name}")
-            self._static[key] = (graph, static_in, static_out)
-            return static_out
-        graph, static_in, static_out = self._static[key]
+        """CUDA graphs: fixed input/output buffers per shape. Standard TensorRT with a fixed-shape profile:
+        bind them, warm up once (TensorRT finishes lazy set-up outside capture), capture one enqueue
+        through torch, then copy in and replay. TensorRT-RTX captures by itself (its runtime config),
+        given stable addresses. Every copy, launch and replay goes on the runner's stream, in order (the
+        caller's stream was made to wait for the inputs in :meth:`_run`; it waits for the outputs after)."""
         with torch.cuda.stream(self.stream):
+            if key not in self._static:
+                static_in = {n: torch.empty_like(t) for n, t in feeds.items()}
+                for n, t in feeds.items():
+                    static_in[n].copy_(t)
+                static_out = self._enqueue(context, static_in)  # binds the buffers and warms up
+                self._static[key] = (self._capture(context, key[0]), static_in, static_out)
+                return static_out
+            graph, static_in, static_out = self._static[key]
             for n, t in feeds.items():
                 static_in[n].copy_(t)
-        if graph is not None:  # a static profile: this context only ever ran these buffers
-            graph.replay()
-        else:  # the context may have run other shapes since: point it back at this shape's buffers
-            self._bind(context, static_in, static_out)
+            if graph is not None:  # a fixed-shape profile: this context only ever ran these buffers
+                graph.replay()
+            else:  # the context may have run other shapes since: point it back at this shape's buffers
+                self._bind(context, static_in, static_out)
+                if not context.execute_async_v3(self.stream.cuda_stream):
+                    raise RuntimeFailure(f"TensorRT failed to run {self.name}")
+            return static_out
+
+    def _capture(self, context, profile: int):
+        """A CUDA graph of one enqueue on ``context``, or None where graphs do not apply (said once)."""
+        reason = graph_capture_problem(self._rtx, self.details.profiles[profile])
+        if reason is None and not context.is_stream_capturable(self.stream.cuda_stream):
+            reason = "TensorRT reports the stream cannot be captured"
+        if reason:
+            if reason not in self._said:
+                self._said.add(reason)
+                log.warning("%s: cuda_graph: %s; these calls run without a CUDA graph", self.name, reason)
+            return None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream):
             if not context.execute_async_v3(self.stream.cuda_stream):
-                raise RuntimeFailure(f"TensorRT failed to run {self.name}")
-        return static_out
+                raise RuntimeFailure(f"TensorRT could not be captured in a CUDA graph for {self.name}")
+        return graph
 
     def close(self) -> None:
         """Save the TensorRT-RTX runtime cache (so the next load skips kernel compilation) and release the

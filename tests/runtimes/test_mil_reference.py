@@ -71,7 +71,7 @@ COMPARE = {"equal": torch.eq, "not_equal": torch.ne, "less": torch.lt, "less_equ
            "greater_equal": torch.ge}
 UNARY = {"abs": torch.abs, "square": torch.square, "exp": torch.exp, "sin": torch.sin, "cos": torch.cos,
          "tanh": torch.tanh, "sigmoid": torch.sigmoid, "erf": torch.erf, "floor": torch.floor, "ceil": torch.ceil,
-         "relu": torch.relu, "silu": F.silu}
+         "relu": torch.relu, "silu": F.silu, "identity": lambda t: t}
 
 
 @pytest.mark.parametrize("name", sorted(BINARY))

@@ -1,13 +1,16 @@
-"""Resources for Apple's ml-stable-diffusion Swift package (``StableDiffusionPipeline(resourcesAt:)``).
+"""Resources for Apple's ml-stable-diffusion Swift package (``StableDiffusionPipeline(resourcesAt:)`` and
+``StableDiffusionXLPipeline(resourcesAt:)``).
 
-The Swift pipeline loads compiled models by fixed names from one folder -- ``TextEncoder.mlmodelc``,
-``Unet.mlmodelc`` (or ``UnetChunk1.mlmodelc`` + ``UnetChunk2.mlmodelc``, which it prefers),
-``VAEDecoder.mlmodelc``, optionally ``VAEEncoder.mlmodelc`` (image-to-image) -- plus the CLIP BPE
-``vocab.json`` and ``merges.txt``. It finds inputs and outputs as diffship's Core ML exports have them
-(text encoder: one float32 ``input_ids`` input, ``last_hidden_state`` output; UNet: ``sample``,
-``timestep``, ``encoder_hidden_states`` as (2, D, 1, 77), one output; decoder and encoder: one input,
-one output), takes the latent shape from the UNet's ``sample`` input, and runs classifier-free
-guidance as a batch of 2.
+The Swift pipelines load compiled models by fixed names from one folder -- ``TextEncoder.mlmodelc`` (and
+``TextEncoder2.mlmodelc`` for SDXL), ``Unet.mlmodelc`` (or ``UnetChunk1.mlmodelc`` + ``UnetChunk2.mlmodelc``,
+which they prefer), ``VAEDecoder.mlmodelc``, optionally ``VAEEncoder.mlmodelc`` (image-to-image) -- plus the
+CLIP BPE ``vocab.json`` and ``merges.txt``. They find inputs and outputs as diffship's Core ML exports have
+them (text encoder: one float32 ``input_ids`` input; UNet: ``sample``, ``timestep``,
+``encoder_hidden_states`` as (2, D, 1, 77), for SDXL also ``text_embeds`` and ``time_ids`` (6 ids; 5 for the
+refiner, which the SDXL pipeline recognises by that), one output; decoder and encoder: one input, one
+output), except the SDXL text encoders' outputs, which that pipeline reads as ``hidden_embeds`` (the
+penultimate hidden state) and ``pooled_outputs``: they are renamed in the package. The pipelines take
+the latent shape from the UNet's ``sample`` input and run classifier-free guidance as a batch of 2.
 
 Compiling a package into ``.mlmodelc`` needs ``xcrun coremlcompiler`` (macOS with Xcode). Where it is
 missing the folder holds the ``.mlpackage`` files under the same names and ``compile-models.sh``, one
@@ -36,9 +39,20 @@ from diffship.errors import DiffshipError, ExportError
 from diffship.progress import Progress, silent
 
 #: exported component -> the Swift pipeline's resource name.
-RESOURCE_NAMES = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder",
+_SD = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder",
                   "vae_encoder": "VAEEncoder"}
-REQUIRED = ("text_encoder", "unet", "vae_decoder")
+#: per family: exported component -> resource name; the components the pipeline cannot do without; and
+#: the outputs it reads under other names (the SDXL text encoders' ``hidden_embeds`` and ``pooled_outputs``).
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "stable-diffusion": {"resources": _SD, "required": ("text_encoder", "unet", "vae_decoder"), "outputs": {}},
+    "stable-diffusion-xl": {
+        "resources": {**_SD, "text_encoder_2": "TextEncoder2"},
+        "required": ("text_encoder_2", "unet", "vae_decoder"),  # the refiner has no first text encoder
+        "outputs": {"text_encoder": {"penultimate_hidden_state": "hidden_embeds", "pooler_output": "pooled_outputs"},
+                    "text_encoder_2": {"penultimate_hidden_state": "hidden_embeds", "text_embeds": "pooled_outputs"}},
+    },
+}
+
 COMPILE_SCRIPT = "compile-models.sh"
 PACKAGE_MANIFEST = "diffship-package.json"
 #: largest |whole - chained| accepted when verifying a chunked UNet (fp16 programs round at ~1e-3).
@@ -74,17 +88,20 @@ def package_swift(exported: str | Path, out: str | Path, *, chunk_unet: bool = F
     if compile_models and not can_compile():
         raise DiffshipError("compiling Core ML models needs xcrun coremlcompiler (macOS with Xcode); leave compiling "
                             f"to {COMPILE_SCRIPT} on a Mac (omit --compile)")
+    layout = LAYOUTS[manifest.family]
     facts: dict[str, Any] = {"format": "diffship.swift-resources/1", "source": manifest.source.name,
                              "precision": manifest.precision, "chunked": chunk_unet, "compiled": compile_models}
     with atomic_folder(out, overwrite=overwrite, replaceable=_is_package, what="diffship package") as tmp, \
             tempfile.TemporaryDirectory(prefix="diffship-swift-") as scratch:
         packages = {}
-        for component, name in RESOURCE_NAMES.items():
+        for component, name in layout["resources"].items():
             if component not in manifest.components:
                 continue
             say(f"copying {component} as {name}")
             packages[name] = Path(scratch) / f"{name}.mlpackage"
             shutil.copytree(exported / component / MODEL_FILE, packages[name])
+            if renames := layout["outputs"].get(component):
+                rename_outputs(packages[name], renames)
         if chunk_unet:
             say("splitting the UNet into two chunks")
             packages.update(split_unet(packages.pop("Unet"), Path(scratch)))
@@ -99,7 +116,8 @@ def package_swift(exported: str | Path, out: str | Path, *, chunk_unet: bool = F
                 _compile(package, tmp)
             else:
                 shutil.copytree(package, tmp / package.name)
-        _write_vocabulary(exported / "tokenizer", tmp)
+        tokenizer = next(exported / t for t in ("tokenizer", "tokenizer_2") if (exported / t).is_dir())
+        _write_vocabulary(tokenizer, tmp)
         if not compile_models:
             atomic_write(tmp / COMPILE_SCRIPT, _compile_script())
             (tmp / COMPILE_SCRIPT).chmod(0o755)
@@ -121,17 +139,38 @@ def _check_export(exported: Path, manifest: Manifest) -> None:
     if manifest.backend != "coreml":
         raise DiffshipError(f"{exported} was exported for {manifest.backend}; --target swift packages Core ML "
                             f"exports (diffship export SOURCE OUT --backend coreml)")
-    if manifest.family != "stable-diffusion":
-        raise DiffshipError(f"--target swift packages Stable Diffusion 1.x/2.x pipelines, not {manifest.family}")
-    missing = [c for c in REQUIRED if c not in manifest.components]
+    if manifest.family not in LAYOUTS:
+        raise DiffshipError(f"--target swift packages {', '.join(LAYOUTS)} pipelines, not {manifest.family}")
+    layout = LAYOUTS[manifest.family]
+    missing = [c for c in layout["required"] if c not in manifest.components]
     if missing:
         raise DiffshipError(f"{exported} lacks {', '.join(missing)}, which the Swift pipeline needs; export every "
                             f"component (no --component)")
+    for component, renames in layout["outputs"].items():
+        entry = manifest.components.get(component)
+        if entry and (absent := [o for o in renames if o not in entry.output_names]):
+            raise DiffshipError(f"{exported}: {component} has no {', '.join(absent)} output, which the Swift pipeline "
+                                f"reads; re-export it with this diffship")
     unet = manifest.components["unet"].inputs[0].dims
-    text = manifest.components["text_encoder"].inputs[0].dims
+    text = next(manifest.components[c] for c in ("text_encoder", "text_encoder_2")
+                if c in manifest.components).inputs[0].dims
     if unet[0] != 2 or text[0] != 1:
         raise DiffshipError("the Swift pipeline runs one prompt with classifier-free guidance (text encoder batch 1, "
                             "UNet batch 2); re-export with --batch 1 and guidance (no --no-guidance)")
+
+
+def rename_outputs(package: Path, renames: dict[str, str]) -> None:
+    """Rename outputs of a saved ML Program in place (its feature description and program outputs)."""
+    import coremltools as ct
+
+    spec = ct.utils.load_spec(str(package))
+    for old, new in renames.items():
+        ct.utils.rename_feature(spec, old, new, rename_inputs=False)
+    renamed = package.with_name(f"{package.stem}.renamed.mlpackage")
+    weights = package / "Data" / "com.apple.CoreML" / "weights"
+    ct.models.MLModel(spec, weights_dir=str(weights), skip_model_load=True).save(str(renamed))
+    shutil.rmtree(package)
+    renamed.rename(package)
 
 
 def weights_beside_their_use(package: Path, out: Path) -> Path:

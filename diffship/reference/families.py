@@ -93,7 +93,8 @@ def stable_diffusion_xl_specs(configs: dict[str, dict[str, Any]]) -> list[Compon
     """Specs of the SDXL family (base, refiner) from the component configs.
 
     Both text encoders give SDXL's conditioning, the penultimate hidden states; ``text_encoder_2``
-    also its projected pooled output (``text_embeds``). The refiner has only ``text_encoder_2``. The
+    also its projected pooled output (``text_embeds``), ``text_encoder`` its pooled output (which SDXL
+    does not use, but Apple's Swift pipeline reads, and optimum exports). The refiner has only ``text_encoder_2``. The
     UNet takes ``text_embeds`` and ``time_ids`` (6 size/crop ids, 5 for the refiner's aesthetic score),
     their widths read from its ``projection_class_embeddings_input_dim``.
     """
@@ -103,7 +104,8 @@ def stable_diffusion_xl_specs(configs: dict[str, dict[str, Any]]) -> list[Compon
     time_ids = (unet["projection_class_embeddings_input_dim"] - pooled) // unet["addition_time_embed_dim"]
     specs = []
     if configs.get("text_encoder"):
-        specs.append(_text_encoder_spec("text_encoder", configs["text_encoder"], ("last_hidden_state", PENULTIMATE), f))
+        specs.append(_text_encoder_spec("text_encoder", configs["text_encoder"],
+                                        ("last_hidden_state", PENULTIMATE, "pooler_output"), f))
     specs.append(_text_encoder_spec("text_encoder_2", te2, ("text_embeds", "last_hidden_state", PENULTIMATE), f))
     added = (TensorSpec("text_embeds", FLOAT, ("batch", pooled)), TensorSpec("time_ids", FLOAT, ("batch", time_ids), scale=512.0))
     return [*specs, _unet_spec(unet, f, added), *_vae_specs(configs["vae"])]

@@ -17,14 +17,21 @@ import numpy as np
 
 from diffship.backends.base import Backend, Details
 from diffship.configs.fields import comma_list, option
-from diffship.errors import ExportedModelError
+from diffship.errors import ExportedModelError, OptionError
 from diffship.reference.attention import VARIANTS as ATTENTION
 
 MODEL_FILE = "model.mlpackage"
-PRECISIONS = ("fp32", "fp16", "palette4", "palette6", "palette8", "int8")
+PRECISIONS = ("fp32", "fp16", "palette4", "palette6", "palette8", "palette-mixed", "int8")
 #: weight formats compress an fp16 model.
-COMPUTE = {"palette4": "fp16", "palette6": "fp16", "palette8": "fp16", "int8": "fp16"}
+COMPUTE = {"palette4": "fp16", "palette6": "fp16", "palette8": "fp16", "palette-mixed": "fp16", "int8": "fp16"}
+#: the denoiser's mixed-bit palettes are chosen on inputs recorded from eager runs.
+CALIBRATED = ("palette-mixed",)
 TARGETS = ("macOS13", "macOS14", "macOS15", "iOS16", "iOS17", "iOS18")
+#: targets whose Core ML reads per-grouped-channel palettes and 3-bit palettes (iOS 18 / macOS 15).
+GROUPED_TARGETS = ("macOS15", "iOS18")
+#: palette widths Core ML reads (3 bits from iOS 18 / macOS 15).
+PALETTE_BITS = (1, 2, 3, 4, 6, 8)
+GRANULARITIES = ("per_tensor", "per_grouped_channel")
 #: ``compute_units`` names (as Apple's Swift CLI spells them) -> coremltools ComputeUnit members.
 COMPUTE_UNITS = {"all": "ALL", "cpuOnly": "CPU_ONLY", "cpuAndGPU": "CPU_AND_GPU", "cpuAndNeuralEngine": "CPU_AND_NE"}
 EVALUATORS = ("auto", "coreml", "mil")
@@ -35,6 +42,16 @@ APPLE_INPUTS = {"text_encoder": {"input_ids": ("float32", None)}, "text_encoder_
                 "unet": {"encoder_hidden_states": ("float32", "bc1s")}}
 
 
+def _int_list(value: Any) -> Any:
+    """``"2,4"`` or ``4`` -> ``[2, 4]`` / ``[4]`` (command-line lists of widths); other values as they are."""
+    if isinstance(value, int):
+        return [value]
+    items = comma_list(value)
+    if isinstance(items, list):
+        return [int(v) if isinstance(v, str) and v.isdigit() else v for v in items]
+    return items
+
+
 @dataclass(frozen=True)
 class CoreMLExportOptions:
     """``-o`` options of a Core ML export.
@@ -43,15 +60,40 @@ class CoreMLExportOptions:
         attention: ``original`` or ``split_einsum`` (the Neural Engine's layout).
         deployment_target: the oldest OS the models load on (``macOS13`` ... ``iOS18``).
         sizes: more image sizes the same model takes (enumerated shapes); the export's own comes first.
+        palette_granularity: ``per_tensor`` (one palette per weight) or ``per_grouped_channel`` (one per
+            ``palette_group_size`` output channels; iOS 18 / macOS 15), for the ``palette*`` precisions.
+        palette_bits: the widths ``palette-mixed`` chooses among (default 2, 4, 6, 8; a weight may also
+            stay fp16).
+        target_psnr: the output PSNR (dB) ``palette-mixed`` keeps, measured in PyTorch per component.
         author / license / version: model metadata (defaults: diffship, the source's license, its fingerprint).
     """
 
     attention: str = option("original", choices=ATTENTION)
     deployment_target: str = option("macOS13", choices=TARGETS)
     sizes: tuple[tuple[int, int], ...] = option((), normalize=comma_list)
+    palette_granularity: str = option("per_tensor", choices=GRANULARITIES)
+    palette_group_size: int = option(16, minimum=1)
+    palette_bits: tuple[int, ...] = option((2, 4, 6, 8), normalize=_int_list)
+    target_psnr: float = option(40.0, minimum=10.0, maximum=150.0)
     author: str | None = None
     license: str | None = None
     version: str | None = None
+
+    def __post_init__(self):
+        unknown = [b for b in self.palette_bits if b not in PALETTE_BITS]
+        if unknown or not self.palette_bits:
+            raise OptionError(f"coreml export option palette_bits takes widths among "
+                              f"{', '.join(map(str, PALETTE_BITS))}, got {list(self.palette_bits)}")
+        newer = ("per-grouped-channel palettes" if self.palette_granularity == "per_grouped_channel"
+                 else "3-bit palettes" if 3 in self.palette_bits else None)
+        if newer and self.deployment_target not in GROUPED_TARGETS:
+            raise OptionError(f"{newer} need Core ML of iOS 18 / macOS 15; add -o deployment_target=iOS18 "
+                              f"(or macOS15), got {self.deployment_target}")
+
+    @property
+    def group_size(self) -> int | None:
+        """Output channels per palette, or None for one palette per weight."""
+        return self.palette_group_size if self.palette_granularity == "per_grouped_channel" else None
 
 
 @dataclass(frozen=True)
@@ -84,6 +126,26 @@ class ModelInput:
     shapes: list[list[int]]
 
 
+@dataclass(frozen=True)
+class MixedBits:
+    """How a ``palette-mixed`` component's palette widths were chosen (see :mod:`diffship.exporters.palettes`).
+
+    Attributes:
+        target_psnr: the output PSNR (dB) the choice keeps.
+        psnr: the output PSNR measured in PyTorch with every chosen palette applied (worst output); None
+            where no weight changed.
+        average_bits: bits per element over the palettized-or-not weights above the size threshold.
+        samples: the inputs it was measured on (recorded pipeline calls, or seeded examples).
+        bits: the program's weight constant -> palette width (16: left fp16).
+    """
+
+    target_psnr: float
+    psnr: float | None
+    average_bits: float
+    samples: int
+    bits: dict[str, int]
+
+
 @dataclass(kw_only=True)
 class CoreMLDetails(Details):
     """What a Core ML export records per component.
@@ -92,6 +154,8 @@ class CoreMLDetails(Details):
         attention / deployment_target: as exported (see :class:`CoreMLExportOptions`).
         compute_precision: ``fp32`` or ``fp16``.
         weights: the weight format (``palette4``... ``int8``), or None (plain weights).
+        palette_group_size: output channels per palette (per-grouped-channel palettes), or None.
+        mixed_bits: the chosen widths of a ``palette-mixed`` export (:class:`MixedBits`), or None.
         sizes: the image sizes (height, width) the model takes.
         model_inputs: the model's own inputs (:class:`ModelInput`).
         mil_ops: the operation types of the saved program.
@@ -101,6 +165,8 @@ class CoreMLDetails(Details):
     deployment_target: str
     compute_precision: str
     weights: str | None = None
+    palette_group_size: int | None = None
+    mixed_bits: MixedBits | None = None
     sizes: list[list[int]]
     model_inputs: list[ModelInput]
     mil_ops: list[str]
@@ -165,7 +231,7 @@ def program_ops(path: str) -> list[str]:
 
 COREML = Backend(
     name="coreml", extra="coreml", packages=("coremltools",), runtime_packages=("coremltools",),
-    precisions=PRECISIONS, compute=COMPUTE, fixed_shapes=True, model_file=MODEL_FILE,
+    precisions=PRECISIONS, compute=COMPUTE, calibrated=CALIBRATED, fixed_shapes=True, model_file=MODEL_FILE,
     export_options=CoreMLExportOptions, runtime_options=CoreMLRuntimeOptions, details=CoreMLDetails,
     exporter="diffship.exporters.coreml", runner="diffship.runtimes.coreml:CoreMLRunner",
 )

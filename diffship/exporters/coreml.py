@@ -17,17 +17,21 @@ adds enumerated sizes, several resolutions in one model.
 
 Precisions: ``fp32``, ``fp16`` (compute precision; the VAE stays fp32 under ``force_upcast``, any
 component that overflows fp16 is exported in fp32), and weight formats on an fp16 model:
-``palette4``/``palette6``/``palette8`` (k-means palettization) and ``int8`` (linear symmetric
-quantization), through ``coremltools.optimize.coreml``.
+``palette4``/``palette6``/``palette8`` (k-means palettization), ``palette-mixed`` (a width per weight,
+chosen by measured sensitivity to keep ``target_psnr``: :mod:`diffship.exporters.palettes`) and
+``int8`` (linear symmetric quantization), through ``coremltools.optimize.coreml``. Palettes are per
+weight, or per group of output channels with ``palette_granularity=per_grouped_channel`` (iOS 18).
 
 Options (``-o KEY=VALUE``): ``attention`` (``original`` or ``split_einsum``, see
 :mod:`diffship.reference.attention`), ``deployment_target`` (``macOS13`` default, ``macOS14``,
-``macOS15``, ``iOS16``, ``iOS17``, ``iOS18``), ``sizes`` (``512x512,768x768``: enumerated image sizes;
+``macOS15``, ``iOS16``, ``iOS17``, ``iOS18``), ``palette_granularity``, ``palette_group_size``,
+``palette_bits``, ``target_psnr`` (palettes), ``sizes`` (``512x512,768x768``: enumerated image sizes;
 the export's own size comes first and is the default), and metadata ``author``, ``license``, ``version``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,14 +42,17 @@ from torch import nn
 
 from diffship._isolate import run_isolated
 from diffship.backends.coreml import (APPLE_INPUTS, COMPUTE, COREML, MODEL_FILE, CoreMLDetails, CoreMLExportOptions,
-                                      ModelInput, adaptation, model_shape, program_ops, to_model_inputs)
+                                      MixedBits, ModelInput, adaptation, model_shape, program_ops, to_model_inputs)
 from diffship.backends.manifest import ComponentEntry, TensorIO
 from diffship.errors import ExportError, ShapeError, first_line
 from diffship.exporters.base import ExportOptions, component_files, quiet_export
+from diffship.exporters.palettes import MIN_SIZE, UNCOMPRESSED, Choice, choose_bits, covered
 from diffship.reference.attention import with_attention
 from diffship.reference.shapes import ShapeProfile
 from diffship.reference.specs import ComponentSpec
 
+#: how many inputs ``palette-mixed`` measures each weight's sensitivity on (spread over the recorded calls).
+MIXED_SAMPLES = 4
 #: dims whose sizes vary between enumerated image sizes.
 SPATIAL = ("height", "width", "latent_height", "latent_width")
 
@@ -134,7 +141,10 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
                 convert_to="mlprogram", minimum_deployment_target=getattr(ct.target, opts.deployment_target),
                 compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32, skip_model_load=True,
             )
-            mlmodel = _compress(mlmodel, options.precision)
+            widths = mixed = None
+            if options.precision == "palette-mixed":
+                widths, mixed = _mixed_widths(spec, module, mlmodel, opts, options)
+            mlmodel = _compress(mlmodel, options.precision, opts, widths)
     except (ExportError, ShapeError):
         raise
     except Exception as exc:
@@ -149,7 +159,9 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     details = CoreMLDetails(
         attention=opts.attention, deployment_target=opts.deployment_target,
         compute_precision="fp16" if fp16 else "fp32",
-        weights=options.precision if options.precision in COMPUTE else None, sizes=[list(s) for s in sizes],
+        weights=options.precision if options.precision in COMPUTE else None,
+        palette_group_size=opts.group_size if options.precision.startswith("palette") else None,
+        mixed_bits=mixed, sizes=[list(s) for s in sizes],
         model_inputs=[ModelInput(name=n, dtype=adaptation(spec.name, n)[0], layout=adaptation(spec.name, n)[1],
                                  shapes=[list(model_shape(spec.name, n, v[n])) for v in variants])
                       for n in spec.input_names],
@@ -240,8 +252,9 @@ def _ct_inputs(spec: ComponentSpec, variants: list[dict[str, tuple]]) -> list:
     return inputs
 
 
-def _compress(mlmodel, precision: str):
-    """Apply the weight format: k-means palettization (4/6/8 bits) or linear int8."""
+def _compress(mlmodel, precision: str, opts: CoreMLExportOptions, widths: dict[str, int] | None = None):
+    """Apply the weight format: k-means palettization (4/6/8 bits, or ``widths`` per constant for
+    ``palette-mixed``; per tensor or per grouped channel) or linear int8."""
     if precision not in COMPUTE:
         return mlmodel
     import coremltools.optimize.coreml as cto
@@ -250,8 +263,76 @@ def _compress(mlmodel, precision: str):
         config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric",
                                                                                   dtype="int8"))
         return cto.linear_quantize_weights(mlmodel, config)
-    config = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(nbits=int(precision[-1]), mode="kmeans"))
-    return cto.palettize_weights(mlmodel, config)
+
+    def palette(nbits: int):
+        if opts.group_size:
+            return cto.OpPalettizerConfig(nbits=nbits, mode="kmeans", granularity="per_grouped_channel",
+                                          group_size=opts.group_size)
+        return cto.OpPalettizerConfig(nbits=nbits, mode="kmeans")
+
+    if widths is not None:  # palette-mixed: only the named constants, each with its own width
+        chosen = {name: palette(bits) for name, bits in widths.items() if bits != UNCOMPRESSED}
+        if not chosen:
+            return mlmodel
+        return cto.palettize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=chosen))
+    return cto.palettize_weights(mlmodel, cto.OptimizationConfig(global_config=palette(int(precision[-1]))))
+
+
+def _mixed_bits(spec: ComponentSpec, module: nn.Module, opts: CoreMLExportOptions,
+                options: ExportOptions) -> Choice:
+    """Palette widths per weight of ``module`` for ``palette-mixed``, measured on up to ``MIXED_SAMPLES``
+    recorded calls (the denoiser) or seeded example inputs (the other components)."""
+    if options.calibration:
+        calls = options.calibration
+        picked = [calls[round(i * (len(calls) - 1) / max(MIXED_SAMPLES - 1, 1))]
+                  for i in range(min(MIXED_SAMPLES, len(calls)))]
+    else:
+        picked = [spec.example_inputs(options.profile, "fp32", seed=i) for i in range(2)]
+    samples = [tuple(call[n].float() if call[n].is_floating_point() else call[n] for n in spec.input_names)
+               for call in picked]
+    return choose_bits(module, samples, opts.target_psnr, opts.palette_bits, opts.group_size)
+
+
+def _mixed_widths(spec: ComponentSpec, module: nn.Module, mlmodel, opts: CoreMLExportOptions,
+                  options: ExportOptions) -> tuple[dict[str, int], MixedBits]:
+    """``palette-mixed``: the width per program constant, and the record of how it was chosen."""
+    choice = _mixed_bits(spec, module, opts, options)
+    weights = covered(module)
+    names = constant_names(mlmodel, weights)
+    # A weight whose constant is not found stays fp16: less noise than was measured, never more.
+    bits = {n: choice.bits[n] if n in names else UNCOMPRESSED for n in weights}
+    size = sum(w.numel() for w in weights.values()) or 1
+    mixed = MixedBits(target_psnr=opts.target_psnr, psnr=None if math.isinf(choice.psnr) else round(choice.psnr, 2),
+                      average_bits=round(sum(bits[n] * w.numel() for n, w in weights.items()) / size, 3),
+                      samples=choice.samples, bits={names[n]: b for n, b in bits.items() if n in names})
+    return mixed.bits, mixed
+
+
+def constant_names(mlmodel, weights: dict[str, torch.Tensor]) -> dict[str, str]:
+    """torch parameter name -> the name of the program constant holding it.
+
+    torch.export names a parameter ``p_<path with underscores>`` (``inner`` is :class:`AppleIO`'s
+    attribute) and an fp16 conversion appends ``_to_fp16``; a weight that graph passes reshaped (split-
+    einsum attention turns linear weights into 1x1 convolutions) is found by its values instead.
+    """
+    import coremltools.optimize.coreml as cto
+
+    with quiet_export():
+        constants = cto.get_weights_metadata(mlmodel, weight_threshold=MIN_SIZE)
+    found: dict[str, str] = {}
+    by_values: dict[tuple, str] = {}
+    for const, meta in constants.items():
+        value = np.asarray(meta.val)
+        by_values.setdefault((value.size, value.astype(np.float16).tobytes()), const)
+    for name, weight in weights.items():
+        stem = "p_inner_" + name.replace(".", "_")
+        const = next((c for c in (stem + "_to_fp16", stem) if c in constants), None)
+        if const is None:
+            value = weight.detach().numpy().astype(np.float16)
+            const = by_values.get((value.size, value.tobytes()))
+        if const is not None:
+            found[name] = const
+    return found
 
 
 def _describe(mlmodel, spec: ComponentSpec, opts: CoreMLExportOptions, options: ExportOptions) -> None:

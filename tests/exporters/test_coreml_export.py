@@ -123,7 +123,6 @@ def test_split_einsum_passes_parity(export_dir):
 
 
 @pytest.mark.parametrize("precision, op, bits", [("palette4", "constexpr_lut_to_dense", 4),
-                                                  ("palette6", "constexpr_lut_to_dense", 6),
                                                   ("palette8", "constexpr_lut_to_dense", 8),
                                                   ("int8", "constexpr_affine_dequantize", 8)])
 def test_weight_formats_pass_their_measured_tolerances(export_dir, precision, op, bits):
@@ -152,10 +151,24 @@ def test_enumerated_sizes_run_each_size_and_refuse_others(export_dir, tiny_pipe)
         pipe("a cat", num_inference_steps=1, height=64, width=128)
 
 
-def test_ios18_target_uses_fused_attention(export_dir):
-    out = export_dir("coreml", components=["unet"], backend_options={"deployment_target": "iOS18"})
-    assert "scaled_dot_product_attention" in read_manifest(out).components["unet"].details.mil_ops
-    passing(out, FAST)
+def test_mixed_bit_grouped_palettes_keep_their_target_on_ios18(export_dir, tiny_pipe):
+    """palette-mixed with per-grouped-channel palettes (iOS 18; which also fuses attention): every UNet
+    weight above the threshold found in the program, widths mixed, the target kept through the program."""
+    from diffship.exporters.palettes import covered
+
+    out = export_dir("coreml", "palette-mixed", components=["text_encoder", "unet"],
+                     backend_options={"palette_granularity": "per_grouped_channel", "deployment_target": "iOS18"})
+    unet = read_manifest(out).components["unet"].details
+    assert "scaled_dot_product_attention" in unet.mil_ops and "constexpr_lut_to_dense" in unet.mil_ops
+    mixed = unet.mixed_bits
+    assert unet.palette_group_size == 16 and mixed.target_psnr == 40.0
+    assert mixed.psnr >= 40.0 and mixed.samples == 4  # four recorded UNet calls, not examples
+    spec = {s.name: s for s in specs_for_pipeline(tiny_pipe)}["unet"]
+    assert len(mixed.bits) == len(covered(spec.wrapper(tiny_pipe.unet)))
+    assert len(set(mixed.bits.values())) > 1 and set(mixed.bits.values()) <= {2, 4, 6, 8, 16}
+    assert mixed.average_bits < 6
+    (component_psnr, _, _), report = passing(out, FAST)
+    assert component_psnr >= 35 and report.precision == "palette-mixed"
 
 
 def test_pipelines_run_at_the_export_size_and_refuse_others(export_dir, tiny_pipe):

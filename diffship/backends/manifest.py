@@ -90,7 +90,12 @@ class Shapes:
 
 @dataclass(frozen=True)
 class Manifest:
-    """The manifest of one export (see the module docstring for its JSON form)."""
+    """The manifest of one export (see the module docstring for its JSON form).
+
+    ``origin`` is ``diffship``, or for a folder another tool wrote (read by
+    :func:`diffship.backends.foreign.foreign_manifest`, never written) that tool: ``optimum-onnx``,
+    ``optimum-intel``; such a manifest has no file hashes, so nothing about its files is verified.
+    """
 
     backend: str
     precision: str
@@ -102,6 +107,7 @@ class Manifest:
     components: dict[str, ComponentEntry]
     versions: dict[str, str]
     files: dict[str, str] = field(default_factory=dict)
+    origin: str = "diffship"
     format: str = FORMAT
     diffship_version: str = ""
     created: str = ""
@@ -216,14 +222,19 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
     """Read, validate and (by default) verify the manifest of an exported folder.
 
     Raises:
-        ExportedModelError: no such folder, no manifest (not an export, or an interrupted one), an
-            unknown format, missing or malformed keys, or files that do not match their recorded sha256.
+        ExportedModelError: no such folder, no manifest (not an export, or an interrupted one; an
+            optimum export is read by :func:`~diffship.backends.foreign.foreign_manifest`), an unknown format, missing or malformed keys, or files that do not match their recorded sha256.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise ExportedModelError(f"{folder}: no such folder; export one with: diffship export SOURCE {folder}")
     path = folder / MANIFEST
     if not path.is_file():
+        from diffship.backends.foreign import foreign_manifest
+
+        foreign = foreign_manifest(folder)
+        if foreign is not None:
+            return foreign
         raise ExportedModelError(
             f"{folder} is not a diffship export (no {MANIFEST}); it may be an unfinished export: re-run diffship export"
         )

@@ -35,8 +35,9 @@ import numpy as np
 from diffship._files import atomic_folder, atomic_write, read_json, write_json
 from diffship.backends.coreml import MODEL_FILE
 from diffship.backends.manifest import ComponentEntry, Manifest, read_manifest
-from diffship.errors import DiffshipError, ExportError
+from diffship.errors import DiffshipError, ExportError, SourceError
 from diffship.progress import Progress, silent
+from diffship.reference.vocabulary import bpe_files
 
 #: exported component -> the Swift pipeline's resource name.
 _SD = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder",
@@ -262,23 +263,14 @@ def verify_chunks(whole: Path, chunk1: Path, chunk2: Path, unet: ComponentEntry)
 
 
 def _write_vocabulary(tokenizer: Path, folder: Path) -> None:
-    """CLIP's ``vocab.json`` and ``merges.txt`` for the Swift BPE tokenizer: copied where the export has
-    them, else taken from ``tokenizer.json`` (transformers 5 saves only that)."""
-    import json
-
-    if (tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file():
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copy2(tokenizer / name, folder / name)
-        return
+    """CLIP's ``vocab.json`` and ``merges.txt`` for the Swift BPE tokenizer (exports carry them; older
+    exports have only ``tokenizer.json``, rebuilt then)."""
     try:
-        model = json.loads((tokenizer / "tokenizer.json").read_text(encoding="utf-8"))["model"]
-        vocab, merges = model["vocab"], model["merges"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise DiffshipError(f"{tokenizer} has neither vocab.json + merges.txt nor a BPE tokenizer.json ({exc}); the "
-                            f"Swift pipeline's tokenizer needs CLIP's vocabulary: re-export") from None
-    atomic_write(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-    lines = [m if isinstance(m, str) else " ".join(m) for m in merges]
-    atomic_write(folder / "merges.txt", "#version: 0.2\n" + "\n".join(lines) + "\n")
+        files = bpe_files(tokenizer)
+    except SourceError as exc:
+        raise DiffshipError(f"{exc}; the Swift pipeline's tokenizer needs CLIP's vocabulary: re-export") from None
+    for name, text in files.items():
+        atomic_write(folder / name, text)
 
 
 def _compile(package: Path, folder: Path) -> None:

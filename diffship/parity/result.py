@@ -14,7 +14,8 @@ Top level:
 * ``source`` (str): the model source that was exported (folder, hub id or preset).
 * ``export`` (str): the exported folder that was checked.
 * ``backend`` (str): ``"onnx"``, ...; ``precision`` (str): ``"fp32"`` or ``"fp16"``.
-* ``evaluator`` (str): what ran the exported models, e.g. ``"onnxruntime CPUExecutionProvider"``.
+* ``evaluator`` (str): what ran the exported models, e.g. ``"onnxruntime CPUExecutionProvider"``; for an
+  export another tool wrote (optimum), also its origin and that its files were not verified.
 * ``started`` (str): ISO 8601 start time; ``seconds`` (float): wall time of the whole check.
 * ``settings`` (object): the generation settings (prompt, negative_prompt, seed, steps, guidance_scale,
   height, width, scheduler, ...); free-form, values as given.

@@ -61,6 +61,8 @@ def check_weights(folder: Path, pipe: Any, family: Any) -> None:
             continue
         stored = _stored_shapes(files, diffusers=type(module).__module__.startswith("diffusers"))
         expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        if not type(module).__module__.startswith("diffusers"):
+            stored = _prefixes_resolved(stored, expected, module)
         missing = [k for k in expected if k not in stored and not _ignored(module, k, "missing")]
         unexpected = [k for k in stored if k not in expected and not _ignored(module, k, "unexpected")]
         shaped = [f"{k} {stored[k]} (the model has {expected[k]})" for k in expected
@@ -94,6 +96,21 @@ def _stored_shapes(files: list[Path], diffusers: bool) -> dict[str, tuple[int, .
             for key in f.keys():
                 shapes[_renamed(key) if diffusers else key] = tuple(f.get_slice(key).get_shape())
     return shapes
+
+
+def _prefixes_resolved(stored: dict[str, Any], expected: dict[str, Any], module: Any) -> dict[str, Any]:
+    """Stored keys as transformers maps them: with or without the model's prefix (``text_model.``, the
+    layout of Stable Diffusion's CLIP checkpoints and of transformers 4, which transformers 5 reads
+    though it saves the keys without it)."""
+    prefixes = {p for p in (getattr(module, "base_model_prefix", ""), "text_model") if p}
+    resolved = {}
+    for key, shape in stored.items():
+        if key not in expected:
+            candidates = [key[len(p) + 1:] for p in prefixes if key.startswith(p + ".")]
+            candidates += [f"{p}.{key}" for p in prefixes]
+            key = next((c for c in candidates if c in expected), key)
+        resolved[key] = shape
+    return resolved
 
 
 def _renamed(key: str) -> str:

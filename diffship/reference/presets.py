@@ -13,6 +13,8 @@ folder like any model folder.
 
 from __future__ import annotations
 
+import os
+
 import gzip
 import json
 from dataclasses import dataclass, field
@@ -115,7 +117,7 @@ _VIT_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe(
-        name="tiny", version=1,
+        name="tiny", version=2,
         text_encoder=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                           projection_dim=32),
         unet=dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -127,7 +129,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     ),
     # runwayml/stable-diffusion-v1-5's configs: CLIP ViT-L/14 text tower, the 860M UNet, the SD VAE.
     Recipe(
-        name="sd15-arch", version=1,
+        name="sd15-arch", version=2,
         text_encoder=_VIT_L,
         unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                   block_out_channels=(320, 640, 1280, 1280),
@@ -139,7 +141,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     ),
     # SDXL at toy width (two text encoders, added text/time conditions, the SDXL VAE's settings).
     Recipe(
-        name="tiny-sdxl", version=1, pipeline="StableDiffusionXLPipeline", scheduler_class="EulerDiscreteScheduler",
+        name="tiny-sdxl", version=2, pipeline="StableDiffusionXLPipeline", scheduler_class="EulerDiscreteScheduler",
         scheduler=_SDXL_SCHEDULER,
         text_encoder=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
                           projection_dim=32, hidden_act="gelu"),
@@ -156,7 +158,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     # stabilityai/stable-diffusion-xl-base-1.0's configs: CLIP ViT-L and OpenCLIP bigG text towers, the
     # 2.6B-parameter UNet, the SDXL VAE.
     Recipe(
-        name="sdxl-arch", version=1, pipeline="StableDiffusionXLPipeline", scheduler_class="EulerDiscreteScheduler",
+        name="sdxl-arch", version=2, pipeline="StableDiffusionXLPipeline", scheduler_class="EulerDiscreteScheduler",
         scheduler=_SDXL_SCHEDULER,
         text_encoder=_VIT_L,
         text_encoder_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
@@ -202,7 +204,25 @@ def build_preset(recipe: Recipe, out: Path) -> Path:
         modules["scheduler"] = getattr(diffusers, recipe.scheduler_class)(**recipe.scheduler)
         pipe = build_pipeline(getattr(diffusers, recipe.pipeline), modules)
         pipe.save_pretrained(tmp, safe_serialization=True)
+        for name, *_ in encoders:
+            _with_text_model_prefix(tmp / name / "model.safetensors")
     return out
+
+
+def _with_text_model_prefix(weights: Path) -> None:
+    """Rewrite a CLIP text encoder's weights with the ``text_model.`` key prefix.
+
+    transformers 5 saves the keys without it; transformers 4 (which optimum-onnx and optimum-intel load)
+    then finds none of its weights and initializes the model at random, while both versions read the
+    prefixed layout -- the one Stable Diffusion's own checkpoints use.
+    """
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(weights)
+    renamed = weights.with_name(weights.name + ".renamed")
+    save_file({k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
+               for k, v in state.items()}, renamed, metadata={"format": "pt"})
+    os.replace(renamed, weights)
 
 
 def preset_path(name: str) -> Path:

@@ -60,7 +60,9 @@ class Runner:
     def check_inputs(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Validate names, ranks and sizes, and convert to the declared dtypes (with :meth:`_convert`).
 
-        Symbolic dims must agree across inputs (one ``batch`` for all); fixed dims must match.
+        Symbolic dims must agree across inputs (one ``batch`` for all); fixed dims must match. An input
+        declared as a scalar or as one element (optimum's UNet takes one ``timestep``) accepts one value
+        per batch row where all rows hold the same value.
 
         Raises:
             ShapeError: with the expected and actual shapes.
@@ -75,8 +77,11 @@ class Runner:
             value = feeds[spec.name]
             if not isinstance(value, (torch.Tensor, np.ndarray)):
                 value = np.asarray(value)
-            shape = tuple(value.shape)
             dims = spec.dims
+            if dims in ([], [1]) and value.ndim == 1 and value.shape[0] > 1 and bool((value == value[0]).all()):
+                # one value for all rows (optimum's UNet timestep: a scalar, or one element)
+                value = value[0] if not dims else value[:1]
+            shape = tuple(value.shape)
             if len(shape) != len(dims):
                 raise ShapeError(f"{self.name}: input {spec.name} has shape {shape}, "
                                  f"expected {len(dims)} dims {_fmt(dims)}")
@@ -97,7 +102,8 @@ class Runner:
     def _convert(self, value: torch.Tensor | np.ndarray, dtype: str) -> Any:
         """One checked input as the backend takes it: here a contiguous host array of ``dtype``."""
         array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
-        return np.ascontiguousarray(array, dtype=np.dtype(dtype))  # manifest dtype names are numpy's
+        # manifest dtype names are numpy's; ascontiguousarray makes a scalar 1-d: keep the shape
+        return np.ascontiguousarray(array, dtype=np.dtype(dtype)).reshape(np.shape(array))
 
     def infer(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Run the component on ``feeds`` (tensors or arrays by input name); outputs as torch tensors."""

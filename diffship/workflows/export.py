@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from diffship import backends
-from diffship._files import atomic_folder, check_destination, write_json
+from diffship._files import atomic_folder, atomic_write, check_destination, write_json
 from diffship.backends import Backend
 from diffship.backends.manifest import ComponentEntry, Manifest, Shapes, library_versions
 from diffship.errors import DiffshipError, ShapeError
@@ -29,6 +29,7 @@ from diffship.reference.memory import available_memory_bytes, largest_tensor
 from diffship.reference.pipelines import pipeline_configs
 from diffship.reference.shapes import PRECISIONS
 from diffship.reference.specs import ComponentSpec, size_multiple, vae_scale_factor
+from diffship.reference.vocabulary import bpe_files
 
 log = logging.getLogger("diffship")
 
@@ -249,4 +250,9 @@ def _write_pipeline_files(pipe: Any, folder: Path, backend: str, entries: dict[s
         component = getattr(pipe, name, None)
         if component is not None and hasattr(component, "save_pretrained"):
             component.save_pretrained(folder / name)
+            if name.startswith("tokenizer") and (folder / name / "tokenizer.json").is_file():
+                # transformers 4 consumers (optimum) read the slow tokenizer's files; 5 writes only tokenizer.json.
+                for file, text in bpe_files(folder / name).items():
+                    if not (folder / name / file).is_file():
+                        atomic_write(folder / name / file, text)
     write_json(folder / "model_index.json", index)

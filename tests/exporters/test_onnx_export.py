@@ -37,6 +37,24 @@ def test_layout_mirrors_diffusers_and_optimum(export_dir):
     assert read_json(out / "vae_decoder" / "config.json")["scaling_factor"] == pytest.approx(0.18215)
 
 
+def test_tokenizer_carries_the_slow_tokenizer_files(export_dir):
+    """transformers 4 consumers (optimum) build CLIPTokenizer from vocab.json + merges.txt, which
+    transformers 5 no longer saves: the export writes them, and they tokenize as tokenizer.json does."""
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    out = export_dir("onnx")
+    folder = out / "tokenizer"
+    assert {"tokenizer/vocab.json", "tokenizer/merges.txt"} <= set(read_manifest(out).files)
+    # Read as transformers 4's slow CLIPTokenizer reads them: a JSON vocabulary, merges after a version line.
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    merges = [tuple(line.split()) for line in (folder / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]
+              if line]
+    slow = CLIPTokenizer(vocab=vocab, merges=merges)
+    fast = AutoTokenizer.from_pretrained(folder)
+    for prompt in ("a photograph of an astronaut riding a horse", "isometric pixel-art: 3 tiny cars, trees!"):
+        assert slow(prompt).input_ids == fast(prompt).input_ids
+
+
 def test_manifest_records_everything(export_dir, tiny_dir):
     out = export_dir("onnx")
     m = read_manifest(out)

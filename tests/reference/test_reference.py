@@ -26,6 +26,27 @@ def test_tiny_has_the_diffusers_layout(tiny_dir):
     assert index["scheduler"] == ["diffusers", "PNDMScheduler"]
 
 
+def test_text_encoder_weights_load_in_either_key_layout(tmp_path, tiny_dir, tiny_pipe):
+    """The preset stores CLIP keys as transformers 4 and SD checkpoints do (``text_model.``; transformers 4
+    initialises a model at random from transformers 5's unprefixed keys); diffship's weight check takes
+    both layouts, as transformers 5 loads both."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    weights = tiny_dir / "text_encoder" / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        assert all(k.startswith("text_model.") for k in f.keys())
+    copy = tmp_path / "unprefixed"
+    shutil.copytree(tiny_dir, copy)
+    state = load_file(weights)
+    save_file({k.removeprefix("text_model."): v for k, v in state.items()}, copy / "text_encoder" / "model.safetensors")
+    pipe = load(copy)
+    for name, value in tiny_pipe.text_encoder.state_dict().items():
+        assert torch.equal(pipe.text_encoder.state_dict()[name], value)
+
+
 def test_tiny_tokenizer_is_real_clip_bpe(tiny_pipe):
     tok = tiny_pipe.tokenizer
     # Token ids of OpenAI CLIP's vocabulary (as used by every SD 1.x checkpoint).

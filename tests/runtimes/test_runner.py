@@ -104,3 +104,16 @@ def test_unknown_provider_and_option_names(export_dir):
         providers_for("cdua")
     with pytest.raises(DiffshipError, match=r"unknown onnx runtime option\(s\) thread; it takes: device, threads"):
         load_pipeline(export_dir("onnx"), thread=2)
+
+
+@pytest.mark.parametrize("dims, want", [([], ()), ([1], (1,))])
+def test_a_one_value_timestep_takes_rows_that_share_it(dims, want):
+    """optimum's UNet takes one timestep (a scalar, or one element) while diffusers passes one per row."""
+    shared = Echo(".", ComponentEntry(component="unet", source="unet", precision="fp32", files=[],
+                                      inputs=(INPUTS[0], TensorIO("timestep", "float32", dims)),
+                                      outputs=entry().outputs, details=OnnxDetails(opset=18, external_data=False)))
+    sample = np.zeros((2, 4, 2, 2))
+    checked = shared.check_inputs({"sample": sample, "timestep": torch.tensor([981.0, 981.0])})
+    assert checked["timestep"].shape == want and float(checked["timestep"].reshape(-1)[0]) == 981.0
+    with pytest.raises(ShapeError, match="input timestep has shape \\(2,\\)"):
+        shared.check_inputs({"sample": sample, "timestep": torch.tensor([981.0, 961.0])})

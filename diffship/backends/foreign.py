@@ -8,15 +8,18 @@ the same IO names, but no ``diffship.json``. :func:`foreign_manifest` describes 
 themselves, the precision from their weights, no file hashes (nothing recorded them, so nothing is
 verified: reports say so). Runners and parity then treat it like any export. What cannot be mapped
 (another tool's layout, a component diffship has no spec for, models of two backends) is refused by name.
+:func:`adopt` writes that manifest, with hashes, into the folder (``diffship adopt``), so later loads
+verify its files like a diffship export's.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from diffship._files import read_json
-from diffship.backends.manifest import ComponentEntry, Manifest, Shapes, TensorIO
+from diffship.backends.manifest import MANIFEST, ComponentEntry, Manifest, Shapes, TensorIO
 from diffship.errors import ExportedModelError, UnsupportedPipelineError
 from diffship.reference.loader import SourceInfo
 from diffship.reference.shapes import ShapeProfile
@@ -53,6 +56,8 @@ def foreign_manifest(folder: Path) -> Manifest | None:
         raise ExportedModelError(f"{folder}: {origin} component(s) {', '.join(unknown)} have no diffship spec; "
                                  f"it maps {', '.join(SOURCES)}")
     index = read_json(index_path)
+    if any(isinstance(v, list) and v[:1] == ["diffship"] for v in index.values()):
+        return None  # diffship's own export without its manifest (unfinished, or tampered): never loaded
     try:
         family = family_of(index.get("_class_name", ""))
     except UnsupportedPipelineError as exc:
@@ -76,6 +81,36 @@ def foreign_manifest(folder: Path) -> Manifest | None:
                     tasks=family.tasks_for(components, configs), source=source,
                     shapes=Shapes(static=False, profile=_native_size(configs)), components=components,
                     versions={}, origin=origin)
+
+
+def adopt(folder: Path, source: str | None = None) -> Manifest:
+    """Write a ``diffship.json`` beside the optimum export in ``folder``: its IO and origin as
+    :func:`foreign_manifest` reads them, the sha256 of every file (later loads verify them) and, given
+    the ``source`` it was exported from, that source's fingerprint (parity then checks it).
+
+    Raises:
+        ExportedModelError: no optimum export there, or the folder already has a manifest.
+    """
+    import json
+
+    from diffship._files import atomic_write
+    from diffship.reference.loader import fingerprint, resolve_source
+
+    folder = Path(folder)
+    if (folder / MANIFEST).exists():
+        raise ExportedModelError(f"{folder} already has a {MANIFEST}; diffship adopts only exports without one")
+    manifest = foreign_manifest(folder) if folder.is_dir() else None
+    if manifest is None:
+        raise ExportedModelError(f"{folder} is not an optimum-onnx or optimum-intel export (model_index.json and "
+                                 f"<component>/model.onnx or openvino_model.xml); nothing to adopt")
+    if source is not None:
+        path, kind = resolve_source(source)
+        manifest = replace(manifest, source=SourceInfo(name=str(source), kind=kind, path=str(path.resolve()),
+                                                       pipeline_class=manifest.pipeline_class,
+                                                       fingerprint=fingerprint(path)))
+    done = manifest.completed(folder)
+    atomic_write(folder / MANIFEST, json.dumps(done.to_dict(), indent=2, default=str) + "\n", replace=False)
+    return done
 
 
 def _native_size(configs: dict[str, dict[str, Any]]) -> ShapeProfile:

@@ -92,9 +92,9 @@ class Shapes:
 class Manifest:
     """The manifest of one export (see the module docstring for its JSON form).
 
-    ``origin`` is ``diffship``, or for a folder another tool wrote (read by
-    :func:`diffship.backends.foreign.foreign_manifest`, never written) that tool: ``optimum-onnx``,
-    ``optimum-intel``; such a manifest has no file hashes, so nothing about its files is verified.
+    ``origin`` is ``diffship``, or for a folder another tool wrote that tool: ``optimum-onnx``,
+    ``optimum-intel``. Read by :func:`diffship.backends.foreign.foreign_manifest`, such a manifest has no
+    file hashes, so nothing about its files is verified; ``diffship adopt`` writes it with them.
     """
 
     backend: str
@@ -141,14 +141,18 @@ class Manifest:
             components[name] = replace(entry, details=backend.parse_details(entry.details, f"{where}: {name}"))
         return replace(manifest, components=components)
 
-    def write(self, folder: Path) -> "Manifest":
-        """Complete the manifest with format, version, time and the sha256 of every file in ``folder``,
-        and write it there (last, so a folder without it is never a finished export)."""
+    def completed(self, folder: Path) -> "Manifest":
+        """The manifest with format, version, time and the sha256 of every file in ``folder``."""
         from diffship import __version__
 
-        done = replace(self, format=FORMAT, diffship_version=__version__,
+        return replace(self, format=FORMAT, diffship_version=__version__,
                        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        files=file_hashes(folder))
+
+    def write(self, folder: Path) -> "Manifest":
+        """Complete the manifest (:meth:`completed`) and write it into ``folder`` (last, so a folder
+        without it is never a finished export)."""
+        done = self.completed(folder)
         write_json(folder / MANIFEST, done.to_dict())
         return done
 

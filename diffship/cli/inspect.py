@@ -32,7 +32,8 @@ def inspect(
     say(f"{exported}: {manifest.pipeline_class} ({manifest.family}), backend {manifest.backend}, "
         f"{manifest.precision}")
     if manifest.origin != "diffship":
-        say(f"origin: {manifest.origin} (no diffship manifest; `diffship parity SOURCE {exported}` checks it)")
+        how = "adopted: diffship adopt wrote its manifest" if manifest.files else "no diffship manifest"
+        say(f"origin: {manifest.origin} ({how}; `diffship parity SOURCE {exported}` checks it)")
     say(f"source: {src.name} ({src.kind}, fingerprint {src.fingerprint[:12] or 'not recorded'})")
     kind = "static" if shapes.static else "dynamic (traced at)"
     say(f"shapes: {kind} {profile.height}x{profile.width}, batch {profile.batch_size}")
@@ -47,8 +48,8 @@ def inspect(
                                        f"{', '.join(entry.files)} {size}" if first else "")))
     out.print(table)
     _print_details(manifest)
-    if manifest.origin != "diffship":
-        say(f"not verified: {manifest.origin} records no hashes or versions")
+    if not manifest.files:
+        say(f"not verified: {manifest.origin} records no hashes or versions (diffship adopt records hashes)")
         return
     say("versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()))
     say(f"verified: {len(manifest.files)} files match their sha256")

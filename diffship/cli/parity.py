@@ -1,4 +1,10 @@
-"""``diffship parity SOURCE EXPORTED``: exit 1 when any comparison is outside its tolerance."""
+"""``diffship parity SOURCE EXPORTED [OTHER]``: exit 1 when any comparison is outside its tolerance.
+
+With OTHER, three checks run: EXPORTED vs eager, OTHER vs eager, and OTHER vs EXPORTED (the same recorded
+calls and requests through both exports, judged by both exports' tolerances combined); ``--report DIR``
+and ``--junit FILE`` then get one report each (``DIR/a``, ``DIR/b``, ``DIR/b-vs-a``; ``FILE`` with those
+suffixes before its extension).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +22,9 @@ from diffship.errors import ParityFailure
 @app.command()
 def parity(
     source: str = typer.Argument(..., help="The eager source the export was made from."),
-    exported: Path = typer.Argument(..., help="Folder written by diffship export."),
+    exported: Path = typer.Argument(..., help="Folder written by diffship export (or optimum)."),
+    other: Optional[Path] = typer.Argument(None, metavar="[OTHER]", help="A second export of SOURCE: both are "
+                                           "checked against eager, and OTHER against EXPORTED."),
     steps_: int = typer.Option(10, "--steps", min=1, help="Denoising steps of the end-to-end runs."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt (default: a fixed test prompt)."),
     seed: int = typer.Option(0, "--seed", help="Seed of both runs."),
@@ -33,16 +41,29 @@ def parity(
                                                help="Backend-specific runtime option (repeatable; JSON values)."),
 ) -> None:
     """Compare an export with eager PyTorch: every component on recorded inputs, and the final images."""
-    report_obj = run_parity(source, exported, steps_=steps_, prompt=prompt, seed=seed, scheduler=scheduler,
-                            size=size, junit=junit, report=report, tolerances=tolerances, config=config,
-                            allow_pickle=allow_pickle, options=runtime_options(device, threads, option))
-    if not report_obj.passed:
-        failures = report_obj.failures()
-        raise ParityFailure(f"parity failed: {len(failures)} check(s) outside tolerance, first: {failures[0]}")
+    options = runtime_options(device, threads, option)
+    runs = [("", exported, None)] if other is None else [("a", exported, None), ("b", other, None),
+                                                          ("b-vs-a", other, exported)]
+    failed = []
+    for label, folder, reference in runs:
+        result = run_parity(source, folder, reference=reference, steps_=steps_, prompt=prompt, seed=seed,
+                            scheduler=scheduler, size=size, junit=_labelled(junit, label, file=True),
+                            report=_labelled(report, label), tolerances=tolerances, config=config,
+                            allow_pickle=allow_pickle, options=options)
+        failed += [f"{label + ': ' if label else ''}{f}" for f in result.failures()]
+    if failed:
+        raise ParityFailure(f"parity failed: {len(failed)} check(s) outside tolerance, first: {failed[0]}")
 
 
-def run_parity(source, exported, *, steps_=10, prompt=None, seed=0, scheduler=None, size=None, junit=None,
-               report=None, tolerances=None, config=None, allow_pickle=False, options=None):
+def _labelled(path: Optional[Path], label: str, file: bool = False) -> Optional[Path]:
+    """``path`` for one of several checks: a subfolder ``label``, or for a file ``label`` before its suffix."""
+    if path is None or not label:
+        return path
+    return path.with_name(f"{path.stem}-{label}{path.suffix}") if file else path / label
+
+
+def run_parity(source, exported, *, reference=None, steps_=10, prompt=None, seed=0, scheduler=None, size=None,
+               junit=None, report=None, tolerances=None, config=None, allow_pickle=False, options=None):
     """Run the checks, print the summary and write the requested reports (shared with ``demo``)."""
     from dataclasses import replace
 
@@ -62,7 +83,8 @@ def run_parity(source, exported, *, steps_=10, prompt=None, seed=0, scheduler=No
     if hw := parse_size(size):
         settings = replace(settings, height=hw[0], width=hw[1])
     with steps(f"parity {exported}") as say:
-        result = check_parity(source, exported, settings=settings, tolerances_file=tolerances, config=config,
+        result = check_parity(source, exported, reference=reference, settings=settings, tolerances_file=tolerances,
+                              config=config,
                               allow_pickle=allow_pickle, runtime_options=options, progress=say)
     print_summary(result)
     if report:
@@ -76,7 +98,8 @@ def run_parity(source, exported, *, steps_=10, prompt=None, seed=0, scheduler=No
 
 def print_summary(result) -> None:
     table = Table("check", "max abs", "cosine", "PSNR dB", "SSIM", "verdict",
-                  title=f"parity: {result.backend} {result.precision} vs eager ({result.evaluator})")
+                  title=f"parity: {result.backend} {result.precision} vs {result.reference or 'eager'} "
+                        f"({result.evaluator})")
     for comp in result.components:
         for o in comp.outputs:
             m = o.metrics

@@ -9,8 +9,8 @@
 
 from diffship.configs.bench_presets import BenchSettings, load_presets, preset
 from diffship.configs.shape_profiles import BUNDLED_SHAPE_PROFILES, load_shape_presets
-from diffship.configs.tolerances import (BUNDLED_TOLERANCES, ImageTolerance, TensorTolerance, Tolerances,
+from diffship.configs.tolerances import (BUNDLED_TOLERANCES, ImageTolerance, TensorTolerance, Tolerances, between,
                                          load_tolerances, parse_tolerances)
 
 __all__ = ["BUNDLED_SHAPE_PROFILES", "BUNDLED_TOLERANCES", "BenchSettings", "ImageTolerance", "TensorTolerance",
-           "Tolerances", "load_presets", "load_shape_presets", "load_tolerances", "parse_tolerances", "preset"]
+           "Tolerances", "between", "load_presets", "load_shape_presets", "load_tolerances", "parse_tolerances", "preset"]

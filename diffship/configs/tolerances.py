@@ -77,6 +77,42 @@ class Tolerances:
 
 
 
+def between(a: Tolerances, b: Tolerances) -> Tolerances:
+    """Limits for comparing two exports with each other, each judged against eager by ``a`` and ``b``.
+
+    Each export may sit at its limit on either side of the eager output, so the bounds add up: absolute
+    errors add, angles add (cosine), the dissimilarities ``1 - SSIM`` add, and the noise of the
+    difference can reach 4x the larger noise (PSNR: the lower limit less 6 dB). A key either side leaves
+    unchecked stays unchecked.
+    """
+    def add(x, y):
+        return None if x is None or y is None else x + y
+
+    def psnr(x, y):
+        return None if x is None or y is None else min(x, y) - 6.0
+
+    def cosine(x, y):
+        if x is None or y is None:
+            return None
+        angle = math.acos(max(-1.0, min(1.0, x))) + math.acos(max(-1.0, min(1.0, y)))
+        return math.cos(min(angle, math.pi))
+
+    def tensor(x: TensorTolerance, y: TensorTolerance) -> TensorTolerance:
+        return TensorTolerance(max_abs=add(x.max_abs, y.max_abs), mean_abs=add(x.mean_abs, y.mean_abs),
+                               p99_abs=add(x.p99_abs, y.p99_abs), cosine_min=cosine(x.cosine_min, y.cosine_min),
+                               psnr_min=psnr(x.psnr_min, y.psnr_min))
+
+    ssim = None if a.image.ssim_min is None or b.image.ssim_min is None else a.image.ssim_min + b.image.ssim_min - 1
+    return Tolerances(
+        backend=f"{a.backend}|{b.backend}", precision=f"{a.precision}|{b.precision}",
+        component=tensor(a.component, b.component),
+        image=ImageTolerance(psnr_min=psnr(a.image.psnr_min, b.image.psnr_min), ssim_min=ssim,
+                             max_abs=add(a.image.max_abs, b.image.max_abs)),
+        overrides={n: tensor(a.for_component(n), b.for_component(n)) for n in {*a.overrides, *b.overrides}},
+        source=" + ".join(dict.fromkeys((a.source, b.source))),
+    )
+
+
 #: The tolerances shipped with diffship.
 BUNDLED_TOLERANCES = Path(__file__).with_name("tolerances.toml")
 

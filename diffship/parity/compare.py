@@ -11,6 +11,7 @@ Two checks, both from one seeded run of each pipeline:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from diffship.backends.manifest import Manifest, read_manifest
-from diffship.configs import load_tolerances
+from diffship.configs import between, load_tolerances
 from diffship.errors import DiffshipError
 from diffship.parity.result import ComponentResult, ImageResult, OutputResult, ParityReport
 from diffship.progress import Progress, silent
@@ -60,14 +61,15 @@ class ParitySettings:
 
 
 def compare_component(spec: ComponentSpec, eager_module: torch.nn.Module, runner: Any,
-                      recorded: list[dict[str, torch.Tensor]], tolerances: Any) -> ComponentResult:
-    """Replay recorded inputs through the eager wrapper and the exported runner; compare every output.
+                      recorded: list[dict[str, torch.Tensor]], tolerances: Any, reference: Any = None) -> ComponentResult:
+    """Replay recorded inputs through the eager wrapper (or the ``reference`` runner) and the exported
+    runner; compare every output.
 
     Metrics are over all replayed calls together (max over calls for ``max_abs``, means over all
     elements), so one bad UNet step fails the output.
     """
     start = time.perf_counter()
-    eager = spec.eager(eager_module)
+    eager = reference.infer if reference is not None else spec.eager(eager_module)
     expected: dict[str, list[np.ndarray]] = {n: [] for n in spec.output_names}
     actual: dict[str, list[np.ndarray]] = {n: [] for n in spec.output_names}
     for inputs in recorded:
@@ -126,6 +128,7 @@ def check_parity(
     source: str | Path,
     exported: str | Path,
     *,
+    reference: str | Path | None = None,
     settings: ParitySettings | None = None,
     tolerances_file: str | Path | None = None,
     config: str | Path | None = None,
@@ -138,6 +141,9 @@ def check_parity(
     Args:
         source: the eager source (as for :func:`diffship.reference.load`); must be what was exported.
         exported: the exported folder.
+        reference: another export of ``source`` to compare ``exported`` with instead of eager PyTorch
+            (Polygraphy's runners side by side): the same recorded calls and requests through both, judged
+            by :func:`~diffship.configs.between` of their two tolerance tables.
         settings: the generation request both pipelines run.
         tolerances_file: a TOML file replacing the bundled tolerances.
         config / allow_pickle: as for :func:`diffship.reference.load`.
@@ -151,68 +157,95 @@ def check_parity(
 
     say = progress or silent
     started = time.perf_counter()
-    manifest = read_manifest(exported)
-    tolerances = load_tolerances(manifest.backend, manifest.precision, tolerances_file)
+    folders = [Path(exported)] + ([Path(reference)] if reference is not None else [])
+    manifests = [read_manifest(f) for f in folders]
+    for m in manifests:
+        load_tolerances(m.backend, m.precision, tolerances_file)  # a missing table is refused before any work
     say(f"loading {source}")
     eager, info = load_with_info(source, config=config, allow_pickle=allow_pickle)
-    if manifest.origin == "diffship" and info.fingerprint != manifest.source.fingerprint:
-        raise DiffshipError(
-            f"{exported} was exported from {manifest.source.name!r} (fingerprint "
-            f"{manifest.source.fingerprint[:12]}), not from {source!r} ({info.fingerprint[:12]}); "
-            f"compare an export with its own source"
-        )
-    say(f"loading {exported}")
-    # Non-finite outputs are parity failures (reported with their figures), not errors that end the run.
-    with open_export(exported, verify=False, check_finite=False, **(runtime_options or {})) as loaded:
-        manifest, runners, exported_pipe = loaded.manifest, loaded.runners, loaded.pipeline
-        compute = {r.compute_precision for r in runners.values()} - {None}
-        precision = compute.pop() if len(compute) == 1 else manifest.precision
-        if precision != manifest.precision:  # e.g. OpenVINO computing in bf16: judged by bf16 tolerances
-            tolerances = load_tolerances(manifest.backend, precision, tolerances_file)
+    for folder, m in zip(folders, manifests):
+        if m.source.fingerprint and info.fingerprint != m.source.fingerprint:
+            raise DiffshipError(
+                f"{folder} was exported from {m.source.name!r} (fingerprint {m.source.fingerprint[:12]}), not "
+                f"from {source!r} ({info.fingerprint[:12]}); compare an export with its own source"
+            )
+    with contextlib.ExitStack() as stack:
+        opened = []
+        for folder in folders:
+            say(f"loading {folder}")
+            # Non-finite outputs are parity failures (reported with their figures), not errors that end the run.
+            opened.append(stack.enter_context(open_export(folder, verify=False, check_finite=False,
+                                                          **(runtime_options or {}))))
+        tolerances = [_judged_by(o, tolerances_file) for o in opened]
+        tolerance = tolerances[0] if reference is None else between(tolerances[1], tolerances[0])
+        loaded, manifest, precision = opened[0], opened[0].manifest, tolerances[0].precision
+        against = opened[1] if reference is not None else None
         settings = _resolve_size(settings or ParitySettings(), manifest)
         batch = manifest.shapes.profile.batch_size if manifest.shapes.static else 1
-        for pipe in (eager, exported_pipe):
+        for pipe in (eager, *(o.pipeline for o in opened)):
             set_scheduler(pipe, settings.scheduler)
             pipe.set_progress_bar_config(disable=True)
         family = family_of(manifest.pipeline_class)
-        specs = [s for s in specs_for_pipeline(eager) if s.name in manifest.components]
-        tasks = [t for t in settings.tasks if t in manifest.tasks]
+        specs = [s for s in specs_for_pipeline(eager) if all(s.name in o.manifest.components for o in opened)]
+        tasks = [t for t in settings.tasks if all(t in o.manifest.tasks for o in opened)]
 
         images: list[ImageResult] = []
         init_image = synthetic_image(settings.height, settings.width)
         with record_calls(eager, specs, settings.max_calls) as calls:
             for task in tasks:
-                say(f"running {task}, eager and exported ({settings.steps} steps)")
+                say(f"running {task}, {'eager and ' if against is None else 'eager, reference and '}exported "
+                    f"({settings.steps} steps)")
                 cls = family.pipeline_class(task)
                 # The pipeline settings (the refiner's requires_aesthetics_score) are in the config, not in components.
-                pair = [build_pipeline(cls, {**dict(p.config), **p.components}) for p in (eager, exported_pipe)]
+                pair = [build_pipeline(cls, {**dict(p.config), **p.components})
+                        for p in (eager, *(o.pipeline for o in reversed(opened)))]
                 for p in pair:
                     p.set_progress_bar_config(disable=True)
-                want = _generate(pair[0], settings, task, init_image, batch)
-                got = _generate(pair[1], settings, task, init_image, batch)
-                images += [ImageResult.evaluate(task, i, e, g, tolerances.image) for i, (e, g) in enumerate(zip(want, got))]
+                want = _generate(pair[0], settings, task, init_image, batch)  # records the calls
+                if against is not None:
+                    want = _generate(pair[1], settings, task, init_image, batch)
+                got = _generate(pair[-1], settings, task, init_image, batch)
+                images += [ImageResult.evaluate(task, i, e, g, tolerance.image) for i, (e, g) in enumerate(zip(want, got))]
                 if task == "text2img":
                     init_image = want[0]
         components = []
         for spec in specs:
             say(f"comparing {spec.name} on {len(calls[spec.name])} recorded calls")
             if calls[spec.name]:
-                components.append(compare_component(spec, getattr(eager, spec.source), runners[spec.name],
-                                                    calls[spec.name], tolerances))
+                components.append(compare_component(
+                    spec, getattr(eager, spec.source), loaded.runners[spec.name], calls[spec.name], tolerance,
+                    reference=against.runners[spec.name] if against is not None else None))
+        evaluator = _evaluator(loaded.runners[specs[0].name].describe(), manifest)
+        if against is not None:
+            evaluator += f"; reference {reference}: " + _evaluator(against.runners[specs[0].name].describe(),
+                                                                   against.manifest)
         return ParityReport(
             source=str(source), export=str(exported), backend=manifest.backend, precision=precision,
-            evaluator=_evaluator(runners[specs[0].name].describe(), manifest), settings={**asdict(settings), "tasks": tasks,
-                                                                   "scheduler": type(eager.scheduler).__name__},
+            evaluator=evaluator, settings={**asdict(settings), "tasks": tasks,
+                                           "scheduler": type(eager.scheduler).__name__},
             components=components, images=images, seconds=time.perf_counter() - started, versions=manifest.versions,
+            reference=str(reference) if reference is not None else None,
         )
 
 
+def _judged_by(loaded: Any, tolerances_file: str | Path | None):
+    """The tolerances of an opened export: of the precision its runners compute in (OpenVINO computing
+    in bf16 is judged by bf16 tolerances), else of its manifest's."""
+    manifest = loaded.manifest
+    compute = {r.compute_precision for r in loaded.runners.values()} - {None}
+    precision = compute.pop() if len(compute) == 1 else manifest.precision
+    return load_tolerances(manifest.backend, precision, tolerances_file)
+
+
 def _evaluator(runner: str, manifest: Manifest) -> str:
-    """What ran the export; for another tool's export also its origin, and that nothing verified its files
-    or its source (no manifest recorded them)."""
+    """What ran the export; for another tool's export also its origin, and what could not be verified
+    (without ``diffship adopt`` no manifest recorded its files; without ``--source`` not its source)."""
     if manifest.origin == "diffship":
         return runner
-    return f"{runner}; {manifest.origin} export, no diffship manifest: files and source not verified"
+    if not manifest.files:
+        return f"{runner}; {manifest.origin} export, no diffship manifest: files and source not verified"
+    source = "" if manifest.source.fingerprint else ", source not verified"
+    return f"{runner}; {manifest.origin} export adopted by diffship{source}"
 
 
 def _resolve_size(settings: ParitySettings, manifest: Manifest) -> ParitySettings:

@@ -13,6 +13,8 @@ Top level:
 * ``passed`` (bool): every comparison is within tolerance and at least one comparison was made.
 * ``source`` (str): the model source that was exported (folder, hub id or preset).
 * ``export`` (str): the exported folder that was checked.
+* ``reference`` (str, optional): another export it was compared with instead of eager PyTorch
+  (``diffship parity SOURCE A B``); the tolerances are then both exports' combined.
 * ``backend`` (str): ``"onnx"``, ...; ``precision`` (str): ``"fp32"`` or ``"fp16"``.
 * ``evaluator`` (str): what ran the exported models, e.g. ``"onnxruntime CPUExecutionProvider"``; for an
   export another tool wrote (optimum), also its origin and that its files were not verified.
@@ -199,6 +201,7 @@ class ParityReport:
         started: ISO 8601 start time.
         seconds: wall time of the whole check.
         versions: package name -> version.
+        reference: the other export ``export`` was compared with instead of eager PyTorch, or None.
     """
 
     source: str
@@ -212,6 +215,7 @@ class ParityReport:
     started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     seconds: float = 0.0
     versions: dict[str, str] = field(default_factory=dict)
+    reference: str | None = None
 
     def checks(self) -> Iterator[Check]:
         """Every verdict in report order: component outputs, then images, then structural problems."""
@@ -241,6 +245,7 @@ class ParityReport:
             "passed": self.passed,
             "source": self.source,
             "export": self.export,
+            **({"reference": self.reference} if self.reference else {}),
             "backend": self.backend,
             "precision": self.precision,
             "evaluator": self.evaluator,
@@ -296,6 +301,7 @@ class ParityReport:
             return cls(
                 source=data["source"],
                 export=data["export"],
+                reference=data.get("reference"),
                 backend=data["backend"],
                 precision=data["precision"],
                 evaluator=data["evaluator"],

@@ -83,3 +83,27 @@ def test_folders_diffship_cannot_map_are_refused_by_name(export_dir, tmp_path):
         model.unlink()
     with pytest.raises(ExportedModelError, match="is not a diffship export \\(no diffship.json\\)"):
         read_manifest(folder)
+
+
+def test_adopt_writes_a_manifest_that_later_loads_verify(export_dir, tmp_path, capsys):
+    """``diffship adopt``: hashes for every file, the source's fingerprint, and only where none was."""
+    pytest.importorskip("onnxruntime")
+    from diffship.cli import main
+    from diffship.parity.compare import ParitySettings, check_parity
+    from diffship.reference.loader import fingerprint, resolve_source
+
+    folder = optimum_layout(export_dir("onnx"), tmp_path / "adopted")
+    assert main(["adopt", str(folder), "--source", "tiny"]) == 0
+    assert "adopted" in capsys.readouterr().out and (folder / MANIFEST).is_file()
+    m = read_manifest(folder)  # verifies every file
+    assert m.origin == "optimum-onnx" and len(m.files) > 10 and "unet/model.onnx" in m.files
+    assert m.source.fingerprint == fingerprint(resolve_source("tiny")[0])
+    report = check_parity("tiny", folder, settings=ParitySettings(steps=2, tasks=("text2img",)))
+    assert report.passed and report.evaluator.endswith("optimum-onnx export adopted by diffship")
+    assert main(["adopt", str(folder)]) == 2  # never overwrites a manifest
+    assert "already has a diffship.json" in capsys.readouterr().err
+    with open(folder / "unet" / "config.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(ExportedModelError, match="unet/config.json does not match the sha256"):
+        read_manifest(folder)
+    assert main(["adopt", str(tmp_path / "nothing-here")]) == 2

@@ -1,0 +1,48 @@
+"""``diffship parity SOURCE A B``: two exports against eager, and against each other."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from diffship.configs import ImageTolerance, TensorTolerance, Tolerances, between
+
+
+def test_two_exports_are_judged_by_both_tolerances_combined():
+    """Each export may sit at its limit on either side of eager: the bounds of their difference add up."""
+    a = Tolerances("onnx", "fp32", TensorTolerance(max_abs=1e-4, cosine_min=0.99999, psnr_min=60.0),
+                   ImageTolerance(psnr_min=40.0, ssim_min=0.99), {"unet": TensorTolerance(max_abs=2e-4)})
+    b = Tolerances("openvino", "fp16", TensorTolerance(max_abs=1e-2, mean_abs=1e-3, cosine_min=0.9999, psnr_min=50.0),
+                   ImageTolerance(psnr_min=30.0, ssim_min=0.95, max_abs=0.1))
+    both = between(a, b)
+    assert both.backend == "onnx|openvino" and both.precision == "fp32|fp16"
+    assert both.component.max_abs == pytest.approx(1.01e-2) and both.component.mean_abs is None
+    assert both.component.psnr_min == 44.0
+    assert both.component.cosine_min == pytest.approx(math.cos(math.acos(0.99999) + math.acos(0.9999)))
+    assert both.component.cosine_min < 0.9999
+    assert both.image == ImageTolerance(psnr_min=24.0, ssim_min=pytest.approx(0.94), max_abs=None)
+    assert both.for_component("unet").max_abs == pytest.approx(2e-4 + 1e-2)
+    assert both.for_component("unet").psnr_min is None  # the override leaves it unchecked on a's side
+
+
+def test_parity_of_two_exports_writes_three_reports(export_dir, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    from diffship.cli import main
+
+    a, b = export_dir("onnx"), export_dir("openvino")
+    report, junit = tmp_path / "report", tmp_path / "parity.xml"
+    code = main(["parity", "tiny", str(a), str(b), "--steps", "3", "--report", str(report), "--junit", str(junit)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.count("parity passed") == 3 and f"vs {a}" in out
+    for label in ("a", "b", "b-vs-a"):
+        assert (report / label / "report.json").is_file() and (tmp_path / f"parity-{label}.xml").is_file()
+    cross = json.loads((report / "b-vs-a" / "report.json").read_text())
+    assert cross["reference"] == str(a) and cross["export"] == str(b) and cross["passed"]
+    assert "reference" not in json.loads((report / "a" / "report.json").read_text())
+    # fp32 ONNX Runtime and fp32 OpenVINO agree with each other about as closely as each with eager.
+    assert max(o["metrics"]["max_abs"] for c in cross["components"] for o in c["outputs"]) < 1e-4
+    assert {c["component"] for c in cross["components"]} == {"text_encoder", "unet", "vae_encoder", "vae_decoder"}

@@ -59,6 +59,24 @@ def export_dir(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def sdxl_export(tmp_path_factory):
+    """``sdxl_export(backend)``: ``diffship export tiny-sdxl OUT --backend B`` through the CLI, once per
+    session (the SDXL CLI, runtime and Swift packaging tests share it)."""
+    from diffship.cli import main
+
+    made: dict[str, Path] = {}
+
+    def make(backend: str) -> Path:
+        if backend not in made:
+            out = tmp_path_factory.mktemp(f"sdxl-{backend}") / "export"
+            assert main(["export", "tiny-sdxl", str(out), "--backend", backend]) == 0
+            made[backend] = out
+        return made[backend]
+
+    return make
+
+
 @pytest.fixture(params=runnable_backends())
 def backend(request) -> str:
     """Every backend that exports and runs on this machine (interface tests run once per backend)."""

@@ -54,13 +54,12 @@ def test_wrappers_compute_what_the_pipeline_uses(sdxl_pipe):
 @pytest.mark.parametrize("backend", [pytest.param("onnx", marks=pytest.mark.onnx),
                                      pytest.param("openvino", marks=pytest.mark.openvino),
                                      pytest.param("coreml", marks=pytest.mark.coreml)])
-def test_export_and_parity_cli(backend, tmp_path):
+def test_export_and_parity_cli(backend, tmp_path, sdxl_export):
     from diffship import backends
 
     if backend not in backends.installed():
         pytest.skip(f"the {backend} extra is not installed")
-    out = tmp_path / "export"
-    assert main(["export", "tiny-sdxl", str(out), "--backend", backend]) == 0
+    out = sdxl_export(backend)  # diffship export tiny-sdxl OUT --backend B, exit 0
     assert main(["parity", "tiny-sdxl", str(out), "--steps", "4", "--report", str(tmp_path / "report")]) == 0
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert {c["component"] for c in report["components"]} == {"text_encoder", "text_encoder_2", "unet", "vae_encoder",
@@ -89,13 +88,9 @@ def test_exported_sdxl_pipeline_behaves_like_diffusers(export_dir_sdxl, sdxl_pip
 
 
 @pytest.fixture(scope="module")
-def export_dir_sdxl(tmp_path_factory):
+def export_dir_sdxl(sdxl_export):
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
-    from diffship.workflows import export_pipeline
-
-    out = tmp_path_factory.mktemp("sdxl") / "onnx"
-    export_pipeline("tiny-sdxl", out)
-    return out
+    return sdxl_export("onnx")
 
 
 @pytest.mark.onnx

@@ -132,9 +132,9 @@ def test_every_value_the_swift_schedulers_assume_is_checked(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sdxl_exports(tmp_path_factory):
-    """tiny-sdxl (base) and an SDXL refiner built from its parts, exported to Core ML (what the Swift
-    pipeline loads: no VAE encoder, to keep the suite short)."""
+def sdxl_exports(tmp_path_factory, sdxl_export):
+    """tiny-sdxl (base: the session's CLI export) and an SDXL refiner built from its parts, exported to
+    Core ML (the refiner with what the Swift pipeline loads: no VAE encoder, to keep the suite short)."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
     import torch
 
@@ -142,9 +142,7 @@ def sdxl_exports(tmp_path_factory):
     from diffship.workflows import export_pipeline
 
     root = tmp_path_factory.mktemp("swift-sdxl")
-    base = root / "base"
-    export_pipeline("tiny-sdxl", base, backend="coreml",
-                    components=["text_encoder", "text_encoder_2", "unet", "vae_decoder"])
+    base = sdxl_export("coreml")
     sdxl = load("tiny-sdxl")
     config = dict(sdxl.unet.config, projection_class_embeddings_input_dim=5 * 8 + 32, cross_attention_dim=32)
     torch.manual_seed(5)
@@ -169,7 +167,7 @@ def test_sdxl_packages_with_the_io_apples_sdxl_pipeline_reads(sdxl_exports, tmp_
     facts = package_swift(base, out, compile_models=False, chunk_unet=True)
     assert [n for n in facts["resources"] if n.endswith(".mlpackage")] == [
         "TextEncoder.mlpackage", "TextEncoder2.mlpackage", "UnetChunk1.mlpackage", "UnetChunk2.mlpackage",
-        "VAEDecoder.mlpackage"]
+        "VAEDecoder.mlpackage", "VAEEncoder.mlpackage"]
     assert facts["chunk_max_abs_error"] <= 1e-3 and (out / "vocab.json").is_file() and (out / "merges.txt").is_file()
     for name, width, pooled in (("TextEncoder", 32, 32), ("TextEncoder2", 32, 32)):
         inputs, outputs = io(out / f"{name}.mlpackage")

@@ -16,6 +16,7 @@ Schema (``format: diffship.export/1``)::
         details: the backend's record (e.g. OnnxDetails: opset, external_data; fp32_fallback)
     versions: {python, torch, diffusers, transformers, <backend libraries>}
     files: {<relative path>: <sha256>}   # every file but diffship.json
+    origin: diffship, or the tool that wrote a folder `diffship adopt` took in (optimum-onnx, optimum-intel)
 """
 
 from __future__ import annotations

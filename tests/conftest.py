@@ -83,6 +83,34 @@ def backend(request) -> str:
     return request.param
 
 
+#: the source pipeline's model_index.json entries as optimum-cli keeps them.
+OPTIMUM_INDEX = {"scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+                 "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+                 "vae": ["diffusers", "AutoencoderKL"]}
+
+
+@pytest.fixture(scope="session")
+def optimum_layout():
+    """``optimum_layout(export, folder)``: a copy of a diffship export of ``tiny`` as optimum-cli lays it
+    out (checked against optimum-onnx 0.1 and optimum-intel 1.27 by ``scripts/interop-check``): the same
+    files without ``diffship.json``, the source pipeline's ``model_index.json``."""
+    import shutil
+
+    from diffship._files import read_json, write_json
+    from diffship.backends.manifest import MANIFEST
+
+    def make(export: Path, folder: Path) -> Path:
+        shutil.copytree(export, folder)
+        (folder / MANIFEST).unlink()
+        index = read_json(folder / "model_index.json")
+        write_json(folder / "model_index.json", {**{k: v for k, v in index.items() if k.startswith("_")
+                                                    or not isinstance(v, list)}, **OPTIMUM_INDEX,
+                                                 "_name_or_path": "tiny", "safety_checker": [None, None]})
+        return folder
+
+    return make
+
+
 @pytest.fixture
 def exported(backend, export_dir) -> Path:
     """The fp32 export of ``tiny`` for ``backend``."""

@@ -9,7 +9,7 @@ What the exporter and the runtime share lives here: the model IO Apple's Swift p
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +159,10 @@ class CoreMLDetails(Details):
         sizes: the image sizes (height, width) the model takes.
         model_inputs: the model's own inputs (:class:`ModelInput`).
         mil_ops: the operation types of the saved program.
+        package: the ML Program's path relative to the export folder where it is not
+            ``<component>/model.mlpackage`` (another tool's layout: Apple's ``torch2coreml``), else None.
+        model_names: spec IO name -> the model's own name, where they differ (Apple's ``noise_pred`` for
+            ``out_sample``...); empty for diffship's exports.
     """
 
     attention: str
@@ -170,6 +174,8 @@ class CoreMLDetails(Details):
     sizes: list[list[int]]
     model_inputs: list[ModelInput]
     mil_ops: list[str]
+    package: str | None = None
+    model_names: dict[str, str] = field(default_factory=dict)
 
 
 def has_coreml_runtime() -> bool:
@@ -189,13 +195,13 @@ def model_shape(component: str, name: str, shape: tuple) -> tuple:
     return tuple(shape)
 
 
-def to_model_inputs(component: str, feeds: dict[str, Any]) -> dict[str, Any]:
-    """Spec-form inputs -> the Core ML model's (Apple's dtypes and layouts)."""
-    adapt = APPLE_INPUTS.get(component, {})
+def to_model_inputs(adaptations: dict[str, tuple[str, str | None]], feeds: dict[str, Any]) -> dict[str, Any]:
+    """Spec-form inputs -> the Core ML model's: each input named in ``adaptations`` (name -> (model dtype,
+    layout), as :func:`adaptation` or a :class:`ModelInput` gives them) cast and laid out as the model takes it."""
     out = {}
     for name, value in feeds.items():
-        if name in adapt:
-            dtype, layout = adapt[name]
+        if name in adaptations:
+            dtype, layout = adaptations[name]
             value = np.asarray(value)
             if layout == "bc1s":
                 value = np.ascontiguousarray(value.transpose(0, 2, 1)[:, :, None, :])

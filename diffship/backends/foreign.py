@@ -1,4 +1,5 @@
-"""Exports written by other tools, read as diffship manifests: optimum-onnx and optimum-intel folders.
+"""Exports written by other tools, read as diffship manifests: optimum-onnx and optimum-intel folders,
+and Apple's Core ML folders (:mod:`diffship.backends.apple`).
 
 ``optimum-cli export onnx`` and ``optimum-cli export openvino`` write the diffusers layout diffship
 writes (``model_index.json``; ``text_encoder/``, ``unet/``, ``vae_encoder/``, ``vae_decoder/`` with
@@ -9,7 +10,8 @@ themselves, the precision from their weights, no file hashes (nothing recorded t
 verified: reports say so). Runners and parity then treat it like any export. What cannot be mapped
 (another tool's layout, a component diffship has no spec for, models of two backends) is refused by name.
 :func:`adopt` writes that manifest, with hashes, into the folder (``diffship adopt``), so later loads
-verify its files like a diffship export's.
+verify its files like a diffship export's; for an Apple folder, which carries no configs, it also writes
+those of the source it was converted from.
 """
 
 from __future__ import annotations
@@ -33,13 +35,18 @@ SOURCES = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "
 
 
 def foreign_manifest(folder: Path) -> Manifest | None:
-    """A manifest describing the optimum export in ``folder``, or None where it is not laid out as one.
+    """A manifest describing the optimum or Apple export in ``folder``, or None where it is not laid out as one.
 
     Raises:
-        ExportedModelError: an optimum-like folder diffship cannot map (mixed backends, unknown parts).
+        ExportedModelError: a folder like theirs that diffship cannot map (mixed backends, unknown parts).
     """
     from diffship.backends import get
+    from diffship.backends.apple import apple_manifest
     from diffship.reference.families import family_of
+
+    apple = apple_manifest(folder)
+    if apple is not None:
+        return apple
 
     index_path = folder / "model_index.json"
     found = {sub.name: (file, LAYOUTS[file]) for sub in sorted(folder.iterdir()) if sub.is_dir()
@@ -84,16 +91,19 @@ def foreign_manifest(folder: Path) -> Manifest | None:
 
 
 def adopt(folder: Path, source: str | None = None) -> Manifest:
-    """Write a ``diffship.json`` beside the optimum export in ``folder``: its IO and origin as
+    """Write a ``diffship.json`` beside the foreign export in ``folder``: its IO and origin as
     :func:`foreign_manifest` reads them, the sha256 of every file (later loads verify them) and, given
-    the ``source`` it was exported from, that source's fingerprint (parity then checks it).
+    the ``source`` it was exported from, that source's fingerprint (parity then checks it). An Apple
+    folder needs the source: its configs, scheduler and tokenizer are written beside the packages.
 
     Raises:
-        ExportedModelError: no optimum export there, or the folder already has a manifest.
+        ExportedModelError: no foreign export there, the folder already has a manifest (or, for an Apple
+            folder, configs), or an Apple folder without ``source``.
     """
     import json
 
     from diffship._files import atomic_write
+    from diffship.backends.apple import ORIGIN
     from diffship.reference.loader import fingerprint, resolve_source
 
     folder = Path(folder)
@@ -101,16 +111,45 @@ def adopt(folder: Path, source: str | None = None) -> Manifest:
         raise ExportedModelError(f"{folder} already has a {MANIFEST}; diffship adopts only exports without one")
     manifest = foreign_manifest(folder) if folder.is_dir() else None
     if manifest is None:
-        raise ExportedModelError(f"{folder} is not an optimum-onnx or optimum-intel export (model_index.json and "
-                                 f"<component>/model.onnx or openvino_model.xml); nothing to adopt")
+        raise ExportedModelError(f"{folder} is not an optimum-onnx, optimum-intel or Apple Core ML export "
+                                 f"(model_index.json and <component>/model.onnx or openvino_model.xml, or "
+                                 f"torch2coreml's .mlpackage files); nothing to adopt")
+    if manifest.origin == ORIGIN and source is None:
+        raise ExportedModelError(f"{folder} ({ORIGIN}) carries no configs, scheduler or tokenizer; give the source it "
+                                 f"was converted from: diffship adopt {folder} --source SOURCE")
     if source is not None:
         path, kind = resolve_source(source)
         manifest = replace(manifest, source=SourceInfo(name=str(source), kind=kind, path=str(path.resolve()),
                                                        pipeline_class=manifest.pipeline_class,
                                                        fingerprint=fingerprint(path)))
+    if manifest.origin == ORIGIN:
+        manifest = _write_configs(folder, manifest, source)
     done = manifest.completed(folder)
     atomic_write(folder / MANIFEST, json.dumps(done.to_dict(), indent=2, default=str) + "\n", replace=False)
     return done
+
+
+def _write_configs(folder: Path, manifest: Manifest, source: str) -> Manifest:
+    """Write the configs, scheduler and tokenizer of ``source`` beside an Apple folder's packages (staged,
+    then moved in; nothing there is replaced), and list each component's config among its files."""
+    import shutil
+    import tempfile
+
+    from diffship.backends.apple import write_pipeline_configs
+    from diffship.reference.loader import load
+
+    pipe = load(source)
+    with tempfile.TemporaryDirectory(prefix=".diffship-adopt-", dir=folder) as staging:
+        write_pipeline_configs(pipe, Path(staging), manifest)
+        names = sorted(p.name for p in Path(staging).iterdir())
+        if taken := [n for n in names if (folder / n).exists()]:
+            raise ExportedModelError(f"{folder} already holds {', '.join(taken)}; diffship adopt writes them from the "
+                                     f"source: move them away first")
+        for name in names:
+            shutil.move(str(Path(staging) / name), str(folder / name))
+    components = {n: replace(e, files=sorted(p.name for p in (folder / n).iterdir()))
+                  for n, e in manifest.components.items()}
+    return replace(manifest, components=components)
 
 
 def _native_size(configs: dict[str, dict[str, Any]]) -> ShapeProfile:

@@ -51,7 +51,36 @@ def plan(settings: BenchSettings) -> list[Planned]:
                 entry.not_run = f"{name} has no {precision} precision ({', '.join(record.precisions)})"
             planned.append(Planned(Subject(entry.name, name, precision,
                                            options=dict(settings.runtime_options.get(name, {}))), entry))
+    planned += compared(settings, {p.subject.name for p in planned})
     return sorted(planned, key=lambda p: p.subject.backend != TORCH)  # eager fp32 first: the reference
+
+
+def compared(settings: BenchSettings, taken: set[str]) -> list[Planned]:
+    """The ``compare`` folders as subjects, measured as they are: each named by its folder (made unique),
+    with its backend, precision and origin from its manifest (or, for another tool's folder, from what
+    :func:`~diffship.backends.manifest.read_manifest` reads of it).
+
+    Raises:
+        ConfigError: a folder exported from another source than the run's (where its manifest says).
+    """
+    from diffship.backends.manifest import read_manifest
+    from diffship.reference.loader import fingerprint, resolve_source
+
+    out = []
+    for folder in settings.compare:
+        manifest = read_manifest(folder)
+        if manifest.source.fingerprint and manifest.source.fingerprint != fingerprint(resolve_source(settings.source)[0]):
+            raise ConfigError(f"--compare {folder} was exported from {manifest.source.name!r}, not from "
+                              f"{settings.source!r}; measure an export beside its own source")
+        name = Path(folder).name
+        while name in taken:
+            name += "+"
+        taken.add(name)
+        entry = SubjectRecord(name, manifest.backend, manifest.precision, folder=str(folder), origin=manifest.origin)
+        entry.size_bytes = folder_bytes(Path(folder))
+        out.append(Planned(Subject(name, manifest.backend, manifest.precision, folder=str(folder),
+                                   options=dict(settings.runtime_options.get(manifest.backend, {}))), entry))
+    return out
 
 
 def measured_export(source: str, folder: str, backend: str, precision: str, static: tuple[int, int] | None,

@@ -107,6 +107,8 @@ class SubjectRecord:
     Attributes:
         name / backend / precision: ``onnx-fp32``, ``onnx``, ``fp32``.
         folder: its export folder (None for eager PyTorch).
+        origin: for an existing export measured as it is (``--compare``), the tool that wrote it
+            (``diffship``, ``optimum-onnx``, ``optimum-intel``, ``apple-torch2coreml``); None for the run's own.
         runs: it was loaded and measured here.
         not_run / error: why it was not run (a platform reason), or how it failed.
         runtime: what computed it ("PyTorch ... eager", "onnxruntime ...", "MIL reference (Linux)").
@@ -118,6 +120,7 @@ class SubjectRecord:
     backend: str
     precision: str
     folder: str | None = None
+    origin: str | None = None
     runs: bool = False
     not_run: str | None = None
     error: str | None = None

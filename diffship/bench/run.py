@@ -84,7 +84,7 @@ def run_bench(settings: BenchSettings, out: str | Path, *, exports: str | Path |
             for p in planned:
                 p.entry.not_run = p.entry.not_run or ("eager PyTorch has no export" if p.subject.backend == TORCH
                                                       else None)
-        to_export = [p for p in planned if p.subject.backend != TORCH and not p.entry.not_run]
+        to_export = [p for p in planned if p.subject.backend != TORCH and not p.entry.not_run and not p.entry.origin]
         progress.phase("exporting", len(to_export))
         for p in to_export:
             progress.advance(f"exporting {p.subject.name}")
@@ -94,7 +94,7 @@ def run_bench(settings: BenchSettings, out: str | Path, *, exports: str | Path |
                 p.entry.error = f"export failed: {first_line(exc)}"
                 progress.note(f"{p.subject.name}: {p.entry.error}")
             run.save()
-        for p in to_export:
+        for p in [p for p in planned if p.subject.backend != TORCH and not p.entry.not_run and not p.entry.error]:
             if settings.export_only:
                 p.entry.not_run = "export only (--export-only)"
             elif not p.entry.error and (reason := backends.runtime_unavailable_reason(p.subject.backend)):

@@ -63,7 +63,8 @@ class _State:
             from diffship.runtimes.pipeline import open_export
 
             # Raw speed, as eager PyTorch runs: NaN shows in the parity figures next to the timings.
-            loaded = open_export(subject.folder, check_finite=False, **subject.options)
+            # A folder without configs (Apple's) takes them from the run's source.
+            loaded = open_export(subject.folder, check_finite=False, source=settings["source"], **subject.options)
             self.pipe, self.runners = loaded.pipeline, loaded.runners
             self.dtype = torch.float32  # adapters take and return float32; runners cast
             self.source = loaded.manifest.source.to_dict()

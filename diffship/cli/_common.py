@@ -37,8 +37,11 @@ def plain(value: object) -> Text:
 
 
 def component_summary(folder: Path, entry) -> tuple[str, str]:
-    """A manifest component's precision (with any fp32 fallback) and its size on disk, for tables."""
+    """A manifest component's precision (with any fp32 fallback) and its size on disk, for tables (with the
+    package another tool's layout keeps outside the component folder: Apple's)."""
     size = sum((folder / f).stat().st_size for f in entry.files)
+    if package := getattr(entry.details, "package", None):
+        size += sum(p.stat().st_size for p in (folder.parent / package).rglob("*") if p.is_file())
     fallback = " (fp32 fallback)" if entry.details.fp32_fallback else ""
     return entry.precision + fallback, f"{size / 1e6:.1f} MB"
 

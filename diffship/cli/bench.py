@@ -90,6 +90,9 @@ def bench(
     export_option: Optional[list[str]] = typer.Option(None, "--export-option", "-e", metavar="BACKEND:KEY=VALUE",
                                                       help="Export option of one backend (repeatable)."),
     export_only: bool = typer.Option(False, "--export-only", help="Measure the exports only (time, peak RSS, size)."),
+    compare: Optional[list[Path]] = typer.Option(None, "--compare", metavar="FOLDER", help="An existing export "
+                                                 "(diffship, optimum-onnx/-intel, Apple Core ML) measured beside "
+                                                 "the others as it is (repeatable)."),
     component: Optional[list[str]] = typer.Option(None, "--component", help="With --export-only: export only this "
                                                   "component (repeatable), e.g. the UNet of a large model."),
 ) -> None:
@@ -109,6 +112,7 @@ def bench(
         "e2e_repeats": e2e_repeats, "threads": threads, "device": device,
         "runtime_options": _per_backend(option) or None, "export_options": _per_backend(export_option) or None,
         "export_only": export_only or None, "components": component,
+        "compare": [str(f) for f in compare] if compare else None,
     }.items() if v is not None}
     settings = from_mapping(overrides, "command line", base=load_preset(preset))
     command = "diffship " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None

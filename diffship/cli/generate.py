@@ -31,6 +31,8 @@ def generate(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Runtime threads."),
     option: Optional[list[str]] = typer.Option(None, "--option", "-o", metavar="KEY=VALUE",
                                                help="Backend-specific runtime option (repeatable; JSON values)."),
+    source: Optional[str] = typer.Option(None, "--source", help="What the export was converted from, for folders "
+                                         "without configs, scheduler or tokenizer (Apple's torch2coreml output)."),
 ) -> None:
     """Generate images with an exported pipeline, exactly as diffusers would."""
     import torch
@@ -46,7 +48,7 @@ def generate(
         raise DiffshipError(f"{taken} already exists; pass --overwrite, or choose another --out or --seed")
     with steps("loading") as say:
         say(f"loading {exported}")
-        loaded = open_export(exported, task="text2img", **runtime_options(device, threads, option))
+        loaded = open_export(exported, task="text2img", source=source, **runtime_options(device, threads, option))
         pipe, shapes = loaded.pipeline, loaded.manifest.shapes
         if hw is None and shapes.static:  # a static export takes only its own size
             hw = shapes.profile.height, shapes.profile.width

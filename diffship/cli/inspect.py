@@ -49,10 +49,15 @@ def inspect(
     out.print(table)
     _print_details(manifest)
     if not manifest.files:
-        say(f"not verified: {manifest.origin} records no hashes or versions (diffship adopt records hashes)")
+        versions = f"; versions its models record: {_versions(manifest)}" if manifest.versions else ""
+        say(f"not verified: {manifest.origin} records no hashes (diffship adopt records them){versions}")
         return
-    say("versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()))
+    say(f"versions: {_versions(manifest)}")
     say(f"verified: {len(manifest.files)} files match their sha256")
+
+
+def _versions(manifest) -> str:
+    return ", ".join(f"{k} {v}" for k, v in manifest.versions.items())
 
 
 #: detail keys shown elsewhere (profiles get their own table) or too bulky for one line.

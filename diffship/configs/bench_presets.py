@@ -40,6 +40,8 @@ class BenchSettings:
         runtime_options: per backend, options for its runner (``{"onnx": {"device": "cuda"}}``).
         export_options: per backend, export options (``-o`` of ``diffship export``).
         components: export (and measure) only these components; empty: all.
+        compare: existing export folders measured beside the run's subjects, as they are (diffship's,
+            optimum-onnx's, optimum-intel's, Apple's Core ML): not exported, each named by its folder.
         export_only: measure the exports (time, peak RSS, size) and run nothing -- for sources too large
             to load next to each other, or backends that cannot run here.
     """
@@ -63,6 +65,7 @@ class BenchSettings:
     runtime_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     export_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     components: tuple[str, ...] = ()
+    compare: tuple[str, ...] = ()
     export_only: bool = False
 
     @property

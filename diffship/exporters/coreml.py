@@ -206,8 +206,9 @@ def spec_input_shapes(spec: ComponentSpec, profile: ShapeProfile, size: tuple[in
 
 
 def _model_example(spec: ComponentSpec, profile: ShapeProfile) -> dict[str, torch.Tensor]:
-    example = spec.example_inputs(profile, "fp32")
-    return {n: torch.as_tensor(v) for n, v in to_model_inputs(spec.name, {k: t.numpy() for k, t in example.items()}).items()}
+    example = {k: t.numpy() for k, t in spec.example_inputs(profile, "fp32").items()}
+    adapted = to_model_inputs({n: adaptation(spec.name, n) for n in example}, example)
+    return {n: torch.as_tensor(v) for n, v in adapted.items()}
 
 
 def _dynamic_shapes(spec: ComponentSpec, variants: list[dict[str, tuple]], options: ExportOptions):

@@ -174,7 +174,7 @@ def check_parity(
         for folder in folders:
             say(f"loading {folder}")
             # Non-finite outputs are parity failures (reported with their figures), not errors that end the run.
-            opened.append(stack.enter_context(open_export(folder, verify=False, check_finite=False,
+            opened.append(stack.enter_context(open_export(folder, verify=False, check_finite=False, source=eager,
                                                           **(runtime_options or {}))))
         tolerances = [_judged_by(o, tolerances_file) for o in opened]
         tolerance = tolerances[0] if reference is None else between(tolerances[1], tolerances[0])

@@ -1,13 +1,17 @@
 """Operations on diffusers pipeline objects that every tool shares: building one of another task from
-components, choosing a compatible scheduler, and reading the configs its family's specs are built from."""
+components, choosing a compatible scheduler, reading the configs its family's specs are built from, and
+writing the diffusers layout (configs, tokenizers, scheduler) around exported parts."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from diffship._files import atomic_write, write_json
 from diffship.errors import DiffshipError
 from diffship.reference.families import family_of
 from diffship.reference.specs import ComponentSpec
+from diffship.reference.vocabulary import bpe_files
 
 
 def build_pipeline(cls: type, components: dict[str, Any]):
@@ -55,3 +59,41 @@ def pipeline_configs(pipe: Any) -> dict[str, dict[str, Any]]:
 def specs_for_pipeline(pipe: Any) -> list[ComponentSpec]:
     """Component specs of an eager diffusers pipeline."""
     return family_of(type(pipe).__name__).specs(pipeline_configs(pipe))
+
+
+def save_module_config(module: Any, folder: Path) -> None:
+    """Write a torch module's ``config.json`` the way its library does (diffusers or transformers)."""
+    if hasattr(module, "save_config"):
+        module.save_config(folder)
+    else:
+        module.config.save_pretrained(folder)
+
+
+def write_pipeline_files(pipe: Any, folder: Path, backend: str, sources: dict[str, str]) -> None:
+    """``model_index.json``, ``scheduler/``, ``tokenizer/``: the diffusers layout around exported parts.
+
+    Args:
+        pipe: the eager pipeline the parts come from.
+        folder: where to write (the export folder).
+        backend: recorded for each exported part in ``model_index.json`` (``["diffship", backend]``).
+        sources: exported component -> the pipeline module it replaces (``vae_decoder`` -> ``vae``).
+    """
+    import diffusers
+
+    index = {"_class_name": type(pipe).__name__, "_diffusers_version": diffusers.__version__}
+    index.update((k, v) for k, v in dict(pipe.config).items()
+                 if k not in set(sources.values()) and not k.startswith("_"))
+    for name in sources:
+        index[name] = ["diffship", backend]
+    for name, value in list(index.items()):
+        if name.startswith("_") or name in sources or not isinstance(value, (list, tuple)) or value[0] is None:
+            continue
+        component = getattr(pipe, name, None)
+        if component is not None and hasattr(component, "save_pretrained"):
+            component.save_pretrained(folder / name)
+            if name.startswith("tokenizer") and (folder / name / "tokenizer.json").is_file():
+                # transformers 4 consumers (optimum) read the slow tokenizer's files; 5 writes only tokenizer.json.
+                for file, text in bpe_files(folder / name).items():
+                    if not (folder / name / file).is_file():
+                        atomic_write(folder / name / file, text)
+    write_json(folder / "model_index.json", index)

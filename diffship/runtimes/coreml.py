@@ -20,7 +20,7 @@ import numpy as np
 
 from diffship.backends.coreml import (COMPUTE_UNITS, MODEL_FILE, CoreMLRuntimeOptions, has_coreml_runtime,
                                       to_model_inputs)
-from diffship.backends.manifest import ComponentEntry
+from diffship.backends.manifest import ComponentEntry, inside
 from diffship.errors import ExportedModelError, RuntimeFailure, ShapeError, UnavailableRuntimeError
 from diffship.runtimes.base import Runner
 
@@ -31,9 +31,14 @@ class CoreMLRunner(Runner):
     def __init__(self, folder: Path, entry: ComponentEntry, options: CoreMLRuntimeOptions):
         super().__init__(folder, entry, options)
         compute_units, evaluator = options.compute_units, options.evaluator
-        self.path = Path(folder) / MODEL_FILE
+        package = self.details.package
+        if package and not inside(package):
+            raise ExportedModelError(f"{folder}: the package path {package!r} leaves the export folder; refusing it")
+        self.path = Path(folder).parent / package if package else Path(folder) / MODEL_FILE
         if not self.path.is_dir():
             raise ExportedModelError(f"{self.path} is missing; re-run diffship export")
+        self._adaptations = {m.name: (m.dtype, m.layout) for m in self.details.model_inputs}
+        self._names = dict(self.details.model_names)
         self.compute_units = compute_units
         self.evaluator = ("coreml" if has_coreml_runtime() else "mil") if evaluator == "auto" else evaluator
         sizes = self.details.sizes
@@ -56,11 +61,14 @@ class CoreMLRunner(Runner):
             self._model = MilReference(self.path)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
-        model_feeds = to_model_inputs(self.name, feeds)
+        model_feeds = to_model_inputs(self._adaptations, feeds)
         self._check_size(model_feeds)
+        model_feeds = {self._names.get(n, n): v for n, v in model_feeds.items()}
         if self.evaluator == "coreml":
-            return self._model.predict(model_feeds)
-        return self._model.run(model_feeds)
+            outputs = self._model.predict(model_feeds)
+        else:
+            outputs = self._model.run(model_feeds)
+        return {name: outputs[self._names.get(name, name)] for name in self.output_names}
 
     def _check_size(self, model_feeds: dict[str, np.ndarray]) -> None:
         """Enumerated-shape models take exactly their listed shapes."""

@@ -13,7 +13,9 @@ as a context manager. A pipeline from :func:`load_pipeline` closes its runners w
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +114,7 @@ class ExportedPipeline:
 
 
 def load_pipeline(path: str | Path, *, task: str | None = None, verify: bool = True, check_finite: bool = True,
-                  **runtime_options: Any):
+                  source: Any = None, **runtime_options: Any):
     """Load an exported folder as a diffusers pipeline.
 
     Args:
@@ -123,6 +125,9 @@ def load_pipeline(path: str | Path, *, task: str | None = None, verify: bool = T
         check_finite: refuse NaN or Inf going into or coming out of every exported component, naming
             the component and denoising step (:class:`~diffship.errors.NonFiniteError`); False skips
             the checks (raw-speed measurements).
+        source: for a folder that carries no configs, scheduler or tokenizer (Apple's torch2coreml
+            output), the source it was converted from (a folder, checkpoint or preset name, or the
+            loaded diffusers pipeline), whose configs are used; ignored where the export has its own.
         **runtime_options: the backend's runtime options (ONNX Runtime: ``device``, ``threads``,
             ``provider_options``; see its record in :mod:`diffship.backends`).
 
@@ -136,11 +141,33 @@ def load_pipeline(path: str | Path, *, task: str | None = None, verify: bool = T
         MissingBackendError: the backend's runtime package is not installed.
         OptionError: an unknown runtime option or a bad value.
     """
-    return open_export(path, task=task, verify=verify, check_finite=check_finite, **runtime_options).pipeline
+    return open_export(path, task=task, verify=verify, check_finite=check_finite, source=source,
+                       **runtime_options).pipeline
+
+
+@contextlib.contextmanager
+def _pipeline_files(path: Path, manifest: Manifest, source: Any):
+    """The folder holding the export's ``model_index.json``, configs, scheduler and tokenizer: the export
+    itself, or (for a folder without them: Apple's) a temporary one written from ``source``."""
+    if (path / "model_index.json").is_file():
+        yield path
+        return
+    if source is None:
+        raise ExportedModelError(f"{path} ({manifest.origin} export) carries no model_index.json, configs, scheduler or "
+                                 f"tokenizer; pass the source it was converted from (--source SOURCE, "
+                                 f"load_pipeline(..., source=...)), or write them beside it once: diffship adopt {path} "
+                                 f"--source SOURCE")
+    from diffship.backends.apple import write_pipeline_configs
+    from diffship.reference.loader import load
+
+    pipe = load(source) if isinstance(source, (str, Path)) else source
+    with tempfile.TemporaryDirectory(prefix="diffship-configs-") as folder:
+        write_pipeline_configs(pipe, Path(folder), manifest)
+        yield Path(folder)
 
 
 def open_export(path: str | Path, *, task: str | None = None, verify: bool = True, check_finite: bool = True,
-                **runtime_options: Any) -> ExportedPipeline:
+                source: Any = None, **runtime_options: Any) -> ExportedPipeline:
     """Like :func:`load_pipeline`, returning the :class:`ExportedPipeline` (pipeline, manifest, runners),
     which closes its runners as a context manager."""
     path = Path(path)
@@ -150,18 +177,19 @@ def open_export(path: str | Path, *, task: str | None = None, verify: bool = Tru
     if task not in manifest.tasks:
         raise ExportedModelError(f"{path} cannot run {task!r}; it supports: {', '.join(manifest.tasks)}")
     cls = family.pipeline_class(task)
-    index = read_json(path / "model_index.json")
-    configs = _module_configs(path, manifest, family.modules, index)
-    specs = {s.name: s for s in family.specs(configs) if s.name in manifest.components}
     parts: dict[str, dict[str, tuple[ComponentSpec, Runner]]] = {}
     opened: list[Runner] = []
     try:
-        for name, spec in specs.items():
-            runner = open_runner(manifest.backend, path / name, manifest.components[name], **runtime_options)
-            opened.append(runner)
-            runner.shape_note = runner.shape_note or _static_note(manifest)
-            parts.setdefault(spec.source, {})[name] = (spec, runner)
-        pipe = _build(family, cls, path, manifest, index, configs, parts, check_finite)
+        with _pipeline_files(path, manifest, source) as files:
+            index = read_json(files / "model_index.json")
+            configs = _module_configs(files, manifest, family.modules, index)
+            specs = {s.name: s for s in family.specs(configs) if s.name in manifest.components}
+            for name, spec in specs.items():
+                runner = open_runner(manifest.backend, path / name, manifest.components[name], **runtime_options)
+                opened.append(runner)
+                runner.shape_note = runner.shape_note or _static_note(manifest)
+                parts.setdefault(spec.source, {})[name] = (spec, runner)
+            pipe = _build(family, cls, files, manifest, index, configs, parts, check_finite)
     except BaseException:
         _close_all(opened)
         raise

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from diffship import backends
-from diffship._files import atomic_folder, atomic_write, check_destination, write_json
+from diffship._files import atomic_folder, check_destination
 from diffship.backends import Backend
 from diffship.backends.manifest import ComponentEntry, Manifest, Shapes, library_versions
 from diffship.errors import DiffshipError, ShapeError
@@ -26,10 +26,9 @@ from diffship.exporters.base import ExportOptions
 from diffship.progress import Progress, silent
 from diffship.reference import ShapeProfile, family_of, load_with_info
 from diffship.reference.memory import available_memory_bytes, largest_tensor
-from diffship.reference.pipelines import pipeline_configs
+from diffship.reference.pipelines import pipeline_configs, save_module_config, write_pipeline_files
 from diffship.reference.shapes import PRECISIONS
 from diffship.reference.specs import ComponentSpec, size_multiple, vae_scale_factor
-from diffship.reference.vocabulary import bpe_files
 
 log = logging.getLogger("diffship")
 
@@ -44,14 +43,6 @@ def default_profile(pipe: Any, batch_size: int = 1, size: tuple[int, int] | None
                            sequence_length=(pipe.tokenizer or pipe.tokenizer_2).model_max_length, guidance=guidance)
     profile.validate(f)
     return profile
-
-
-def save_module_config(module: Any, folder: Path) -> None:
-    """Write a torch module's ``config.json`` the way its library does (diffusers or transformers)."""
-    if hasattr(module, "save_config"):
-        module.save_config(folder)
-    else:
-        module.config.save_pretrained(folder)
 
 
 def converted_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -203,7 +194,7 @@ def export_pipeline(
                                                    replace(options, calibration=calibration.get(spec.name)))
             save_module_config(eager, tmp / spec.name)
         say("writing tokenizer, scheduler and manifest")
-        _write_pipeline_files(pipe, tmp, backend, entries)
+        write_pipeline_files(pipe, tmp, backend, {name: e.source for name, e in entries.items()})
         manifest = Manifest(
             backend=backend, precision=precision, family=family.name, pipeline_class=type(pipe).__name__,
             tasks=family.tasks_for(entries, configs), source=info,
@@ -233,26 +224,3 @@ def is_export(folder: Path) -> bool:
     except DiffshipError:
         return False
     return True
-
-
-def _write_pipeline_files(pipe: Any, folder: Path, backend: str, entries: dict[str, ComponentEntry]) -> None:
-    """``model_index.json``, ``scheduler/``, ``tokenizer/``: the diffusers layout around the exported parts."""
-    import diffusers
-
-    exported_sources = {e.source for e in entries.values()}
-    index = {"_class_name": type(pipe).__name__, "_diffusers_version": diffusers.__version__}
-    index.update((k, v) for k, v in dict(pipe.config).items() if k not in exported_sources and not k.startswith("_"))
-    for name in entries:
-        index[name] = ["diffship", backend]
-    for name, value in list(index.items()):
-        if name.startswith("_") or name in entries or not isinstance(value, (list, tuple)) or value[0] is None:
-            continue
-        component = getattr(pipe, name, None)
-        if component is not None and hasattr(component, "save_pretrained"):
-            component.save_pretrained(folder / name)
-            if name.startswith("tokenizer") and (folder / name / "tokenizer.json").is_file():
-                # transformers 4 consumers (optimum) read the slow tokenizer's files; 5 writes only tokenizer.json.
-                for file, text in bpe_files(folder / name).items():
-                    if not (folder / name / file).is_file():
-                        atomic_write(folder / name / file, text)
-    write_json(folder / "model_index.json", index)

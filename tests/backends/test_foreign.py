@@ -11,29 +11,14 @@ import shutil
 
 import pytest
 
-from diffship._files import read_json, write_json
 from diffship.backends.manifest import MANIFEST, read_manifest
 from diffship.errors import ExportedModelError
 
 ORIGINS = {"onnx": "optimum-onnx", "openvino": "optimum-intel"}
-INDEX = {"scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-         "vae": ["diffusers", "AutoencoderKL"]}
-
-
-def optimum_layout(export, folder):
-    """``export`` as optimum lays it out: no manifest, the source pipeline's model_index.json."""
-    shutil.copytree(export, folder)
-    (folder / MANIFEST).unlink()
-    index = read_json(folder / "model_index.json")
-    write_json(folder / "model_index.json", {**{k: v for k, v in index.items() if k.startswith("_")
-                                                or not isinstance(v, list)}, **INDEX,
-                                             "_name_or_path": "tiny", "safety_checker": [None, None]})
-    return folder
 
 
 @pytest.fixture(scope="module", params=["onnx", "openvino"])
-def foreign(request, export_dir, tmp_path_factory):
+def foreign(request, export_dir, tmp_path_factory, optimum_layout):
     backend = request.param
     pytest.importorskip({"onnx": "onnxruntime", "openvino": "openvino"}[backend])
     return backend, optimum_layout(export_dir(backend), tmp_path_factory.mktemp(backend) / "optimum")
@@ -61,14 +46,14 @@ def test_parity_checks_an_optimum_folder_and_says_it_is_unverified(foreign):
     assert f"{ORIGINS[backend]} export, no diffship manifest: files and source not verified" in report.evaluator
 
 
-def test_weight_compressed_openvino_folders_read_as_int8(export_dir, tmp_path):
+def test_weight_compressed_openvino_folders_read_as_int8(export_dir, tmp_path, optimum_layout):
     pytest.importorskip("openvino")
     m = read_manifest(optimum_layout(export_dir("openvino", "int8"), tmp_path / "int8"))
     assert m.origin == "optimum-intel" and m.precision == "int8"
     assert m.components["unet"].details.weights == "int8"
 
 
-def test_folders_diffship_cannot_map_are_refused_by_name(export_dir, tmp_path):
+def test_folders_diffship_cannot_map_are_refused_by_name(export_dir, tmp_path, optimum_layout):
     pytest.importorskip("onnxruntime")
     folder = optimum_layout(export_dir("onnx"), tmp_path / "mixed")
     (folder / "unet" / "openvino_model.xml").write_text("<net/>")
@@ -85,7 +70,7 @@ def test_folders_diffship_cannot_map_are_refused_by_name(export_dir, tmp_path):
         read_manifest(folder)
 
 
-def test_adopt_writes_a_manifest_that_later_loads_verify(export_dir, tmp_path, capsys):
+def test_adopt_writes_a_manifest_that_later_loads_verify(export_dir, tmp_path, capsys, optimum_layout):
     """``diffship adopt``: hashes for every file, the source's fingerprint, and only where none was."""
     pytest.importorskip("onnxruntime")
     from diffship.cli import main

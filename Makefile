@@ -7,6 +7,8 @@ TORCH ?= torch==2.13.0
 EXTRAS ?= test,onnx,openvino,coreml,tensorrt,bench
 DEMO_OUT ?= diffship-demo
 PYTEST_ARGS ?=
+# Two test workers (pytest-xdist), each module on one worker so its module fixtures are built once.
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test test-gpu clean
 
@@ -23,7 +25,7 @@ demo: venv
 	$(BIN)/diffship demo --out $(DEMO_OUT)
 
 test: venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Where an NVIDIA GPU is: the GPU tests (engines run, parity, profiles, CUDA graphs, runtime caches) in their own
 # venv with a CUDA build of torch and standard TensorRT beside TensorRT-RTX (the CPU venv would skip them).

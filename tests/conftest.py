@@ -9,6 +9,11 @@ import pytest
 
 
 def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # `make test` runs two workers on this 2-core machine: one compute thread each (torch reads these at
+        # import), or their OpenMP pools spin against each other and both run slower than one alone.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ.setdefault("MKL_NUM_THREADS", "1")
     # Tests never touch the user's cache: the tiny pipeline is built afresh (seconds) for each session.
     if "DIFFSHIP_CACHE" not in os.environ:
         root = Path(config.rootpath) / ".pytest_cache" / "diffship-cache"

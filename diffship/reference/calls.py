@@ -60,6 +60,22 @@ def unet_inputs(a: dict[str, Any], extra: tuple[str, ...] = ()) -> dict[str, tor
     return out
 
 
+def sd3_transformer_inputs(a: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The MMDiT's four tensors; what its exported graph cannot take is refused by name (ControlNet
+    residuals, skip-layer guidance, attention kwargs such as a LoRA scale)."""
+    unsupported = [k for k in ("block_controlnet_hidden_states", "skip_layers", "joint_attention_kwargs")
+                   if a.get(k) is not None and not (k == "joint_attention_kwargs" and not a[k])]
+    if unsupported:
+        hint = " (skip-layer guidance: call without skip_guidance_layers)" if "skip_layers" in unsupported else ""
+        raise ShapeError(f"transformer: this export does not take {', '.join(unsupported)}{hint}; call without them")
+    hidden = a["hidden_states"]
+    t = torch.as_tensor(a["timestep"], dtype=torch.float32)
+    if t.ndim == 0 or t.numel() == 1:
+        t = t.reshape(1).expand(hidden.shape[0])
+    return {"hidden_states": hidden, "encoder_hidden_states": a["encoder_hidden_states"],
+            "pooled_projections": a["pooled_projections"], "timestep": t.contiguous()}
+
+
 def vae_encoder_inputs(a: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {"sample": a["x"]}
 

@@ -11,11 +11,12 @@ from functools import partial
 from typing import Any, Callable
 
 from diffship.errors import UnsupportedPipelineError
-from diffship.reference.calls import text_encoder_inputs, unet_inputs, vae_decoder_inputs, vae_encoder_inputs
+from diffship.reference.calls import (sd3_transformer_inputs, text_encoder_inputs, unet_inputs, vae_decoder_inputs,
+                                     vae_encoder_inputs)
 from diffship.reference.shapes import FLOAT
 from diffship.reference.specs import ComponentSpec, TensorSpec, vae_scale_factor
-from diffship.reference.wrappers import (PENULTIMATE, SDXLUNetWrapper, TextEncoderWrapper, UNetWrapper,
-                                         VaeDecoderWrapper, VaeEncoderWrapper)
+from diffship.reference.wrappers import (PENULTIMATE, SD3TransformerWrapper, SDXLUNetWrapper, TextEncoderWrapper,
+                                         UNetWrapper, VaeDecoderWrapper, VaeEncoderWrapper)
 
 # --- component specs per family -------------------------------------------------------------------------
 
@@ -109,6 +110,52 @@ def stable_diffusion_xl_specs(configs: dict[str, dict[str, Any]]) -> list[Compon
     specs.append(_text_encoder_spec("text_encoder_2", te2, ("text_embeds", "last_hidden_state", PENULTIMATE), f))
     added = (TensorSpec("text_embeds", FLOAT, ("batch", pooled)), TensorSpec("time_ids", FLOAT, ("batch", time_ids), scale=512.0))
     return [*specs, _unet_spec(unet, f, added), *_vae_specs(configs["vae"])]
+
+
+#: SD3's default T5 sequence (``max_sequence_length``), part of the transformer's joint text sequence.
+SD3_T5_SEQUENCE = 256
+
+
+def stable_diffusion_3_specs(configs: dict[str, dict[str, Any]]) -> list[ComponentSpec]:
+    """Specs of the Stable Diffusion 3 / 3.5 family: two CLIP text encoders with projection (L and G:
+    ``text_embeds``, SD3's pooled conditioning, and the penultimate hidden state), the MMDiT transformer
+    (SD3.5's qk-norm and dual-attention layers are in its graph), the 16-channel VAE (its shift and
+    scaling factors stay in the pipeline).
+
+    The transformer's text sequence (``joint_sequence``) is CLIP's tokens followed by the T5 positions
+    (zeros where the pipeline has no T5); static exports fix it at the defaults (77 + 256). Its image
+    size is fixed at the export's (``fixed_size``): export with ``--static HxW`` for another.
+
+    Raises:
+        UnsupportedPipelineError: a pipeline with its T5 encoder (``text_encoder_3``), not exported yet.
+    """
+    if configs.get("text_encoder_3"):
+        raise UnsupportedPipelineError("Stable Diffusion 3 with its T5 text encoder (text_encoder_3) is not exported "
+                                       "yet; load the pipeline with text_encoder_3=None and tokenizer_3=None (diffusers "
+                                       "then conditions on CLIP alone)")
+    tr = configs["transformer"]
+    f = vae_scale_factor(configs["vae"])
+    clip = ("text_embeds", "last_hidden_state", PENULTIMATE)
+    patch = tr.get("patch_size", 2)
+    sequence = configs["text_encoder"].get("max_position_embeddings", 77) + SD3_T5_SEQUENCE
+    transformer = ComponentSpec(
+        name="transformer", source="transformer",
+        inputs=(TensorSpec("hidden_states", FLOAT, ("batch", tr["in_channels"], "latent_height", "latent_width")),
+                TensorSpec("encoder_hidden_states", FLOAT, ("batch", "joint_sequence", tr["joint_attention_dim"])),
+                TensorSpec("pooled_projections", FLOAT, ("batch", tr["pooled_projection_dim"])),
+                TensorSpec("timestep", "float32", ("batch",))),
+        outputs=(TensorSpec("out_hidden_states", FLOAT,
+                            ("batch", tr.get("out_channels") or tr["in_channels"], "latent_height", "latent_width")),),
+        wrapper=SD3TransformerWrapper, method="forward", to_inputs=sd3_transformer_inputs,
+        scale_factor=f, batch_multiplier=2, denoiser=True, config=tr,
+        multiples=dict.fromkeys(("latent_height", "latent_width"), patch), default_dims={"joint_sequence": sequence},
+        # torch.onnx's trace computes the positional-embedding crop from the traced size (another size then
+        # fails inside the graph): the transformer takes its export's image size only.
+        fixed_size=True,
+    )
+    return [_text_encoder_spec("text_encoder", configs["text_encoder"], clip, f),
+            _text_encoder_spec("text_encoder_2", configs["text_encoder_2"], clip, f),
+            transformer, *_vae_specs(configs["vae"])]
 
 
 # --- families -------------------------------------------------------------------------------------------
@@ -209,6 +256,7 @@ _LIBRARY = {"tokenizer": _TOKENIZER, "scheduler": ("diffusers", "SchedulerMixin"
             "feature_extractor": ("transformers", "ImageProcessingMixin")}
 _CLIP = ("transformers", "CLIPTextModel")
 _UNET_VAE = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL")}
+_CLIP_PROJECTION = ("transformers", "CLIPTextModelWithProjection")
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -232,11 +280,26 @@ FAMILIES: tuple[Family, ...] = (
             "img2img": "StableDiffusionXLImg2ImgPipeline",
             "inpaint": "StableDiffusionXLInpaintPipeline",
         },
-        modules={"text_encoder": _CLIP, "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
-                 **_UNET_VAE},
+        modules={"text_encoder": _CLIP, "text_encoder_2": _CLIP_PROJECTION, **_UNET_VAE},
         specs=stable_diffusion_xl_specs,
         library={**_LIBRARY, "tokenizer_2": _TOKENIZER},
         task_needs={"text2img": ("text_encoder",), "img2img": ("vae_encoder",), "inpaint": ("vae_encoder",)},
+        extra_channel_tasks=("inpaint",),
+    ),
+    # Stable Diffusion 3 / 3.5 (MMDiT), flow matching.
+    Family(
+        name="stable-diffusion-3",
+        pipelines={
+            "text2img": "StableDiffusion3Pipeline",
+            "img2img": "StableDiffusion3Img2ImgPipeline",
+            "inpaint": "StableDiffusion3InpaintPipeline",
+        },
+        modules={"text_encoder": _CLIP_PROJECTION, "text_encoder_2": _CLIP_PROJECTION,
+                 "text_encoder_3": ("transformers", "T5EncoderModel"),
+                 "transformer": ("diffusers", "SD3Transformer2DModel"), "vae": ("diffusers", "AutoencoderKL")},
+        specs=stable_diffusion_3_specs,
+        library={**_LIBRARY, "tokenizer_2": _TOKENIZER, "tokenizer_3": _TOKENIZER},
+        task_needs={"img2img": ("vae_encoder",), "inpaint": ("vae_encoder",)},
         extra_channel_tasks=("inpaint",),
     ),
 )

@@ -91,10 +91,13 @@ def _load_folder(folder: Path, allow_pickle: bool):
             f"--allow-pickle to load them with torch.load(weights_only=True)"
         )
     try:
+        # Modules the pipeline was saved without ([null, null]: SD3 without its T5) are passed as None,
+        # which diffusers requires of SD3's optional encoders.
+        absent = {k: None for k, v in index.items() if isinstance(v, list) and v[:1] == [None]}
         pipe = cls.from_pretrained(
             # With --allow-pickle, each component takes safetensors where it has them, pickle elsewhere.
-            folder, local_files_only=True, use_safetensors=None if allow_pickle else True, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
+            folder, local_files_only=True, use_safetensors=None if allow_pickle else True,
+            **{"safety_checker": None, "feature_extractor": None, **absent}, requires_safety_checker=False,
         )
     except Exception as exc:  # diffusers/transformers raise many types for a broken folder
         raise SourceError(f"loading the diffusers folder {folder} failed ({type(exc).__name__}: {first_line(exc)}); "

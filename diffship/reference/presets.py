@@ -78,24 +78,28 @@ class Recipe:
         name: preset name (``diffship export NAME ...``).
         version: bump when the architecture or seeding changes, so stale caches are not reused.
         text_encoder: ``CLIPTextConfig`` arguments (vocabulary and special tokens come from the tokenizer).
-        unet: ``UNet2DConditionModel`` arguments.
+        unet: ``UNet2DConditionModel`` arguments (None where ``transformer`` is the denoiser).
         vae: ``AutoencoderKL`` arguments.
         scheduler: arguments of ``scheduler_class``.
         pipeline: the diffusers pipeline class.
         text_encoder_2: SDXL's second text encoder (``CLIPTextModelWithProjection``), with its own
             tokenizer (padding with ``!``, as SDXL's does); None for SD.
         scheduler_class: the diffusers scheduler class.
+        text_encoder_class: ``CLIPTextModel``, or ``CLIPTextModelWithProjection`` (SD3's CLIP-L).
+        transformer: ``SD3Transformer2DModel`` arguments (SD3's MMDiT; the pipeline gets no T5).
     """
 
     name: str
     version: int
     text_encoder: dict[str, Any]
-    unet: dict[str, Any]
+    unet: dict[str, Any] | None
     vae: dict[str, Any]
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(_SD_SCHEDULER))
     pipeline: str = "StableDiffusionPipeline"
     text_encoder_2: dict[str, Any] | None = None
     scheduler_class: str = "PNDMScheduler"
+    text_encoder_class: str = "CLIPTextModel"
+    transformer: dict[str, Any] | None = None
 
 
 #: SD 1.5's scheduler (PNDM, scaled-linear betas).
@@ -113,6 +117,9 @@ _SDXL_UNET_BLOCKS = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"
 _SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=1024,
                  block_out_channels=(128, 256, 512, 512), norm_num_groups=32, scaling_factor=0.13025,
                  force_upcast=True, **_SD_VAE_BLOCKS)
+#: SD3's VAE: 16 latent channels, no quant convolutions, a shift as well as a scale.
+_SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
+                use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305, **_SD_VAE_BLOCKS)
 _VIT_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
@@ -155,6 +162,22 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                   attention_head_dim=(2, 4), norm_num_groups=32),
         vae=dict(_SDXL_VAE, layers_per_block=1, sample_size=64, block_out_channels=(32, 32, 64, 64)),
     ),
+    # SD3.5 at toy width: CLIP-L and CLIP-G with projection (no T5), an MMDiT with qk RMS-norm and a
+    # dual-attention layer (SD3.5-medium's features), the 16-channel VAE, flow matching with shift 3.
+    Recipe(
+        name="tiny-sd3", version=1, pipeline="StableDiffusion3Pipeline",
+        scheduler_class="FlowMatchEulerDiscreteScheduler", scheduler=dict(num_train_timesteps=1000, shift=3.0),
+        text_encoder_class="CLIPTextModelWithProjection",
+        text_encoder=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                          projection_dim=32, hidden_act="gelu"),
+        text_encoder_2=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                            projection_dim=32, hidden_act="gelu"),
+        unet=None,
+        transformer=dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                         attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
+                         pooled_projection_dim=64, pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,)),
+        vae=dict(_SD3_VAE, layers_per_block=1, sample_size=64, block_out_channels=(32, 32, 64, 64)),
+    ),
     # stabilityai/stable-diffusion-xl-base-1.0's configs: CLIP ViT-L and OpenCLIP bigG text towers, the
     # 2.6B-parameter UNet, the SDXL VAE.
     Recipe(
@@ -176,7 +199,7 @@ def build_preset(recipe: Recipe, out: Path) -> Path:
     """Build ``recipe`` into ``out`` (diffusers layout). Same files, bit for bit, on every build."""
     import diffusers
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 
     from diffship.reference.pipelines import build_pipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -186,7 +209,8 @@ def build_preset(recipe: Recipe, out: Path) -> Path:
     with atomic_folder(out, wait=True) as tmp:
         modules: dict[str, Any] = {}
         # One seed per module, so changing one module's config leaves the others' weights alone.
-        encoders = [("text_encoder", "tokenizer", CLIPTextModel, recipe.text_encoder, "<|endoftext|>", SEED)]
+        first = CLIPTextModelWithProjection if recipe.text_encoder_class == "CLIPTextModelWithProjection" else CLIPTextModel
+        encoders = [("text_encoder", "tokenizer", first, recipe.text_encoder, "<|endoftext|>", SEED)]
         if recipe.text_encoder_2 is not None:
             encoders.append(("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection, recipe.text_encoder_2, "!", SEED + 3))
         for name, tok_name, cls, config, pad, seed in encoders:
@@ -198,7 +222,11 @@ def build_preset(recipe: Recipe, out: Path) -> Path:
                 "hidden_act": "quick_gelu", "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                 "pad_token_id": tokenizer.pad_token_id, **config})).eval()
         torch.manual_seed(SEED + 1)
-        modules["unet"] = UNet2DConditionModel(**recipe.unet).eval()
+        if recipe.transformer is not None:
+            modules["transformer"] = SD3Transformer2DModel(**recipe.transformer).eval()
+            modules.update(text_encoder_3=None, tokenizer_3=None)  # diffusers conditions on CLIP alone
+        else:
+            modules["unet"] = UNet2DConditionModel(**recipe.unet).eval()
         torch.manual_seed(SEED + 2)
         modules["vae"] = AutoencoderKL(**recipe.vae).eval()
         modules["scheduler"] = getattr(diffusers, recipe.scheduler_class)(**recipe.scheduler)

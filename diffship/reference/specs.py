@@ -93,6 +93,11 @@ class ComponentSpec(IONames):
         static_batch: whether a static export fixes the batch too. diffusers calls the text encoder
             once per prompt list and the VAE encoder once per init image, whatever the number of
             images, so their batch stays dynamic; the UNet and decoder batches are fixed.
+        fixed_size: the traced graph takes only the image size it was traced at, even in a dynamic
+            export (SD3's transformer crops its positional embedding by the traced size); its spatial
+            dims are then fixed, and other sizes are refused with the size it takes.
+        default_dims: sizes of symbolic dims a request shape does not give, at the pipeline's defaults
+            (SD3's joint text sequence: CLIP's 77 tokens + ``max_sequence_length`` T5 positions).
     """
 
     name: str
@@ -108,6 +113,8 @@ class ComponentSpec(IONames):
     denoiser: bool = False
     multiples: dict[str, int] = field(default_factory=dict)
     static_batch: bool = True
+    fixed_size: bool = False
+    default_dims: dict[str, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def check_multiples(self, inputs: dict[str, torch.Tensor]) -> None:
@@ -125,13 +132,15 @@ class ComponentSpec(IONames):
     def symbolic_dims(self, static: bool) -> set[str]:
         """The dims left symbolic in an export: all of them, or when ``static`` only an unfixed batch."""
         names = {d for t in (*self.inputs, *self.outputs) for d in t.dims if isinstance(d, str)}
+        if self.fixed_size:
+            names -= {"height", "width", "latent_height", "latent_width"}
         if static:
             return names & ({"batch"} if not self.static_batch else set())
         return names
 
     def dims(self, profile: ShapeProfile) -> dict[str, int]:
         """Symbolic dim values of this component for ``profile``."""
-        return profile.dims(self.scale_factor, self.batch_multiplier if profile.guidance else 1)
+        return {**self.default_dims, **profile.dims(self.scale_factor, self.batch_multiplier if profile.guidance else 1)}
 
     def input_ranges(self, shapes: ShapeRange) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         """(min, opt, max) shape of each input over the requests ``shapes`` describes.

@@ -75,6 +75,20 @@ class SDXLUNetWrapper(nn.Module):
                          return_dict=False)[0]
 
 
+class SD3TransformerWrapper(nn.Module):
+    """``(hidden_states, encoder_hidden_states, pooled_projections, timestep) -> out_hidden_states``: the
+    MMDiT of Stable Diffusion 3 / 3.5 (joint attention over image patches and text tokens)."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                pooled_projections: torch.Tensor, timestep: torch.Tensor):
+        return self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+
+
 class VaeEncoderWrapper(nn.Module):
     """``sample -> latent_parameters`` (mean and log-variance); sampling stays on the host."""
 

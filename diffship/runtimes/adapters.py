@@ -129,7 +129,28 @@ class TextEncoderAdapter(_Adapter):
     forward = __call__
 
 
-class UNetAdapter(_Adapter):
+class _Denoiser(_Adapter):
+    """A denoiser's adapter: names the timestep and denoising step of a call in messages."""
+
+    def __init__(self, config: dict[str, Any], parts: dict[str, tuple[ComponentSpec, Runner]],
+                 check_finite: bool = True):
+        super().__init__(config, parts, check_finite)
+        #: the last timestep seen and the denoising step it was (timesteps fall during a pipeline call; a
+        #: rise starts a new call; a repeat is a second-order scheduler's second evaluation of one step).
+        self._last_t: float | None = None
+        self._step = 0
+
+    def _where(self, inputs: dict[str, torch.Tensor]) -> str:
+        t = float(inputs["timestep"].reshape(-1)[0])
+        if self._last_t is None or t > self._last_t:
+            self._step = 1
+        elif t < self._last_t:
+            self._step += 1
+        self._last_t = t
+        return f" at timestep {t:g} (denoising step {self._step})"
+
+
+class UNetAdapter(_Denoiser):
     """Stands in for ``UNet2DConditionModel``: ``unet(latents, t, encoder_hidden_states=emb).sample``, with
     SDXL's ``added_cond_kwargs`` (``text_embeds``, ``time_ids``) and LCM's ``timestep_cond`` where the
     export takes them."""
@@ -140,10 +161,6 @@ class UNetAdapter(_Adapter):
 
         super().__init__(config, parts, check_finite)
         self.spec, self.runner = parts["unet"]
-        #: the last timestep seen and the denoising step it was (timesteps fall during a pipeline call; a
-        #: rise starts a new call; a repeat is a second-order scheduler's second evaluation of one step).
-        self._last_t: float | None = None
-        self._step = 0
         if config.get("addition_embed_type") == "text_time":
             # SDXL pipelines check their time ids against the width of the UNet's added-condition layer.
             self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(
@@ -165,14 +182,29 @@ class UNetAdapter(_Adapter):
                         extra)["out_sample"]
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
-    def _where(self, inputs: dict[str, torch.Tensor]) -> str:
-        t = float(inputs["timestep"].reshape(-1)[0])
-        if self._last_t is None or t > self._last_t:
-            self._step = 1
-        elif t < self._last_t:
-            self._step += 1
-        self._last_t = t
-        return f" at timestep {t:g} (denoising step {self._step})"
+    forward = __call__
+
+
+class SD3TransformerAdapter(_Denoiser):
+    """Stands in for ``SD3Transformer2DModel``: ``transformer(hidden_states=..., timestep=...,
+    encoder_hidden_states=..., pooled_projections=...)``; what the export cannot take (ControlNet
+    residuals, skip-layer guidance's ``skip_layers``, attention kwargs) is refused by name."""
+
+    def __init__(self, config: dict[str, Any], parts: dict[str, tuple[ComponentSpec, Runner]],
+                 check_finite: bool = True):
+        super().__init__(config, parts, check_finite)
+        self.spec, self.runner = parts["transformer"]
+
+    def __call__(self, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
+                 block_controlnet_hidden_states=None, joint_attention_kwargs=None, return_dict=True, skip_layers=None):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        out = self._run(self.spec, self.runner, self.__call__, (hidden_states,),
+                        dict(encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
+                             timestep=timestep, block_controlnet_hidden_states=block_controlnet_hidden_states,
+                             joint_attention_kwargs=joint_attention_kwargs, skip_layers=skip_layers))
+        sample = out["out_hidden_states"]
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
 
     forward = __call__
 
@@ -213,4 +245,4 @@ class VaeAdapter(_Adapter):
 
 #: adapter class per pipeline attribute (the ``source`` of the specs it serves).
 ADAPTERS: dict[str, type[_Adapter]] = {"text_encoder": TextEncoderAdapter, "text_encoder_2": TextEncoderAdapter,
-                                        "unet": UNetAdapter, "vae": VaeAdapter}
+                                        "unet": UNetAdapter, "transformer": SD3TransformerAdapter, "vae": VaeAdapter}

@@ -37,7 +37,8 @@ def default_profile(pipe: Any, batch_size: int = 1, size: tuple[int, int] | None
                     guidance: bool = True) -> ShapeProfile:
     """The pipeline's default request shape (diffusers' default height/width), or ``size``."""
     f = vae_scale_factor(dict(pipe.vae.config))
-    default = pipe.unet.config.sample_size * f
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    default = denoiser.config.sample_size * f
     height, width = size or (default, default)
     profile = ShapeProfile(batch_size=batch_size, height=height, width=width,
                            sequence_length=(pipe.tokenizer or pipe.tokenizer_2).model_max_length, guidance=guidance)

@@ -65,27 +65,27 @@ def export_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def sdxl_export(tmp_path_factory):
-    """``sdxl_export(backend)``: ``diffship export tiny-sdxl OUT --backend B`` through the CLI, once per
-    session (the SDXL CLI, runtime and Swift packaging tests share it)."""
+def cli_export(tmp_path_factory):
+    """``cli_export(preset, backend)``: ``diffship export PRESET OUT --backend B`` through the CLI, once per
+    session (each family's CLI, runtime and packaging tests share it)."""
     from diffship.cli import main
 
-    made: dict[str, Path] = {}
+    made: dict[tuple[str, str], Path] = {}
 
-    def make(backend: str) -> Path:
-        if backend not in made:
-            out = tmp_path_factory.mktemp(f"sdxl-{backend}") / "export"
-            assert main(["export", "tiny-sdxl", str(out), "--backend", backend]) == 0
-            made[backend] = out
-        return made[backend]
+    def make(preset: str, backend: str) -> Path:
+        if (preset, backend) not in made:
+            out = tmp_path_factory.mktemp(f"{preset}-{backend}") / "export"
+            assert main(["export", preset, str(out), "--backend", backend]) == 0
+            made[preset, backend] = out
+        return made[preset, backend]
 
     return make
 
 
-@pytest.fixture(params=runnable_backends())
-def backend(request) -> str:
-    """Every backend that exports and runs on this machine (interface tests run once per backend)."""
-    return request.param
+@pytest.fixture(scope="session")
+def sdxl_export(cli_export):
+    """``sdxl_export(backend)``: the CLI export of ``tiny-sdxl`` (see ``cli_export``)."""
+    return lambda backend: cli_export("tiny-sdxl", backend)
 
 
 #: the source pipeline's model_index.json entries as optimum-cli keeps them.

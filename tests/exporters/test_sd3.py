@@ -20,19 +20,10 @@ def sd3_pipe():
     return load("tiny-sd3")
 
 
-@pytest.fixture(scope="session")
-def sd3_export(tmp_path_factory):
-    """``sd3_export(backend)``: ``diffship export tiny-sd3 OUT --backend B`` through the CLI, once per session."""
-    made = {}
-
-    def make(backend: str):
-        if backend not in made:
-            out = tmp_path_factory.mktemp(f"sd3-{backend}") / "export"
-            assert main(["export", "tiny-sd3", str(out), "--backend", backend]) == 0
-            made[backend] = out
-        return made[backend]
-
-    return make
+@pytest.fixture(scope="module")
+def sd3_export(cli_export):
+    """``sd3_export(backend)``: ``diffship export tiny-sd3 OUT --backend B``, once per session."""
+    return lambda backend: cli_export("tiny-sd3", backend)
 
 
 def test_tiny_sd3_specs(sd3_pipe):

@@ -88,6 +88,12 @@ def sdxl_export(cli_export):
     return lambda backend: cli_export("tiny-sdxl", backend)
 
 
+@pytest.fixture(params=runnable_backends())
+def backend(request) -> str:
+    """Every backend that exports and runs on this machine (interface tests run once per backend)."""
+    return request.param
+
+
 #: the source pipeline's model_index.json entries as optimum-cli keeps them.
 OPTIMUM_INDEX = {"scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
                  "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],

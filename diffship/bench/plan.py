@@ -66,10 +66,12 @@ def compared(settings: BenchSettings, taken: set[str]) -> list[Planned]:
     from diffship.backends.manifest import read_manifest
     from diffship.reference.loader import fingerprint, resolve_source
 
-    out = []
+    out, source = [], None
     for folder in settings.compare:
         manifest = read_manifest(folder)
-        if manifest.source.fingerprint and manifest.source.fingerprint != fingerprint(resolve_source(settings.source)[0]):
+        if manifest.source.fingerprint and source is None:  # hashes every source file: once per run
+            source = fingerprint(resolve_source(settings.source)[0])
+        if manifest.source.fingerprint and manifest.source.fingerprint != source:
             raise ConfigError(f"--compare {folder} was exported from {manifest.source.name!r}, not from "
                               f"{settings.source!r}; measure an export beside its own source")
         name = Path(folder).name

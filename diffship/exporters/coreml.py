@@ -231,14 +231,22 @@ def _dynamic_shapes(spec: ComponentSpec, variants: list[dict[str, tuple]], optio
     return (tuple(shapes[n] for n in spec.input_names),) if any(shapes.values()) else None
 
 
+def _where_scalar_other(condition: torch.Tensor, value: torch.Tensor, other: Any) -> torch.Tensor:
+    """``where(condition, value, scalar)`` with the scalar as a tensor: coremltools converts ``where.self``
+    but not ``where.ScalarOther`` (which T5's relative-position buckets use)."""
+    return torch.where(condition, value, torch.full_like(value, other))
+
+
 def _decompositions(dynamic: bool) -> dict:
-    """Core ATen as it is, but group norm decomposed where shapes vary (coremltools' own group-norm
-    conversion cannot take symbolic sizes)."""
+    """Core ATen as it is, with ``where.ScalarOther`` rewritten (see :func:`_where_scalar_other`), and
+    group norm decomposed where shapes vary (coremltools' own group-norm conversion cannot take symbolic
+    sizes)."""
+    table = {torch.ops.aten.where.ScalarOther: _where_scalar_other}
     if not dynamic:
-        return {}
+        return table
     from torch._decomp import get_decompositions
 
-    return get_decompositions([torch.ops.aten.group_norm, torch.ops.aten.native_group_norm])
+    return {**table, **get_decompositions([torch.ops.aten.group_norm, torch.ops.aten.native_group_norm])}
 
 
 def _ct_inputs(spec: ComponentSpec, variants: list[dict[str, tuple]]) -> list:

@@ -6,6 +6,7 @@ limit or when asked, the weights in ``<component>/model.onnx.data`` (see :mod:`d
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -52,7 +53,11 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     onnx_options: OnnxExportOptions = options.backend or OnnxExportOptions()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    example = spec.example_inputs(options.profile, options.precision)
+    profile = options.profile
+    if "batch" in spec.symbolic_dims(options.static) and spec.dims(profile)["batch"] == 1:
+        # A dim traced at size 1 may be specialised (Flux's transformer then reshapes every batch to 1 row).
+        profile = replace(profile, batch_size=2)
+    example = spec.example_inputs(profile, options.precision)
     inputs, outputs = io_description(spec, options)
     try:
         with quiet_export(), torch.no_grad():

@@ -11,12 +11,12 @@ from functools import partial
 from typing import Any, Callable
 
 from diffship.errors import UnsupportedPipelineError
-from diffship.reference.calls import (sd3_transformer_inputs, text_encoder_inputs, unet_inputs, vae_decoder_inputs,
-                                     vae_encoder_inputs)
+from diffship.reference.calls import (flux_transformer_inputs, sd3_transformer_inputs, text_encoder_inputs, unet_inputs,
+                                     vae_decoder_inputs, vae_encoder_inputs)
 from diffship.reference.shapes import FLOAT
 from diffship.reference.specs import ComponentSpec, TensorSpec, vae_scale_factor
-from diffship.reference.wrappers import (PENULTIMATE, SD3TransformerWrapper, SDXLUNetWrapper, TextEncoderWrapper,
-                                         UNetWrapper, VaeDecoderWrapper, VaeEncoderWrapper)
+from diffship.reference.wrappers import (PENULTIMATE, FluxTransformerWrapper, SD3TransformerWrapper, SDXLUNetWrapper,
+                                         TextEncoderWrapper, UNetWrapper, VaeDecoderWrapper, VaeEncoderWrapper)
 
 # --- component specs per family -------------------------------------------------------------------------
 
@@ -33,6 +33,19 @@ def _text_encoder_spec(name: str, config: dict[str, Any], outputs: tuple[str, ..
         wrapper=partial(TextEncoderWrapper, outputs=outputs), method="forward",
         to_inputs=partial(text_encoder_inputs, hidden=PENULTIMATE in outputs, vocab_size=config.get("vocab_size")),
         scale_factor=f, static_batch=False, config=config,
+    )
+
+
+def _t5_spec(name: str, config: dict[str, Any], f: int, sequence: int) -> ComponentSpec:
+    """A T5 encoder: ``input_ids`` -> ``last_hidden_state``, over its own token sequence (``t5_sequence``,
+    ``sequence`` tokens by default: the pipeline's ``max_sequence_length``)."""
+    return ComponentSpec(
+        name=name, source=name,
+        inputs=(TensorSpec("input_ids", "int64", ("batch", "t5_sequence")),),
+        outputs=(TensorSpec("last_hidden_state", FLOAT, ("batch", "t5_sequence", config["d_model"])),),
+        wrapper=partial(TextEncoderWrapper, outputs=("last_hidden_state",)), method="forward",
+        to_inputs=partial(text_encoder_inputs, vocab_size=config.get("vocab_size")),
+        scale_factor=f, static_batch=False, default_dims={"t5_sequence": sequence}, config=config,
     )
 
 
@@ -156,6 +169,42 @@ def stable_diffusion_3_specs(configs: dict[str, dict[str, Any]]) -> list[Compone
     return [_text_encoder_spec("text_encoder", configs["text_encoder"], clip, f),
             _text_encoder_spec("text_encoder_2", configs["text_encoder_2"], clip, f),
             transformer, *_vae_specs(configs["vae"])]
+
+
+#: FLUX.1-dev's default T5 sequence (``max_sequence_length``; schnell's is 256).
+FLUX_T5_SEQUENCE = 512
+
+
+def flux_specs(configs: dict[str, dict[str, Any]]) -> list[ComponentSpec]:
+    """Specs of the Flux family (FLUX.1-dev with its guidance embedding, schnell without): CLIP-L for the
+    pooled conditioning (``pooler_output``), the T5 encoder (``text_encoder_2``), the transformer over
+    packed latents, the 16-channel VAE (shift and scaling factors stay in the pipeline).
+
+    The transformer's image tokens (``image_sequence``: 2x2 latent pixels each) and text tokens
+    (``text_sequence``, the T5 sequence) are dynamic; its rotary embedding comes from the ``img_ids`` and
+    ``txt_ids`` inputs, so any size the pipeline packs (multiples of twice the VAE factor) runs.
+    """
+    tr, f = configs["transformer"], vae_scale_factor(configs["vae"])
+    tokens = ("image_sequence", "text_sequence")
+    inputs = [TensorSpec("hidden_states", FLOAT, ("batch", tokens[0], tr["in_channels"])),
+              TensorSpec("encoder_hidden_states", FLOAT, ("batch", tokens[1], tr["joint_attention_dim"])),
+              TensorSpec("pooled_projections", FLOAT, ("batch", tr["pooled_projection_dim"])),
+              # timesteps and guidance as the pipeline passes them (t / 1000; the model scales them back)
+              TensorSpec("timestep", "float32", ("batch",), scale=1e-3),
+              TensorSpec("img_ids", "float32", (tokens[0], 3)), TensorSpec("txt_ids", "float32", (tokens[1], 3))]
+    if tr.get("guidance_embeds"):
+        inputs.append(TensorSpec("guidance", "float32", ("batch",), scale=3.5))
+    transformer = ComponentSpec(
+        name="transformer", source="transformer", inputs=tuple(inputs),
+        outputs=(TensorSpec("out_hidden_states", FLOAT, ("batch", tokens[0], tr.get("out_channels") or tr["in_channels"])),),
+        wrapper=FluxTransformerWrapper, method="forward",
+        to_inputs=partial(flux_transformer_inputs, guidance=bool(tr.get("guidance_embeds"))),
+        scale_factor=f, denoiser=True, config=tr, packed={tokens[0]: 2},
+        multiples=dict.fromkeys(("latent_height", "latent_width"), 2), default_dims={tokens[1]: FLUX_T5_SEQUENCE},
+    )
+    return [_text_encoder_spec("text_encoder", configs["text_encoder"], ("last_hidden_state", "pooler_output"), f),
+            _t5_spec("text_encoder_2", configs["text_encoder_2"], f, FLUX_T5_SEQUENCE), transformer,
+            *_vae_specs(configs["vae"])]
 
 
 # --- families -------------------------------------------------------------------------------------------
@@ -301,6 +350,18 @@ FAMILIES: tuple[Family, ...] = (
         library={**_LIBRARY, "tokenizer_2": _TOKENIZER, "tokenizer_3": _TOKENIZER},
         task_needs={"img2img": ("vae_encoder",), "inpaint": ("vae_encoder",)},
         extra_channel_tasks=("inpaint",),
+    ),
+    # FLUX.1 dev and schnell (guidance-distilled: no classifier-free guidance batch), flow matching with
+    # the resolution-dependent shift. Fill (extra mask channels) and Kontext (reference-image tokens) are
+    # other pipeline classes: refused by family_of until they are families of their own.
+    Family(
+        name="flux",
+        pipelines={"text2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"},
+        modules={"text_encoder": _CLIP, "text_encoder_2": ("transformers", "T5EncoderModel"),
+                 "transformer": ("diffusers", "FluxTransformer2DModel"), "vae": ("diffusers", "AutoencoderKL")},
+        specs=flux_specs,
+        library={**_LIBRARY, "tokenizer_2": _TOKENIZER},
+        task_needs={"img2img": ("vae_encoder",), "inpaint": ("vae_encoder",)},
     ),
 )
 

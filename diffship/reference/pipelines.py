@@ -91,8 +91,9 @@ def write_pipeline_files(pipe: Any, folder: Path, backend: str, sources: dict[st
         component = getattr(pipe, name, None)
         if component is not None and hasattr(component, "save_pretrained"):
             component.save_pretrained(folder / name)
-            if name.startswith("tokenizer") and (folder / name / "tokenizer.json").is_file():
-                # transformers 4 consumers (optimum) read the slow tokenizer's files; 5 writes only tokenizer.json.
+            if type(component).__name__.startswith("CLIPTokenizer") and (folder / name / "tokenizer.json").is_file():
+                # transformers 4 consumers (optimum) read the slow CLIP tokenizer's files; 5 writes only
+                # tokenizer.json. (T5's Unigram tokenizer.json is read by transformers 4's fast tokenizer.)
                 for file, text in bpe_files(folder / name).items():
                     if not (folder / name / file).is_file():
                         atomic_write(folder / name / file, text)

@@ -4,6 +4,8 @@
   BPE tokenizer (vocabulary bundled, see ``data/README.md``), a cross-attention
   ``UNet2DConditionModel``, an ``AutoencoderKL`` with the SD scale factor of 8 and SD 1.5's PNDM
   scheduler. Tests and the demo use it.
+* ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``: SDXL, SD3.5 and FLUX.1-dev at toy width (tiny-flux's T5
+  tokenizer is a Unigram model over single characters and CLIP's whole words, built offline).
 * ``sd15-arch``: the full Stable Diffusion 1.5 architecture (860M-parameter UNet, CLIP ViT-L/14 text
   encoder, SD VAE) with seeded random weights, so benchmarks measure real compute without downloads.
 
@@ -70,6 +72,44 @@ def _write_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
     CLIPTokenizer.from_pretrained(folder).save_pretrained(folder)
 
 
+#: pieces of the toy T5 vocabulary: T5's special tokens, then single characters, then whole CLIP words.
+T5_VOCAB_SIZE = 2000
+
+
+def t5_pieces() -> list[str]:
+    """A SentencePiece-style (``\u2581`` marks a word start) vocabulary for a toy T5: T5's ``<pad>``,
+    ``</s>``, ``<unk>`` (ids 0-2), printable ASCII alone and at a word start, then CLIP's whole words
+    in merge order (the most frequent first), so prompts tokenize into words as a real T5 does."""
+    chars = [chr(c) for c in range(33, 127)]
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581", *chars, *("\u2581" + c for c in chars)]
+    seen = set(pieces)
+    for token in clip_vocab()[0]:
+        word = token.removesuffix("</w>")
+        if token.endswith("</w>") and len(word) > 1 and word.isascii() and word.isalnum() and "\u2581" + word not in seen:
+            seen.add("\u2581" + word)
+            pieces.append("\u2581" + word)
+            if len(pieces) == T5_VOCAB_SIZE:
+                break
+    return pieces
+
+
+def _write_t5_tokenizer(folder: Path, max_length: int) -> None:
+    """A T5 tokenizer (Unigram over :func:`t5_pieces`, ``</s>`` appended, as T5's) built offline: the
+    ``tokenizer.json`` of a ``T5TokenizerFast``, which transformers 4 and 5 both read."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    # Equal scores: Viterbi then takes the fewest pieces (whole words where the vocabulary has them).
+    model = models.Unigram([(p, 0.0 if i < 3 else -1.0) for i, p in enumerate(t5_pieces())], unk_id=2)
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+                    model_max_length=max_length).save_pretrained(folder)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How to build one preset: configs of its modules, as data.
@@ -86,7 +126,11 @@ class Recipe:
             tokenizer (padding with ``!``, as SDXL's does); None for SD.
         scheduler_class: the diffusers scheduler class.
         text_encoder_class: ``CLIPTextModel``, or ``CLIPTextModelWithProjection`` (SD3's CLIP-L).
-        transformer: ``SD3Transformer2DModel`` arguments (SD3's MMDiT; the pipeline gets no T5).
+        transformer: arguments of ``transformer_class`` (SD3's MMDiT, Flux's transformer).
+        transformer_class: ``SD3Transformer2DModel`` or ``FluxTransformer2DModel``.
+        t5: ``T5Config`` arguments of the T5 encoder (Flux's ``text_encoder_2``); None: no T5 (an SD3
+            pipeline then conditions on CLIP alone).
+        t5_max_length: the T5 tokenizer's ``model_max_length`` (Flux dev: 512).
     """
 
     name: str
@@ -100,6 +144,9 @@ class Recipe:
     scheduler_class: str = "PNDMScheduler"
     text_encoder_class: str = "CLIPTextModel"
     transformer: dict[str, Any] | None = None
+    transformer_class: str = "SD3Transformer2DModel"
+    t5: dict[str, Any] | None = None
+    t5_max_length: int = 512
 
 
 #: SD 1.5's scheduler (PNDM, scaled-linear betas).
@@ -120,6 +167,11 @@ _SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_bl
 #: SD3's VAE: 16 latent channels, no quant convolutions, a shift as well as a scale.
 _SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
                 use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305, **_SD_VAE_BLOCKS)
+#: Flux's VAE: 16 latent channels, no quant convolutions, its own shift and scale.
+_FLUX_VAE = dict(_SD3_VAE, shift_factor=0.1159, scaling_factor=0.3611)
+#: Flux's scheduler: flow matching with the resolution-dependent shift (``mu`` from the image's token count).
+_FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                       base_image_seq_len=256, max_image_seq_len=4096)
 _VIT_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
@@ -178,6 +230,25 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                          pooled_projection_dim=64, pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,)),
         vae=dict(_SD3_VAE, layers_per_block=1, sample_size=64, block_out_channels=(32, 32, 64, 64)),
     ),
+    # FLUX.1-dev at toy width: CLIP-L (pooled output), a T5 encoder, the Flux transformer (double- and
+    # single-stream blocks, 3-axis RoPE, guidance embedding), the 16-channel VAE. Its VAE has two levels
+    # (scale 2) and no mid-block attention: diffusers' Flux pipelines default to 128 latent pixels a side,
+    # which this keeps at 256 px without a 16384-token attention.
+    Recipe(
+        name="tiny-flux", version=1, pipeline="FluxPipeline", scheduler_class="FlowMatchEulerDiscreteScheduler",
+        scheduler=_FLUX_SCHEDULER,
+        text_encoder=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                          projection_dim=32, hidden_act="gelu"),
+        t5=dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True),
+        unet=None, transformer_class="FluxTransformer2DModel",
+        transformer=dict(patch_size=1, in_channels=64, out_channels=None, num_layers=1, num_single_layers=2,
+                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                         guidance_embeds=True, axes_dims_rope=(2, 2, 4)),
+        vae=dict(_FLUX_VAE, layers_per_block=1, sample_size=64, block_out_channels=(32, 32), mid_block_add_attention=False,
+                 norm_num_groups=8,
+                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+    ),
     # stabilityai/stable-diffusion-xl-base-1.0's configs: CLIP ViT-L and OpenCLIP bigG text towers, the
     # 2.6B-parameter UNet, the SDXL VAE.
     Recipe(
@@ -199,10 +270,11 @@ def build_preset(recipe: Recipe, out: Path) -> Path:
     """Build ``recipe`` into ``out`` (diffusers layout). Same files, bit for bit, on every build."""
     import diffusers
     import torch
-    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from diffship.reference.pipelines import build_pipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                              T5EncoderModel, T5TokenizerFast)
 
     out = Path(out)
     # wait: another process building the same preset finishes first, and its folder is then used.
@@ -221,10 +293,19 @@ def build_preset(recipe: Recipe, out: Path) -> Path:
                 "vocab_size": len(tokenizer), "max_position_embeddings": tokenizer.model_max_length,
                 "hidden_act": "quick_gelu", "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                 "pad_token_id": tokenizer.pad_token_id, **config})).eval()
+        # T5 is Flux's second encoder and SD3's third.
+        t5, t5_tokenizer = ("text_encoder_2", "tokenizer_2") if "Flux" in recipe.pipeline else ("text_encoder_3", "tokenizer_3")
+        if recipe.t5 is not None:
+            _write_t5_tokenizer(tmp / t5_tokenizer, recipe.t5_max_length)
+            tokenizer = modules[t5_tokenizer] = T5TokenizerFast.from_pretrained(tmp / t5_tokenizer)
+            torch.manual_seed(SEED + 4)
+            modules[t5] = T5EncoderModel(T5Config(**{"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                                                      "eos_token_id": tokenizer.eos_token_id, **recipe.t5})).eval()
+        elif recipe.transformer is not None:
+            modules.update({t5: None, t5_tokenizer: None})  # diffusers conditions SD3 on CLIP alone
         torch.manual_seed(SEED + 1)
         if recipe.transformer is not None:
-            modules["transformer"] = SD3Transformer2DModel(**recipe.transformer).eval()
-            modules.update(text_encoder_3=None, tokenizer_3=None)  # diffusers conditions on CLIP alone
+            modules["transformer"] = getattr(diffusers, recipe.transformer_class)(**recipe.transformer).eval()
         else:
             modules["unet"] = UNet2DConditionModel(**recipe.unet).eval()
         torch.manual_seed(SEED + 2)

@@ -22,6 +22,11 @@ from diffship.errors import ShapeError
 from diffship.reference.shapes import FLOAT, PRECISIONS, TORCH_DTYPES, ShapeProfile, ShapeRange
 
 
+#: example values of inputs that hold one level per batch row (times the spec's ``scale``): a mid-range
+#: timestep (Flux passes t / 1000: scale 0.001) and guidance scale.
+_LEVELS = {"timestep": 500.0, "guidance": 1.0}
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One input or output tensor.
@@ -32,7 +37,8 @@ class TensorSpec:
         dims: per axis, a fixed size or the name of a symbolic dim (``batch``, ``height``, ``width``,
             ``latent_height``, ``latent_width``, ``sequence``).
         scale: standard deviation of realistic values, for example inputs (decoder latents are
-            divided by the VAE's scaling factor, so they are ~5x larger than unit noise).
+            divided by the VAE's scaling factor, so they are ~5x larger than unit noise); for a
+            timestep or guidance input, the factor on its example level.
     """
 
     name: str
@@ -98,6 +104,8 @@ class ComponentSpec(IONames):
             dims are then fixed, and other sizes are refused with the size it takes.
         default_dims: sizes of symbolic dims a request shape does not give, at the pipeline's defaults
             (SD3's joint text sequence: CLIP's 77 tokens + ``max_sequence_length`` T5 positions).
+        packed: ``{dim: patch}``: dims counting the image's patches of ``patch`` x ``patch`` latent pixels
+            (Flux packs 2x2 latent pixels into one token: ``image_sequence``).
     """
 
     name: str
@@ -115,6 +123,7 @@ class ComponentSpec(IONames):
     static_batch: bool = True
     fixed_size: bool = False
     default_dims: dict[str, int] = field(default_factory=dict)
+    packed: dict[str, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def check_multiples(self, inputs: dict[str, torch.Tensor]) -> None:
@@ -133,14 +142,17 @@ class ComponentSpec(IONames):
         """The dims left symbolic in an export: all of them, or when ``static`` only an unfixed batch."""
         names = {d for t in (*self.inputs, *self.outputs) for d in t.dims if isinstance(d, str)}
         if self.fixed_size:
-            names -= {"height", "width", "latent_height", "latent_width"}
+            names -= {"height", "width", "latent_height", "latent_width", *self.packed}
         if static:
             return names & ({"batch"} if not self.static_batch else set())
         return names
 
     def dims(self, profile: ShapeProfile) -> dict[str, int]:
         """Symbolic dim values of this component for ``profile``."""
-        return {**self.default_dims, **profile.dims(self.scale_factor, self.batch_multiplier if profile.guidance else 1)}
+        dims = {**self.default_dims, **profile.dims(self.scale_factor, self.batch_multiplier if profile.guidance else 1)}
+        for name, patch in self.packed.items():
+            dims[name] = (dims["latent_height"] // patch) * (dims["latent_width"] // patch)
+        return dims
 
     def input_ranges(self, shapes: ShapeRange) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         """(min, opt, max) shape of each input over the requests ``shapes`` describes.
@@ -169,8 +181,8 @@ class ComponentSpec(IONames):
             if dtype in (torch.int64, torch.int32):
                 high = int(self.config.get("vocab_size", 1000))
                 out[t.name] = torch.randint(0, high, shape, generator=gen, dtype=dtype)
-            elif t.name == "timestep":
-                out[t.name] = torch.full(shape, 500.0, dtype=dtype)
+            elif t.name in _LEVELS:  # one value per row, mid-range
+                out[t.name] = torch.full(shape, _LEVELS[t.name] * t.scale, dtype=dtype)
             else:
                 out[t.name] = (torch.randn(shape, generator=gen) * t.scale).to(dtype)
         return out

@@ -89,6 +89,23 @@ class SD3TransformerWrapper(nn.Module):
                                 pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
 
 
+class FluxTransformerWrapper(nn.Module):
+    """``(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids[, guidance]) ->
+    out_hidden_states``: the Flux transformer over packed latents (2x2 latent pixels per token), its 3-axis
+    rotary embedding computed in the graph from the ids; ``guidance`` is FLUX.1-dev's guidance embedding
+    (schnell has none)."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor,
+                timestep: torch.Tensor, img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: torch.Tensor | None = None):
+        return self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids,
+                                txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+
+
 class VaeEncoderWrapper(nn.Module):
     """``sample -> latent_parameters`` (mean and log-variance); sampling stays on the host."""
 

@@ -10,7 +10,7 @@ the pipeline was loaded with ``check_finite=False``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -98,9 +98,10 @@ class _HiddenStates(tuple):
 
 
 class TextEncoderAdapter(_Adapter):
-    """Stands in for ``CLIPTextModel`` (``text_encoder(input_ids)[0]`` is the last hidden state) and
-    ``CLIPTextModelWithProjection`` (``[0]`` is ``text_embeds``, SDXL's pooled embedding). With
-    ``output_hidden_states=True``, ``hidden_states[-2]`` (SDXL's conditioning) and ``[-1]`` are there."""
+    """Stands in for ``CLIPTextModel`` (``text_encoder(input_ids)[0]`` is the last hidden state),
+    ``CLIPTextModelWithProjection`` (``[0]`` is ``text_embeds``, SDXL's pooled embedding) and
+    ``T5EncoderModel`` (``[0]`` is the last hidden state). With ``output_hidden_states=True``,
+    ``hidden_states[-2]`` (SDXL's conditioning) and ``[-1]`` are there."""
 
     def __init__(self, config: dict[str, Any], parts: dict[str, tuple[ComponentSpec, Runner]],
                  check_finite: bool = True):
@@ -209,6 +210,47 @@ class SD3TransformerAdapter(_Denoiser):
     forward = __call__
 
 
+class FluxTransformerAdapter(_Denoiser):
+    """Stands in for ``FluxTransformer2DModel``: ``transformer(hidden_states=..., timestep=..., guidance=...,
+    pooled_projections=..., encoder_hidden_states=..., txt_ids=..., img_ids=...)``; ControlNet residuals and
+    attention kwargs are refused by name. ``cache_context`` (diffusers' caching hooks, which the Flux
+    pipelines enter around each call) does nothing: an exported graph keeps no cache."""
+
+    def __init__(self, config: dict[str, Any], parts: dict[str, tuple[ComponentSpec, Runner]],
+                 check_finite: bool = True):
+        super().__init__(config, parts, check_finite)
+        self.spec, self.runner = parts["transformer"]
+
+    def __call__(self, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None, img_ids=None,
+                 txt_ids=None, guidance=None, joint_attention_kwargs=None, controlnet_block_samples=None,
+                 controlnet_single_block_samples=None, return_dict=True, controlnet_blocks_repeat=False):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        out = self._run(self.spec, self.runner, self.__call__, (hidden_states,),
+                        dict(encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
+                             timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance,
+                             joint_attention_kwargs=joint_attention_kwargs,
+                             controlnet_block_samples=controlnet_block_samples,
+                             controlnet_single_block_samples=controlnet_single_block_samples))
+        sample = out["out_hidden_states"]
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+
+    forward = __call__
+
+    def cache_context(self, name: str):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def _transformer_adapter(config: dict[str, Any], parts: dict[str, tuple[ComponentSpec, Runner]],
+                         check_finite: bool = True) -> _Adapter:
+    """The adapter of the exported transformer: Flux's (it takes ``img_ids``) or SD3's MMDiT."""
+    spec, _ = parts["transformer"]
+    cls = FluxTransformerAdapter if "img_ids" in spec.input_names else SD3TransformerAdapter
+    return cls(config, parts, check_finite)
+
+
 class VaeAdapter(_Adapter):
     """Stands in for ``AutoencoderKL``: ``encode`` (latent distribution sampled on the host) and ``decode``."""
 
@@ -244,5 +286,6 @@ class VaeAdapter(_Adapter):
 
 
 #: adapter class per pipeline attribute (the ``source`` of the specs it serves).
-ADAPTERS: dict[str, type[_Adapter]] = {"text_encoder": TextEncoderAdapter, "text_encoder_2": TextEncoderAdapter,
-                                        "unet": UNetAdapter, "transformer": SD3TransformerAdapter, "vae": VaeAdapter}
+ADAPTERS: dict[str, Callable[..., _Adapter]] = {
+    "text_encoder": TextEncoderAdapter, "text_encoder_2": TextEncoderAdapter, "text_encoder_3": TextEncoderAdapter,
+    "unet": UNetAdapter, "transformer": _transformer_adapter, "vae": VaeAdapter}

@@ -38,7 +38,8 @@ def default_profile(pipe: Any, batch_size: int = 1, size: tuple[int, int] | None
     """The pipeline's default request shape (diffusers' default height/width), or ``size``."""
     f = vae_scale_factor(dict(pipe.vae.config))
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
-    default = denoiser.config.sample_size * f
+    # Flux's transformer has no sample size: its pipelines default to 128 latent pixels a side.
+    default = (getattr(denoiser.config, "sample_size", None) or pipe.default_sample_size) * f
     height, width = size or (default, default)
     profile = ShapeProfile(batch_size=batch_size, height=height, width=width,
                            sequence_length=(pipe.tokenizer or pipe.tokenizer_2).model_max_length, guidance=guidance)

@@ -1,0 +1,213 @@
+"""Flux through the toolchain: the tiny-flux preset (CLIP-L's pooled output, a T5 encoder with an offline
+Unigram tokenizer, the Flux transformer with FLUX.1-dev's guidance embedding over packed latents, the
+16-channel VAE, flow matching with the resolution-dependent shift) exports to every backend and passes
+parity on all three tasks; what the exports cannot take is refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffship.cli import main
+
+
+@pytest.fixture(scope="module")
+def flux_pipe():
+    from diffship.reference import load
+
+    pipe = load("tiny-flux")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def flux_export(cli_export):
+    """``flux_export(backend)``: ``diffship export tiny-flux OUT --backend B``, once per session."""
+    return lambda backend: cli_export("tiny-flux", backend)
+
+
+def test_tiny_flux_specs(flux_pipe):
+    from diffship.errors import UnsupportedPipelineError
+    from diffship.reference import ShapeProfile, specs_for_pipeline
+    from diffship.reference.families import family_of
+    from diffship.reference.pipelines import pipeline_configs
+
+    assert type(flux_pipe).__name__ == "FluxPipeline" and type(flux_pipe.text_encoder_2).__name__ == "T5EncoderModel"
+    specs = {s.name: s for s in specs_for_pipeline(flux_pipe)}
+    assert list(specs) == ["text_encoder", "text_encoder_2", "transformer", "vae_encoder", "vae_decoder"]
+    assert specs["text_encoder"].output_names == ["last_hidden_state", "pooler_output"]
+    t5 = specs["text_encoder_2"]
+    assert t5.output_names == ["last_hidden_state"] and t5.inputs[0].dims == ("batch", "t5_sequence")
+    transformer = specs["transformer"]
+    assert transformer.input_names == ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
+                                       "img_ids", "txt_ids", "guidance"]
+    assert transformer.output_names == ["out_hidden_states"] and transformer.batch_multiplier == 1
+    # 2x2 latent pixels per token: 256 px with the VAE's factor 2 -> 128 latent pixels -> 64 x 64 tokens
+    dims = transformer.dims(ShapeProfile(height=256, width=192))
+    assert (dims["image_sequence"], dims["text_sequence"]) == (64 * 48, 512)
+    assert transformer.example_inputs(ShapeProfile(height=64, width=64))["img_ids"].shape == (256, 3)
+    assert not transformer.fixed_size and {"image_sequence", "text_sequence"} <= transformer.symbolic_dims(False)
+    assert specs["vae_decoder"].inputs[0].dims[1] == 16
+    # FLUX.1-schnell: no guidance embedding, so no guidance input
+    configs = pipeline_configs(flux_pipe)
+    schnell = {**configs, "transformer": {**configs["transformer"], "guidance_embeds": False}}
+    assert "guidance" not in family_of("FluxPipeline").specs(schnell)[2].input_names
+    for other in ("FluxFillPipeline", "FluxKontextPipeline"):
+        with pytest.raises(UnsupportedPipelineError, match=f"{other}' is not supported; diffship exports: .*FluxPipeline"):
+            family_of(other)
+
+
+def test_the_transformer_wrapper_computes_what_the_pipeline_uses(flux_pipe):
+    from diffship.errors import ShapeError
+    from diffship.reference import specs_for_pipeline
+    from diffship.reference.calls import flux_transformer_inputs
+    from diffship.reference.recording import record_calls
+
+    specs = {s.name: s for s in specs_for_pipeline(flux_pipe)}
+    with record_calls(flux_pipe, list(specs.values()), limit=2) as calls:
+        flux_pipe("a cat", num_inference_steps=2, height=64, width=96, generator=torch.Generator().manual_seed(0),
+                  output_type="latent")
+    call = calls["transformer"][0]
+    assert call["hidden_states"].shape == (1, 16 * 24, 64) and call["img_ids"].shape == (16 * 24, 3)
+    assert call["txt_ids"].shape == (512, 3) and call["guidance"].shape == (1,)
+    with torch.no_grad():
+        got = specs["transformer"].wrapper(flux_pipe.transformer)(*call.values())
+        want = flux_pipe.transformer(**call, return_dict=False)[0]
+    torch.testing.assert_close(got, want)
+    # what the graphs cannot take, refused by name
+    with pytest.raises(ShapeError, match="does not take joint_attention_kwargs"):
+        flux_transformer_inputs({**call, "joint_attention_kwargs": {"scale": 0.5}})
+    with pytest.raises(ShapeError, match="takes a guidance value"):
+        flux_transformer_inputs({**call, "guidance": None})
+    with pytest.raises(ShapeError, match="no guidance embedding"):
+        flux_transformer_inputs(call, guidance=False)
+
+
+def test_the_t5_tokenizer_is_built_offline(flux_pipe, tmp_path):
+    from diffship.reference.pipelines import write_pipeline_files
+
+    tok = flux_pipe.tokenizer_2
+    ids = tok("a cat and a dog", padding="max_length", max_length=8).input_ids
+    assert tok.convert_ids_to_tokens(ids[:5]) == ["\u2581a", "\u2581cat", "\u2581and", "\u2581a", "\u2581dog"]
+    assert ids[5:] == [tok.eos_token_id, tok.pad_token_id, tok.pad_token_id] and tok.model_max_length == 512
+    # a word outside the toy vocabulary is spelled out from its pieces, and decodes back
+    riding = tok("riding").input_ids
+    assert len(riding) > 2 and tok.decode(riding, skip_special_tokens=True) == "riding"
+    write_pipeline_files(flux_pipe, tmp_path, "onnx", {})
+    # CLIP's BPE files are written for the CLIP tokenizer only (a Unigram tokenizer.json has none)
+    assert (tmp_path / "tokenizer" / "vocab.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "tokenizer_2").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+
+
+@pytest.mark.parametrize("backend", [pytest.param("onnx", marks=pytest.mark.onnx),
+                                     pytest.param("openvino", marks=pytest.mark.openvino),
+                                     pytest.param("coreml", marks=pytest.mark.coreml)])
+def test_export_and_parity_cli(backend, tmp_path, flux_export):
+    from diffship import backends
+
+    if backend not in backends.installed():
+        pytest.skip(f"the {backend} extra is not installed")
+    out = flux_export(backend)  # diffship export tiny-flux OUT --backend B, exit 0
+    assert main(["parity", "tiny-flux", str(out), "--steps", "4", "--report", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert {c["component"] for c in report["components"]} == {"text_encoder", "text_encoder_2", "transformer",
+                                                              "vae_encoder", "vae_decoder"}
+    assert {i["task"] for i in report["images"]} == {"text2img", "img2img", "inpaint"}
+    assert min(i["metrics"]["psnr"] for i in report["images"]) >= 60
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_engines_build(flux_export):
+    from diffship import backends
+    from diffship.backends.manifest import read_manifest
+
+    if "tensorrt" not in backends.installed():
+        pytest.skip("the tensorrt extra is not installed")
+    manifest = read_manifest(flux_export("tensorrt"))
+    transformer = manifest.components["transformer"]
+    assert {t.name: t.dims for t in transformer.inputs}["img_ids"] == ["image_sequence", 3]
+    ranges = transformer.details.profiles[0].inputs
+    # the image tokens follow the image size range (2x2 latent pixels each: 128-512 px at the VAE's factor 2),
+    # the text tokens are the T5 sequence
+    assert ranges["img_ids"].min == [32 * 32, 3] and ranges["img_ids"].max == [128 * 128, 3]
+    assert ranges["txt_ids"].opt == [512, 3] and ranges["hidden_states"].max == [4, 128 * 128, 64]
+
+
+@pytest.fixture(scope="module")
+def flux_loaded(flux_export):
+    from diffship.runtimes.pipeline import load_pipeline
+
+    loaded = {}
+
+    def get(backend):
+        if backend not in loaded:
+            loaded[backend] = load_pipeline(flux_export(backend))
+            loaded[backend].set_progress_bar_config(disable=True)
+        return loaded[backend]
+
+    return get
+
+
+@pytest.mark.onnx
+def test_exported_flux_pipeline_behaves_like_diffusers(flux_loaded, flux_export, flux_pipe):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffship.errors import ShapeError
+    from diffship.runtimes.pipeline import load_pipeline
+
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    pipe = flux_loaded("onnx")
+    assert type(pipe).__name__ == "FluxPipeline"
+    # the seed snippets' patterns: a scheduler swap (a fixed shift instead of the resolution-dependent one),
+    # generator lists, a shorter T5 sequence and another image size (both dynamic)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(flux_pipe.scheduler.config, use_dynamic_shifting=False,
+                                                            shift=2.0)
+    eager = type(flux_pipe)(**{**flux_pipe.components, "scheduler": scheduler})
+    exported = type(pipe)(**{**pipe.components, "scheduler": scheduler})
+    kwargs = dict(prompt=["a cat", "a dog"], num_inference_steps=3, output_type="np", max_sequence_length=64,
+                  height=64, width=96)
+    got = exported(**kwargs, generator=[torch.Generator().manual_seed(s) for s in (1, 2)]).images
+    want = eager(**kwargs, generator=[torch.Generator().manual_seed(s) for s in (1, 2)]).images
+    assert got.shape == (2, 64, 96, 3) and np.ptp(want) > 1e-2
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    # the components directly: the T5 encoder as transformers' module is called
+    ids = pipe.tokenizer_2(["a cat"], padding="max_length", max_length=32, return_tensors="pt").input_ids
+    torch.testing.assert_close(pipe.text_encoder_2(ids)[0], flux_pipe.text_encoder_2(ids)[0], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ShapeError, match="does not take joint_attention_kwargs"):
+        pipe("a cat", num_inference_steps=1, height=64, width=64, joint_attention_kwargs={"scale": 0.5})
+    img2img = load_pipeline(flux_export("onnx"), task="img2img")
+    assert type(img2img).__name__ == "FluxImg2ImgPipeline"
+
+
+#: diffusers calls of the Flux pipeline, each compared with eager on the same seed (the interface suite's
+#: patterns that differ for Flux: guidance-distilled -- guidance_scale is an input, not a doubled batch --,
+#: true classifier-free guidance with a negative prompt, packed latents in and out).
+CALLS = {
+    "default": {},
+    "guidance_scale": dict(guidance_scale=5.0),
+    "true_cfg": dict(negative_prompt="blurry", true_cfg_scale=2.0),
+    "num_images_per_prompt": dict(num_images_per_prompt=2),
+    "output_latent": dict(output_type="latent"),
+    "latents_in": dict(latents=torch.randn(1, 64, 64, generator=torch.Generator().manual_seed(7))),
+    "return_tuple": dict(return_dict=False),
+}
+
+
+@pytest.mark.parametrize("backend", [pytest.param("onnx", marks=pytest.mark.onnx),
+                                     pytest.param("openvino", marks=pytest.mark.openvino)])
+@pytest.mark.parametrize("call", list(CALLS))
+def test_pipeline_calls_match_eager(backend, call, flux_loaded, flux_pipe):
+    from diffship import backends
+
+    if backend not in backends.installed():
+        pytest.skip(f"the {backend} extra is not installed")
+    kwargs = dict(prompt="a cat", num_inference_steps=2, height=32, width=32, **{"output_type": "np", **CALLS[call]})
+    got = flux_loaded(backend)(**kwargs, generator=torch.Generator().manual_seed(0))
+    want = flux_pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+    got, want = (r[0] if call == "return_tuple" else r.images for r in (got, want))
+    got, want = (np.asarray(x.float() if torch.is_tensor(x) else x) for x in (got, want))
+    assert got.shape == want.shape and np.ptp(want) > 1e-3
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)

@@ -39,7 +39,7 @@ EVALUATORS = ("auto", "coreml", "mil")
 #: model inputs that differ from the spec's for Apple's Swift pipeline: component -> input -> (dtype, layout).
 #: ``bc1s``: a (B, S, D) tensor passed as (B, D, 1, S).
 APPLE_INPUTS = {"text_encoder": {"input_ids": ("float32", None)}, "text_encoder_2": {"input_ids": ("float32", None)},
-                "unet": {"encoder_hidden_states": ("float32", "bc1s")}}
+                "text_encoder_3": {"input_ids": ("float32", None)}, "unet": {"encoder_hidden_states": ("float32", "bc1s")}}
 
 
 def _int_list(value: Any) -> Any:

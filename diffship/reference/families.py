@@ -135,17 +135,11 @@ def stable_diffusion_3_specs(configs: dict[str, dict[str, Any]]) -> list[Compone
     (SD3.5's qk-norm and dual-attention layers are in its graph), the 16-channel VAE (its shift and
     scaling factors stay in the pipeline).
 
-    The transformer's text sequence (``joint_sequence``) is CLIP's tokens followed by the T5 positions
-    (zeros where the pipeline has no T5); static exports fix it at the defaults (77 + 256). Its image
-    size is fixed at the export's (``fixed_size``): export with ``--static HxW`` for another.
-
-    Raises:
-        UnsupportedPipelineError: a pipeline with its T5 encoder (``text_encoder_3``), not exported yet.
+    The T5 encoder (``text_encoder_3``) is exported where the pipeline has one (diffusers allows it to be
+    absent). The transformer's text sequence (``joint_sequence``) is CLIP's tokens followed by the T5
+    positions (zeros without T5); static exports fix it at the defaults (77 + 256). Its image size is
+    fixed at the export's (``fixed_size``): export with ``--static HxW`` for another.
     """
-    if configs.get("text_encoder_3"):
-        raise UnsupportedPipelineError("Stable Diffusion 3 with its T5 text encoder (text_encoder_3) is not exported "
-                                       "yet; load the pipeline with text_encoder_3=None and tokenizer_3=None (diffusers "
-                                       "then conditions on CLIP alone)")
     tr = configs["transformer"]
     f = vae_scale_factor(configs["vae"])
     clip = ("text_embeds", "last_hidden_state", PENULTIMATE)
@@ -166,8 +160,9 @@ def stable_diffusion_3_specs(configs: dict[str, dict[str, Any]]) -> list[Compone
         # fails inside the graph): the transformer takes its export's image size only.
         fixed_size=True,
     )
+    t5 = [_t5_spec("text_encoder_3", configs["text_encoder_3"], f, SD3_T5_SEQUENCE)] if configs.get("text_encoder_3") else []
     return [_text_encoder_spec("text_encoder", configs["text_encoder"], clip, f),
-            _text_encoder_spec("text_encoder_2", configs["text_encoder_2"], clip, f),
+            _text_encoder_spec("text_encoder_2", configs["text_encoder_2"], clip, f), *t5,
             transformer, *_vae_specs(configs["vae"])]
 
 

@@ -214,10 +214,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                   attention_head_dim=(2, 4), norm_num_groups=32),
         vae=dict(_SDXL_VAE, layers_per_block=1, sample_size=64, block_out_channels=(32, 32, 64, 64)),
     ),
-    # SD3.5 at toy width: CLIP-L and CLIP-G with projection (no T5), an MMDiT with qk RMS-norm and a
+    # SD3.5 at toy width: CLIP-L and CLIP-G with projection, a T5 encoder, an MMDiT with qk RMS-norm and a
     # dual-attention layer (SD3.5-medium's features), the 16-channel VAE, flow matching with shift 3.
     Recipe(
-        name="tiny-sd3", version=1, pipeline="StableDiffusion3Pipeline",
+        name="tiny-sd3", version=2, pipeline="StableDiffusion3Pipeline", t5_max_length=256,
+        t5=dict(d_model=64, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True),
         scheduler_class="FlowMatchEulerDiscreteScheduler", scheduler=dict(num_train_timesteps=1000, shift=3.0),
         text_encoder_class="CLIPTextModelWithProjection",
         text_encoder=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,

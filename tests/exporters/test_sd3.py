@@ -1,5 +1,5 @@
 """Stable Diffusion 3 / 3.5 through the toolchain: the tiny-sd3 preset (CLIP-L and CLIP-G with projection,
-an MMDiT with SD3.5's qk-norm and dual-attention layer, the 16-channel VAE, flow matching) exports to every
+a T5 encoder, an MMDiT with SD3.5's qk-norm and dual-attention layer, the 16-channel VAE, flow matching) exports to every
 backend and passes parity on all three tasks; what cannot be exported yet is refused by name."""
 
 from __future__ import annotations
@@ -27,14 +27,16 @@ def sd3_export(cli_export):
 
 
 def test_tiny_sd3_specs(sd3_pipe):
-    from diffship.errors import UnsupportedPipelineError
     from diffship.reference import specs_for_pipeline
     from diffship.reference.families import family_of
     from diffship.reference.pipelines import pipeline_configs
 
-    assert type(sd3_pipe).__name__ == "StableDiffusion3Pipeline" and sd3_pipe.text_encoder_3 is None
+    assert type(sd3_pipe).__name__ == "StableDiffusion3Pipeline"
+    assert type(sd3_pipe.text_encoder_3).__name__ == "T5EncoderModel"
     specs = {s.name: s for s in specs_for_pipeline(sd3_pipe)}
-    assert list(specs) == ["text_encoder", "text_encoder_2", "transformer", "vae_encoder", "vae_decoder"]
+    assert list(specs) == ["text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_encoder", "vae_decoder"]
+    t5 = specs["text_encoder_3"]
+    assert t5.output_names == ["last_hidden_state"] and t5.default_dims == {"t5_sequence": 256}
     assert specs["text_encoder"].output_names == ["text_embeds", "last_hidden_state", "penultimate_hidden_state"]
     transformer = specs["transformer"]
     assert transformer.input_names == ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"]
@@ -43,9 +45,10 @@ def test_tiny_sd3_specs(sd3_pipe):
     assert transformer.default_dims == {"joint_sequence": 77 + 256} and transformer.multiples["latent_height"] == 2
     assert transformer.fixed_size and transformer.symbolic_dims(False) == {"batch", "joint_sequence"}
     assert specs["vae_decoder"].inputs[0].dims[1] == 16  # 16 latent channels
-    configs = {**pipeline_configs(sd3_pipe), "text_encoder_3": {"d_model": 64}}
-    with pytest.raises(UnsupportedPipelineError, match="T5 text encoder .text_encoder_3. is not exported yet"):
-        family_of("StableDiffusion3Pipeline").specs(configs)
+    # without T5 (diffusers allows it to be absent) the transformer's text sequence keeps its size
+    configs = {**pipeline_configs(sd3_pipe), "text_encoder_3": None}
+    without = {s.name: s for s in family_of("StableDiffusion3Pipeline").specs(configs)}
+    assert "text_encoder_3" not in without and without["transformer"].default_dims == {"joint_sequence": 77 + 256}
 
 
 def test_the_transformer_wrapper_computes_what_the_pipeline_uses(sd3_pipe):
@@ -74,8 +77,8 @@ def test_export_and_parity_cli(backend, tmp_path, sd3_export):
     out = sd3_export(backend)  # diffship export tiny-sd3 OUT --backend B, exit 0
     assert main(["parity", "tiny-sd3", str(out), "--steps", "4", "--report", str(tmp_path / "report")]) == 0
     report = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert {c["component"] for c in report["components"]} == {"text_encoder", "text_encoder_2", "transformer",
-                                                              "vae_encoder", "vae_decoder"}
+    assert {c["component"] for c in report["components"]} == {"text_encoder", "text_encoder_2", "text_encoder_3",
+                                                              "transformer", "vae_encoder", "vae_decoder"}
     assert {i["task"] for i in report["images"]} == {"text2img", "img2img", "inpaint"}
     assert min(i["metrics"]["psnr"] for i in report["images"]) >= 60
 
@@ -90,7 +93,7 @@ def test_exported_sd3_pipeline_behaves_like_diffusers(sd3_export, sd3_pipe):
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
     folder = sd3_export("onnx")
     pipe = load_pipeline(folder)
-    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.text_encoder_3 is None
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and type(pipe.text_encoder_3).__name__ == "TextEncoderAdapter"
     pipe.set_progress_bar_config(disable=True)
     # the seed snippets' patterns: a scheduler swap (with another shift), generator lists, a shorter T5 sequence
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(sd3_pipe.scheduler.config, shift=1.5)

@@ -83,6 +83,23 @@ def cli_export(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def cli_pipeline(cli_export):
+    """``cli_pipeline(preset, backend)``: ``load_pipeline`` of ``cli_export(preset, backend)``, loaded once per
+    session, progress bar off (shared: tests build their own pipeline from its components to change it)."""
+    from diffship.runtimes.pipeline import load_pipeline
+
+    loaded: dict[tuple[str, str], object] = {}
+
+    def get(preset: str, backend: str):
+        if (preset, backend) not in loaded:
+            pipe = loaded[preset, backend] = load_pipeline(cli_export(preset, backend))
+            pipe.set_progress_bar_config(disable=True)
+        return loaded[preset, backend]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def sdxl_export(cli_export):
     """``sdxl_export(backend)``: the CLI export of ``tiny-sdxl`` (see ``cli_export``)."""
     return lambda backend: cli_export("tiny-sdxl", backend)

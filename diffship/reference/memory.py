@@ -34,7 +34,13 @@ def largest_tensor(specs: list[ComponentSpec], profile: ShapeProfile) -> tuple[i
     for spec in specs:
         cfg, dims = spec.config, spec.dims(profile)
         batch, tokens = dims["batch"], dims["latent_height"] * dims["latent_width"]
-        if spec.denoiser:
+        if spec.denoiser and not cfg.get("down_block_types"):
+            # a transformer (SD3's MMDiT, Flux): joint attention over the image patches and the text tokens
+            patches = dims.get("image_sequence") or tokens // cfg.get("patch_size", 2) ** 2
+            n = patches + dims.get("text_sequence", dims.get("joint_sequence", 0))
+            found.append((batch * cfg.get("num_attention_heads", 1) * n * n * _FLOAT,
+                          f"{spec.name} attention scores over {n} image and text tokens"))
+        elif spec.denoiser:
             heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim") or 1
             for level, kind in enumerate(cfg.get("down_block_types", ())):
                 n = tokens // 4**level

@@ -119,6 +119,13 @@ def test_export_and_parity_cli(backend, tmp_path, flux_export):
     assert min(i["metrics"]["psnr"] for i in report["images"]) >= 60
 
 
+def test_a_static_size_whose_attention_cannot_fit_is_refused_before_exporting(tmp_path, capsys):
+    # 4096 x 4096 px: 2048^2 latent pixels, 1024^2 image tokens + 512 text tokens, two heads: ~8.8 TB of scores
+    assert main(["export", "tiny-flux", str(tmp_path / "out"), "--static", "4096x4096"]) == 2
+    assert "the transformer attention scores over 1049088 image and text tokens alone take" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.tensorrt
 def test_tensorrt_engines_build(flux_export):
     from diffship import backends
@@ -137,18 +144,9 @@ def test_tensorrt_engines_build(flux_export):
 
 
 @pytest.fixture(scope="module")
-def flux_loaded(flux_export):
-    from diffship.runtimes.pipeline import load_pipeline
-
-    loaded = {}
-
-    def get(backend):
-        if backend not in loaded:
-            loaded[backend] = load_pipeline(flux_export(backend))
-            loaded[backend].set_progress_bar_config(disable=True)
-        return loaded[backend]
-
-    return get
+def flux_loaded(cli_pipeline):
+    """``flux_loaded(backend)``: the loaded CLI export of tiny-flux."""
+    return lambda backend: cli_pipeline("tiny-flux", backend)
 
 
 @pytest.mark.onnx

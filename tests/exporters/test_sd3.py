@@ -128,18 +128,9 @@ CALLS = {
 
 
 @pytest.fixture(scope="module")
-def sd3_loaded(sd3_export):
-    from diffship.runtimes.pipeline import load_pipeline
-
-    loaded = {}
-
-    def get(backend):
-        if backend not in loaded:
-            loaded[backend] = load_pipeline(sd3_export(backend))
-            loaded[backend].set_progress_bar_config(disable=True)
-        return loaded[backend]
-
-    return get
+def sd3_loaded(cli_pipeline):
+    """``sd3_loaded(backend)``: the loaded CLI export of tiny-sd3."""
+    return lambda backend: cli_pipeline("tiny-sd3", backend)
 
 
 @pytest.mark.parametrize("call", list(CALLS))

@@ -20,6 +20,18 @@ def pytest_configure(config):
         os.environ["DIFFSHIP_CACHE"] = str(root)
 
 
+def mlpackage_io(package) -> tuple[list, list]:
+    """(inputs, outputs) of a Core ML package's model description, as (name, shape, data type) each."""
+    import coremltools as ct
+
+    spec = ct.utils.load_spec(str(package))
+
+    def describe(features):
+        return [(f.name, list(f.type.multiArrayType.shape), f.type.multiArrayType.dataType) for f in features]
+
+    return describe(spec.description.input), describe(spec.description.output)
+
+
 def runnable_backends() -> list:
     """Backends that can both export and run here with dynamic shapes, each with its marker.
 

@@ -152,11 +152,11 @@ def test_not_a_diffusers_folder(tmp_path, capsys):
 def test_unsupported_pipeline_class_names_supported_ones(tmp_path, capsys):
     src = tmp_path / "flux"
     src.mkdir()
-    (src / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (src / "model_index.json").write_text(json.dumps({"_class_name": "FluxFillPipeline"}))
     code, _, err = run(capsys, "export", src, tmp_path / "out")
     assert code == 2
     line = one_error_line(err)
-    assert "'FluxPipeline' is not supported" in line and "StableDiffusionPipeline" in line
+    assert "'FluxFillPipeline' is not supported" in line and "StableDiffusionPipeline" in line
 
 
 def test_pickle_weights_need_the_flag(tmp_path, tiny_dir, capsys):

@@ -75,7 +75,7 @@ def test_export_and_parity_cli(backend, tmp_path, sd3_export):
     if backend not in backends.installed():
         pytest.skip(f"the {backend} extra is not installed")
     out = sd3_export(backend)  # diffship export tiny-sd3 OUT --backend B, exit 0
-    assert main(["parity", "tiny-sd3", str(out), "--steps", "4", "--report", str(tmp_path / "report")]) == 0
+    assert main(["parity", "tiny-sd3", str(out), "--steps", "2", "--report", str(tmp_path / "report")]) == 0
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert {c["component"] for c in report["components"]} == {"text_encoder", "text_encoder_2", "text_encoder_3",
                                                               "transformer", "vae_encoder", "vae_decoder"}

@@ -187,3 +187,65 @@ def test_tensorrt_builds_sdxl(tmp_path):
     unet = manifest["components"]["unet"]
     assert [i["name"] for i in unet["inputs"]] == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
     assert all(f.endswith(".plan") for c in manifest["components"].values() for f in c["files"] if "plan" in f)
+
+
+# --- Apple's Swift SDXL pipeline (here, beside the other tests of the Core ML export it packages, so both
+# share one export on one test worker) ---
+
+@pytest.fixture(scope="module")
+def sdxl_exports(tmp_path_factory, sdxl_export):
+    """tiny-sdxl (base: the session's CLI export) and an SDXL refiner built from its parts, exported to
+    Core ML (the refiner with what the Swift pipeline loads: no VAE encoder, to keep the suite short)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+    import torch
+
+    from diffship.reference import load
+    from diffship.workflows import export_pipeline
+
+    root = tmp_path_factory.mktemp("swift-sdxl")
+    base = sdxl_export("coreml")
+    sdxl = load("tiny-sdxl")
+    config = dict(sdxl.unet.config, projection_class_embeddings_input_dim=5 * 8 + 32, cross_attention_dim=32)
+    torch.manual_seed(5)
+    StableDiffusionXLImg2ImgPipeline(
+        vae=sdxl.vae, text_encoder=None, text_encoder_2=sdxl.text_encoder_2, tokenizer=None,
+        tokenizer_2=sdxl.tokenizer_2, unet=UNet2DConditionModel.from_config(config).eval(), scheduler=sdxl.scheduler,
+        requires_aesthetics_score=True,
+    ).save_pretrained(root / "refiner-source")
+    refiner = root / "refiner"
+    export_pipeline(root / "refiner-source", refiner, backend="coreml",
+                    components=["text_encoder_2", "unet", "vae_decoder"])
+    return base, refiner
+
+
+@pytest.mark.coreml
+def test_sdxl_packages_with_the_io_apples_sdxl_pipeline_reads(sdxl_exports, tmp_path):
+    """Checked against Apple's Swift sources: StableDiffusionXL+Resources.swift (names), TextEncoderXL.swift
+    (outputs hidden_embeds and pooled_outputs), Unet.swift (sample, timestep, encoder_hidden_states as
+    (2, D, 1, 77), text_embeds, time_ids; a refiner is recognised by 5 time ids)."""
+    ct = pytest.importorskip("coremltools", reason="the coreml extra is not installed")
+    from conftest import mlpackage_io as io
+    from diffship.packaging.swift import package_swift
+
+    base, refiner = sdxl_exports
+    float32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
+    out = tmp_path / "base"
+    facts = package_swift(base, out, compile_models=False, chunk_unet=True)
+    assert [n for n in facts["resources"] if n.endswith(".mlpackage")] == [
+        "TextEncoder.mlpackage", "TextEncoder2.mlpackage", "UnetChunk1.mlpackage", "UnetChunk2.mlpackage",
+        "VAEDecoder.mlpackage", "VAEEncoder.mlpackage"]
+    assert facts["chunk_max_abs_error"] <= 1e-3 and (out / "vocab.json").is_file() and (out / "merges.txt").is_file()
+    for name, width, pooled in (("TextEncoder", 32, 32), ("TextEncoder2", 32, 32)):
+        inputs, outputs = io(out / f"{name}.mlpackage")
+        assert inputs == [("input_ids", [1, 77], float32)]
+        shapes = {n: s for n, s, _ in outputs}
+        assert shapes["hidden_embeds"] == [1, 77, width] and shapes["pooled_outputs"] == [1, pooled], name
+    whole = package_swift(base, tmp_path / "whole", compile_models=False)
+    unet_in = {n: s for n, s, _ in io(tmp_path / "whole" / "Unet.mlpackage")[0]}
+    assert unet_in == {"sample": [2, 4, 8, 8], "timestep": [2], "encoder_hidden_states": [2, 64, 1, 77],
+                       "text_embeds": [2, 32], "time_ids": [2, 6]}
+    assert whole["notes"] and "decoderScaleFactor" in whole["notes"][-1]  # SDXL's VAE scales latents by 0.13025
+    refined = package_swift(refiner, tmp_path / "refiner", compile_models=False)
+    assert "TextEncoder.mlpackage" not in refined["resources"] and "TextEncoder2.mlpackage" in refined["resources"]
+    unet_in = {n: s for n, s, _ in io(tmp_path / "refiner" / "Unet.mlpackage")[0]}
+    assert unet_in["time_ids"] == [2, 5] and unet_in["encoder_hidden_states"] == [2, 32, 1, 77]

@@ -156,8 +156,8 @@ def test_mixed_bit_grouped_palettes_keep_their_target_on_ios18(export_dir, tiny_
     weight above the threshold found in the program, widths mixed, the target kept through the program."""
     from diffship.exporters.palettes import covered
 
-    # the UNet alone: its search is what the assertions judge (the text encoder's is the same code, and the
-    # slowest part of the suite ran it twice)
+    # the UNet alone: its search is what the assertions judge (the text encoder's runs the same code, and
+    # this was the suite's slowest test)
     out = export_dir("coreml", "palette-mixed", components=["unet"],
                      backend_options={"palette_granularity": "per_grouped_channel", "deployment_target": "iOS18"})
     unet = read_manifest(out).components["unet"].details

@@ -128,8 +128,8 @@ class Recipe:
         text_encoder_class: ``CLIPTextModel``, or ``CLIPTextModelWithProjection`` (SD3's CLIP-L).
         transformer: arguments of ``transformer_class`` (SD3's MMDiT, Flux's transformer).
         transformer_class: ``SD3Transformer2DModel`` or ``FluxTransformer2DModel``.
-        t5: ``T5Config`` arguments of the T5 encoder (Flux's ``text_encoder_2``, SD3's ``text_encoder_3``); None: no T5 (an SD3
-            pipeline then conditions on CLIP alone).
+        t5: ``T5Config`` arguments of the T5 encoder (Flux's ``text_encoder_2``, SD3's ``text_encoder_3``);
+            None: no T5 (an SD3 pipeline then conditions on CLIP alone).
         t5_max_length: the T5 tokenizer's ``model_max_length`` (FLUX.1-dev: 512; SD3: 256, its max_sequence_length).
     """
 

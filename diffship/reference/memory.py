@@ -36,7 +36,7 @@ def largest_tensor(specs: list[ComponentSpec], profile: ShapeProfile) -> tuple[i
         batch, tokens = dims["batch"], dims["latent_height"] * dims["latent_width"]
         if spec.denoiser and not cfg.get("down_block_types"):
             # a transformer (SD3's MMDiT, Flux): joint attention over the image patches and the text tokens
-            patches = dims.get("image_sequence") or tokens // cfg.get("patch_size", 2) ** 2
+            patches = next((dims[d] for d in spec.packed), None) or tokens // cfg.get("patch_size", 2) ** 2
             n = patches + dims.get("text_sequence", dims.get("joint_sequence", 0))
             found.append((batch * cfg.get("num_attention_heads", 1) * n * n * _FLOAT,
                           f"{spec.name} attention scores over {n} image and text tokens"))

@@ -58,20 +58,34 @@ def tiny_pipe(tiny_dir):
     return load("tiny")
 
 
+def _shared_export(tmp_path_factory, key: tuple, build) -> Path:
+    """The folder of the export ``key``, made once per test session by ``build(folder)`` and shared by both
+    test workers (a file lock: the second worker waits for the first instead of exporting it again).
+    Shared exports are read-only to tests; a test that changes one works on a copy."""
+    import hashlib
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    name = "-".join(str(k) for k in key[:3]) + "-" + hashlib.sha256(repr(key).encode()).hexdigest()[:8]
+    folder = root / "shared-exports" / name / "export"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder.parent) + ".lock"):
+        if not (folder / "diffship.json").is_file():
+            build(folder)  # written atomically: a failed export leaves no folder, and the next caller retries
+    return folder
+
+
 @pytest.fixture(scope="session")
 def export_dir(tmp_path_factory):
-    """``export_dir(backend, precision="fp32", **kwargs)``: a session-cached export of ``tiny``."""
+    """``export_dir(backend, precision="fp32", **kwargs)``: a session-shared export of ``tiny``."""
     from diffship.workflows import export_pipeline
 
-    made: dict[tuple, Path] = {}
-
     def make(backend: str, precision: str = "fp32", **kwargs) -> Path:
-        key = (backend, precision, repr(sorted(kwargs.items())))
-        if key not in made:
-            out = tmp_path_factory.mktemp(f"{backend}-{precision}") / "export"
-            export_pipeline("tiny", out, backend=backend, precision=precision, **kwargs)
-            made[key] = out
-        return made[key]
+        return _shared_export(tmp_path_factory, ("tiny", backend, precision, tuple(sorted(kwargs.items()))),
+                              lambda out: export_pipeline("tiny", out, backend=backend, precision=precision, **kwargs))
 
     return make
 
@@ -79,19 +93,14 @@ def export_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cli_export(tmp_path_factory):
     """``cli_export(preset, backend)``: ``diffship export PRESET OUT --backend B`` through the CLI, once per
-    session (each family's CLI, runtime and packaging tests share it)."""
+    session (each family's CLI, runtime and packaging tests share it; ``tiny``'s is ``export_dir``'s fp32)."""
     from diffship.cli import main
 
-    made: dict[tuple[str, str], Path] = {}
+    def build(preset: str, backend: str, out: Path) -> None:
+        assert main(["export", preset, str(out), "--backend", backend]) == 0
 
-    def make(preset: str, backend: str) -> Path:
-        if (preset, backend) not in made:
-            out = tmp_path_factory.mktemp(f"{preset}-{backend}") / "export"
-            assert main(["export", preset, str(out), "--backend", backend]) == 0
-            made[preset, backend] = out
-        return made[preset, backend]
-
-    return make
+    return lambda preset, backend: _shared_export(tmp_path_factory, (preset, backend, "fp32", ()),
+                                                  lambda out: build(preset, backend, out))
 
 
 @pytest.fixture(scope="session")
@@ -109,6 +118,29 @@ def cli_pipeline(cli_export):
         return loaded[preset, backend]
 
     return get
+
+
+#: the backends each family's CLI export + parity test runs on, with their markers.
+CLI_BACKENDS = [pytest.param(b, marks=getattr(pytest.mark, b)) for b in ("onnx", "openvino", "coreml")]
+
+
+def cli_parity(preset: str, backend: str, cli_export, report_dir: Path, steps: int, components: set[str],
+               min_image_psnr: float) -> None:
+    """``diffship export PRESET OUT --backend B`` (the session's) then ``diffship parity PRESET OUT --steps N``:
+    exit 0, every component judged, all three tasks run, images at least ``min_image_psnr``."""
+    import json
+
+    from diffship import backends
+    from diffship.cli import main
+
+    if backend not in backends.installed():
+        pytest.skip(f"the {backend} extra is not installed")
+    out = cli_export(preset, backend)
+    assert main(["parity", preset, str(out), "--steps", str(steps), "--report", str(report_dir)]) == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    assert {c["component"] for c in report["components"]} == components
+    assert {i["task"] for i in report["images"]} == {"text2img", "img2img", "inpaint"}
+    assert min(i["metrics"]["psnr"] for i in report["images"]) >= min_image_psnr
 
 
 @pytest.fixture(scope="session")

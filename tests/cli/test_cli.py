@@ -28,10 +28,9 @@ def one_error_line(err: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def cli_export(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "onnx"
-    assert main(["export", "tiny", str(out), "--backend", "onnx"]) == 0
-    return out
+def cli_export(cli_export):
+    """``diffship export tiny OUT --backend onnx`` (the session's, see conftest)."""
+    return cli_export("tiny", "onnx")
 
 
 def test_export_prints_summary(cli_export, capsys):

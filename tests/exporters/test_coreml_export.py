@@ -28,6 +28,8 @@ from diffship.runtimes.pipeline import load_pipeline  # noqa: E402
 
 COMPONENTS = ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
 FAST = ParitySettings(steps=4, tasks=("text2img",))
+#: the components with attention, which split_einsum changes (the text encoder's stays as it is)
+SPLIT_EINSUM = ["unet", "vae_decoder"]
 EVALUATOR = "Core ML runtime" if platform.system() == "Darwin" else f"MIL reference ({platform.system()})"
 
 
@@ -78,7 +80,7 @@ def test_fp16_parity_meets_apples_gate(export_dir):
     assert m.components["unet"].details.compute_precision == "fp16"
     assert "cast" in m.components["unet"].details.mil_ops
     assert "force_upcast" in m.components["vae_decoder"].details.fp32_fallback
-    (component_psnr, max_abs, image_psnr), _ = passing(out)
+    (component_psnr, max_abs, image_psnr), _ = passing(out, FAST)
     assert image_psnr >= 30 and component_psnr >= 35
     assert max_abs > 1e-5  # it really computed in fp16
 
@@ -114,11 +116,11 @@ def test_split_einsum_equals_original_in_torch(tiny_pipe, name):
 
 
 def test_split_einsum_passes_parity(export_dir):
-    out = export_dir("coreml", backend_options={"attention": "split_einsum"})
+    out = export_dir("coreml", backend_options={"attention": "split_einsum"}, components=SPLIT_EINSUM)
     m = read_manifest(out)
     assert "einsum" in m.components["unet"].details.mil_ops
     assert "einsum" in m.components["vae_decoder"].details.mil_ops
-    (component_psnr, _, image_psnr), _ = passing(out)
+    (component_psnr, _, image_psnr), _ = passing(out, FAST)
     assert image_psnr >= 40 and component_psnr >= 35
 
 

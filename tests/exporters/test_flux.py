@@ -5,12 +5,12 @@ parity on all three tasks; what the exports cannot take is refused by name."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import CLI_BACKENDS, cli_parity
 from diffship.cli import main
 
 
@@ -102,21 +102,10 @@ def test_the_t5_tokenizer_is_built_offline(flux_pipe, tmp_path):
     assert sorted(p.name for p in (tmp_path / "tokenizer_2").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
 
 
-@pytest.mark.parametrize("backend", [pytest.param("onnx", marks=pytest.mark.onnx),
-                                     pytest.param("openvino", marks=pytest.mark.openvino),
-                                     pytest.param("coreml", marks=pytest.mark.coreml)])
-def test_export_and_parity_cli(backend, tmp_path, flux_export):
-    from diffship import backends
-
-    if backend not in backends.installed():
-        pytest.skip(f"the {backend} extra is not installed")
-    out = flux_export(backend)  # diffship export tiny-flux OUT --backend B, exit 0
-    assert main(["parity", "tiny-flux", str(out), "--steps", "2", "--report", str(tmp_path / "report")]) == 0
-    report = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert {c["component"] for c in report["components"]} == {"text_encoder", "text_encoder_2", "transformer",
-                                                              "vae_encoder", "vae_decoder"}
-    assert {i["task"] for i in report["images"]} == {"text2img", "img2img", "inpaint"}
-    assert min(i["metrics"]["psnr"] for i in report["images"]) >= 60
+@pytest.mark.parametrize("backend", CLI_BACKENDS)
+def test_export_and_parity_cli(backend, tmp_path, cli_export):
+    cli_parity("tiny-flux", backend, cli_export, tmp_path / "report", steps=2, min_image_psnr=60,
+               components={"text_encoder", "text_encoder_2", "transformer", "vae_encoder", "vae_decoder"})
 
 
 def test_a_static_size_whose_attention_cannot_fit_is_refused_before_exporting(tmp_path, capsys):

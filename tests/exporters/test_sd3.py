@@ -4,12 +4,12 @@ backend and passes parity on all three tasks; what cannot be exported yet is ref
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import CLI_BACKENDS, cli_parity
 from diffship.cli import main
 
 
@@ -66,21 +66,11 @@ def test_the_transformer_wrapper_computes_what_the_pipeline_uses(sd3_pipe):
     torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("backend", [pytest.param("onnx", marks=pytest.mark.onnx),
-                                     pytest.param("openvino", marks=pytest.mark.openvino),
-                                     pytest.param("coreml", marks=pytest.mark.coreml)])
-def test_export_and_parity_cli(backend, tmp_path, sd3_export):
-    from diffship import backends
-
-    if backend not in backends.installed():
-        pytest.skip(f"the {backend} extra is not installed")
-    out = sd3_export(backend)  # diffship export tiny-sd3 OUT --backend B, exit 0
-    assert main(["parity", "tiny-sd3", str(out), "--steps", "2", "--report", str(tmp_path / "report")]) == 0
-    report = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert {c["component"] for c in report["components"]} == {"text_encoder", "text_encoder_2", "text_encoder_3",
-                                                              "transformer", "vae_encoder", "vae_decoder"}
-    assert {i["task"] for i in report["images"]} == {"text2img", "img2img", "inpaint"}
-    assert min(i["metrics"]["psnr"] for i in report["images"]) >= 60
+@pytest.mark.parametrize("backend", CLI_BACKENDS)
+def test_export_and_parity_cli(backend, tmp_path, cli_export):
+    cli_parity("tiny-sd3", backend, cli_export, tmp_path / "report", steps=2, min_image_psnr=60,
+               components={"text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_encoder",
+                           "vae_decoder"})
 
 
 @pytest.mark.onnx

@@ -69,7 +69,8 @@ def test_builds_an_engine_per_component_with_the_manifest_record(export_dir, tin
 def test_static_profile_and_builder_options(export_dir):
     options = {"optimization_level": 1, **({"compute_capability": "sm86,sm89"} if RTX else {}),
                **({"refit": True} if CAN_RUN or not RTX else {})}
-    out = export_dir("tensorrt", static=(64, 64), batch_size=2, backend_options=options)
+    out = export_dir("tensorrt", static=(64, 64), batch_size=2, backend_options=options,
+                     components=["text_encoder", "unet"])
     m = read_manifest(out)
     unet = m.components["unet"].details
     assert to_data(unet.profiles[0].inputs["sample"]) == {"min": [4, 4, 8, 8], "opt": [4, 4, 8, 8],
@@ -99,14 +100,14 @@ def test_several_profiles_in_one_engine(tmp_path):
 
 
 def test_fp16_engines_keep_the_vae_fp32_and_bf16_builds(export_dir):
-    m = read_manifest(export_dir("tensorrt", "fp16", backend_options={"profile": "static"}))
+    m = read_manifest(export_dir("tensorrt", "fp16", backend_options={"profile": "static"},
+                                 components=["unet", "vae_decoder"]))
     assert m.components["unet"].precision == "fp16"
     assert m.components["unet"].inputs[0].dtype == "float16"
     assert m.components["unet"].details.engine.startswith("fp16.")
     dec = m.components["vae_decoder"]
     assert dec.precision == "fp32" and "force_upcast" in dec.details.fp32_fallback
-    m = read_manifest(export_dir("tensorrt", "bf16", backend_options={"profile": "static"},
-                                 components=["text_encoder", "unet"]))
+    m = read_manifest(export_dir("tensorrt", "bf16", backend_options={"profile": "static"}, components=["unet"]))
     unet = m.components["unet"]
     assert unet.precision == "bf16" and unet.inputs[0].dtype == "bfloat16"
     assert unet.details.onnx["opset"] == 22  # bfloat16 convolutions need opset 22

@@ -163,7 +163,7 @@ def _native_size(configs: dict[str, dict[str, Any]]) -> ShapeProfile:
 
 def _overall(precisions: set[str]) -> str:
     """The export's precision: its components' lowest (a VAE kept in fp32 does not make it fp32)."""
-    for p in ("hybrid-int8", "int8", "fp16", "bf16"):
+    for p in ("int4", "hybrid-int8", "int8", "fp16", "bf16"):
         if p in precisions:
             return p
     return "fp32"
@@ -199,8 +199,8 @@ def _onnx_model(path: Path) -> tuple[tuple[TensorIO, ...], tuple[TensorIO, ...],
 
 
 def _openvino_model(path: Path) -> tuple[tuple[TensorIO, ...], tuple[TensorIO, ...], str, dict[str, Any]]:
-    """IO and precision of an OpenVINO IR: FakeQuantize ops make it hybrid-int8, 8-bit (or 4-bit)
-    weights int8, f16 weights fp16."""
+    """IO and precision of an OpenVINO IR: FakeQuantize ops make it hybrid-int8, 4-bit weights
+    int4, 8-bit weights int8, f16 weights fp16."""
     import openvino as ov
 
     try:
@@ -219,7 +219,9 @@ def _openvino_model(path: Path) -> tuple[tuple[TensorIO, ...], tuple[TensorIO, .
     constants = {op.get_output_element_type(0).get_type_name() for op in ops if op.get_type_name() == "Constant"}
     if "FakeQuantize" in types:
         precision = "hybrid-int8"
-    elif constants & {"u8", "i8", "u4", "i4"}:
+    elif constants & {"u4", "i4"}:
+        precision = "int4"
+    elif constants & {"u8", "i8"}:
         precision = "int8"
     elif "f16" in constants:
         precision = "fp16"

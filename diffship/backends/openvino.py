@@ -2,8 +2,9 @@
 run by OpenVINO Runtime.
 
 Precisions are weight formats; computation stays float32 on the host side of the graph: ``fp32``,
-``fp16`` (weights compressed to fp16), ``int8`` (NNCF 8-bit weight compression) and ``hybrid-int8``
-(the denoiser also gets 8-bit activations, calibrated on inputs recorded from eager runs).
+``fp16`` (weights compressed to fp16), ``int8`` (NNCF 8-bit weight compression), ``hybrid-int8``
+(the denoiser also gets 8-bit activations, calibrated on inputs recorded from eager runs) and ``int4``
+(group-wise 4-bit weights on the denoiser's and T5's matrix products, 8-bit elsewhere).
 """
 
 from __future__ import annotations
@@ -46,17 +47,19 @@ class OpenVINODetails(Details):
     """What an OpenVINO export records per component.
 
     Attributes:
-        weights: the weight format (``fp32``, ``fp16``, ``int8``).
+        weights: the weight format (``fp32``, ``fp16``, ``int8``, ``int4``).
         activations: how activations are quantized (hybrid int8's denoiser), or None (float).
+        int4: for 4-bit weights, how many weights NNCF made 4-bit and how many it kept 8-bit.
     """
 
     weights: str
     activations: str | None = None
+    int4: str | None = None
 
 
 OPENVINO = Backend(
     name="openvino", extra="openvino", packages=("openvino",), runtime_packages=("openvino",),
-    optional_packages=("nncf",), precisions=("fp32", "fp16", "int8", "hybrid-int8"), calibrated=("hybrid-int8",),
+    optional_packages=("nncf",), precisions=("fp32", "fp16", "int8", "hybrid-int8", "int4"), calibrated=("hybrid-int8",),
     model_file=MODEL_FILE, export_options=NoOptions, runtime_options=OpenVINORuntimeOptions, details=OpenVINODetails,
     exporter="diffship.exporters.openvino", runner="diffship.runtimes.openvino:OVRunner",
 )

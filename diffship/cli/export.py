@@ -19,7 +19,7 @@ def export(
     output: Path = typer.Argument(..., metavar="OUT", help="Folder to create (written atomically)."),
     backend: str = typer.Option("onnx", "--backend", "-b", help="Export backend."),
     precision: str = typer.Option("fp32", "--precision", "--weights", "-p",
-                                  help="fp32 or fp16 (overflowing parts stay fp32); weight formats per backend: openvino int8, "
+                                  help="fp32 or fp16 (overflowing parts stay fp32); weight formats per backend: openvino int8 and int4, "
                                        "coreml palette4/6/8, palette-mixed (per-weight widths, -o target_psnr) and int8."),
     static: Optional[str] = typer.Option(None, "--static", metavar="HxW", help="Fixed image size instead of dynamic shapes."),
     batch: int = typer.Option(1, "--batch", min=1, help="Images per call (fixed when --static)."),

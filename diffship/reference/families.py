@@ -45,7 +45,7 @@ def _t5_spec(name: str, config: dict[str, Any], f: int, sequence: int) -> Compon
         outputs=(TensorSpec("last_hidden_state", FLOAT, ("batch", "t5_sequence", config["d_model"])),),
         wrapper=partial(TextEncoderWrapper, outputs=("last_hidden_state",)), method="forward",
         to_inputs=partial(text_encoder_inputs, vocab_size=config.get("vocab_size")),
-        scale_factor=f, static_batch=False, default_dims={"t5_sequence": sequence}, config=config,
+        scale_factor=f, static_batch=False, default_dims={"t5_sequence": sequence}, low_bit_weights=True, config=config,
     )
 
 

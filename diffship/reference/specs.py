@@ -104,6 +104,8 @@ class ComponentSpec(IONames):
             dims are then fixed, and other sizes are refused with the size it takes.
         default_dims: sizes of symbolic dims a request shape does not give, at the pipeline's defaults
             (SD3's joint text sequence: CLIP's 77 tokens + ``max_sequence_length`` T5 positions).
+        low_bit_weights: 4-bit weight formats apply besides the denoiser (T5: billions of matrix-product
+            weights; CLIP's few and the VAE's convolutions stay 8-bit, where 4 bits cost more than they save).
         packed: ``{dim: patch}``: dims counting the image's patches of ``patch`` x ``patch`` latent pixels
             (Flux packs 2x2 latent pixels into one token: ``image_sequence``).
     """
@@ -124,6 +126,7 @@ class ComponentSpec(IONames):
     fixed_size: bool = False
     default_dims: dict[str, int] = field(default_factory=dict)
     packed: dict[str, int] = field(default_factory=dict)
+    low_bit_weights: bool = False
     config: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def check_multiples(self, inputs: dict[str, torch.Tensor]) -> None:

@@ -60,27 +60,70 @@ def converted_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modu
     return copy.deepcopy(module, memo)
 
 
-def _non_finite(outputs: dict[str, torch.Tensor] | tuple | torch.Tensor, names: list[str], precision: str) -> str | None:
-    values = outputs.values() if isinstance(outputs, dict) else (outputs,) if isinstance(outputs, torch.Tensor) else outputs
-    bad = [name for name, value in zip(names, values) if not torch.isfinite(value).all()]
+def _values(outputs: dict[str, torch.Tensor] | tuple | torch.Tensor) -> list[torch.Tensor]:
+    return list(outputs.values() if isinstance(outputs, dict) else (outputs,) if isinstance(outputs, torch.Tensor)
+                else outputs)
+
+
+def _non_finite(outputs, names: list[str], precision: str) -> str | None:
+    bad = [name for name, value in zip(names, _values(outputs)) if not torch.isfinite(value).all()]
     return f"non-finite values in {', '.join(bad)} at {precision}" if bad else None
 
 
-def _overflows(record: Backend, folder: Path, entry: ComponentEntry, spec: ComponentSpec,
-               options: ExportOptions) -> str | None:
-    """Run a freshly exported reduced-precision component once; describe any non-finite output, else None."""
+#: an fp16 activation this large has overflowed, or been clamped where it would have (T5 clamps to max - 1000).
+_FP16_SATURATED = torch.finfo(torch.float16).max - 1000
+
+
+def _run_watching(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[Any, str | None]:
+    """Run the reduced torch module; also the first submodule whose fp16 output reaches the fp16 limit
+    (infinite, or clamped there as T5 clamps), None if none."""
+    hits: list[str] = []
+
+    def watch(name: str):
+        def hook(_module, _inputs, output):
+            for t in (output if isinstance(output, (tuple, list)) else (output,)):
+                if (not hits and isinstance(t, torch.Tensor) and t.dtype == torch.float16
+                        and t.numel() and float(t.abs().max()) >= _FP16_SATURATED):
+                    hits.append(name)
+        return hook
+
+    handles = [m.register_forward_hook(watch(name)) for name, m in module.named_modules() if name]
+    try:
+        with torch.no_grad():
+            outputs = module(*inputs.values())
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs, hits[0] if hits else None
+
+
+def _probe_torch(spec: ComponentSpec, module: torch.nn.Module, options: ExportOptions, compute: str,
+                 runnable: bool) -> str | None:
+    """Why the reduced torch module (``compute``: fp16, bf16; Core ML's palettes compute in fp16) cannot be
+    exported at that precision, from one watched run on the example inputs, or None.
+
+    An activation that reaches the fp16 limit is refused even when the outputs stay finite, as they do for
+    T5, which clamps fp16 infinities to the largest fp16 value and so returns wrong hidden states (a
+    saturating tiny T5: cosine 0.9997 to fp32). Outputs are not compared with fp32 instead: on random
+    inputs a sound fp16 export differs about as much (tiny-flux's transformer through Core ML fp16: cosine
+    0.99986). Non-finite outputs are refused here only where the export cannot run (``runnable``): where it
+    can, the export's own outputs decide (:func:`_probe_export`).
+    """
+    outputs, saturated = _run_watching(module, spec.example_inputs(options.profile, compute))
+    if not runnable and (reason := _non_finite(outputs, spec.output_names, compute)):
+        return reason
+    if saturated:
+        return f"{saturated} overflows at {compute} on the example inputs (activations reach fp16's limit, 65504)"
+    return None
+
+
+def _probe_export(record: Backend, spec: ComponentSpec, folder: Path, entry: ComponentEntry,
+                  options: ExportOptions) -> str | None:
+    """Run a fresh reduced-precision export once on the example inputs; describe non-finite outputs, else None."""
     from diffship.runtimes import open_runner
 
     with open_runner(record.name, folder, entry) as runner:
         outputs = runner.infer(spec.example_inputs(options.profile, options.precision))
-    return _non_finite(outputs, spec.output_names, options.precision)
-
-
-def _overflows_in_torch(spec: ComponentSpec, module: torch.nn.Module, options: ExportOptions) -> str | None:
-    """The same probe on the reduced-precision torch module, for backends that cannot run here (a
-    TensorRT engine built without a GPU): the module computes in the precision the engine will."""
-    with torch.no_grad():
-        outputs = module(*spec.example_inputs(options.profile, options.precision).values())
     return _non_finite(outputs, spec.output_names, options.precision)
 
 
@@ -91,7 +134,8 @@ def _with_fallback(entry: ComponentEntry, reason: str) -> ComponentEntry:
 
 def _export_component(record: Backend, exporter: ModuleType, spec: ComponentSpec, eager: torch.nn.Module,
                       folder: Path, options: ExportOptions) -> ComponentEntry:
-    """Export one component; a reduced-precision export that overflows is replaced by an fp32 one."""
+    """Export one component; a reduced-precision export that overflows (non-finite outputs, or saturated
+    activations: :func:`_probe_torch`, :func:`_probe_export`) is replaced by an fp32 one."""
     if options.precision != "fp32" and spec.keep_fp32:
         entry = exporter.export(spec, spec.wrapper(eager).eval(), folder, replace(options, precision="fp32"))
         return _with_fallback(entry, "kept in fp32: the VAE config sets force_upcast (diffusers runs it in fp32)")
@@ -102,11 +146,12 @@ def _export_component(record: Backend, exporter: ModuleType, spec: ComponentSpec
     if reduced:
         module = converted_copy(module, PRECISIONS[compute])
     runnable = options.precision != "fp32" and record.unavailable_reason() is None
-    reason = _overflows_in_torch(spec, module, replace(options, precision=compute)) if reduced and not runnable else None
+    # before exporting: an exporter may convert the module it is given (OpenVINO traces in fp32)
+    reason = _probe_torch(spec, module, options, compute, runnable) if reduced else None
     if reason is None:
         entry = exporter.export(spec, module, folder, options)
         if runnable:
-            reason = _overflows(record, folder, entry, spec, options)
+            reason = _probe_export(record, spec, folder, entry, options)
         if reason is None:
             return entry
         shutil.rmtree(folder)

@@ -115,6 +115,38 @@ def test_a_static_size_whose_attention_cannot_fit_is_refused_before_exporting(tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("backend", [pytest.param("onnx", marks=pytest.mark.onnx),
+                                     # cannot run here: the probe runs only the fp16 torch module
+                                     pytest.param("tensorrt", marks=pytest.mark.tensorrt)])
+def test_a_t5_that_saturates_in_fp16_is_kept_fp32(flux_pipe, tmp_path, backend):
+    """T5's known fp16 overflow: transformers' T5 clamps fp16 infinities to the largest fp16 value, so the
+    overflow stays finite and only the hidden states are wrong. The export's probe watches the fp16 torch
+    module's activations, finds it and keeps that T5 in fp32; a T5 that does not saturate stays fp16."""
+    import copy
+
+    from diffusers import FluxPipeline
+
+    from diffship import backends
+    from diffship.workflows import export_pipeline
+
+    if backend not in backends.installed():
+        pytest.skip(f"the {backend} extra is not installed")
+    fine = export_pipeline("tiny-flux", tmp_path / "fine", backend=backend, precision="fp16",
+                           components=["text_encoder_2"])
+    assert fine.components["text_encoder_2"].precision == "fp16"
+    hot = copy.deepcopy(flux_pipe.text_encoder_2)
+    with torch.no_grad():  # the first block's feed-forward output reaches 65504 (measured on the example inputs:
+        # x1e4 stays clear, x3e4 saturates while its outputs stay finite, cosine 0.99968 to fp32)
+        hot.encoder.block[0].layer[-1].DenseReluDense.wo.weight.mul_(3e4)
+    src = tmp_path / "hot-t5"
+    FluxPipeline(**{**flux_pipe.components, "text_encoder_2": hot}).save_pretrained(src)
+    m = export_pipeline(src, tmp_path / "out", backend=backend, precision="fp16", components=["text_encoder_2"])
+    entry = m.components["text_encoder_2"]
+    assert entry.precision == "fp32", entry.details.fp32_fallback
+    assert entry.details.fp32_fallback == ("text_encoder.encoder.block.0.layer.1.DenseReluDense.wo overflows at fp16 "
+                                           "on the example inputs (activations reach fp16's limit, 65504)")
+
+
 @pytest.mark.tensorrt
 def test_tensorrt_engines_build(tmp_path):
     from diffship import backends

@@ -155,7 +155,8 @@ def test_fp16_overflow_falls_back_to_fp32(tmp_path, hot_vae_source):
     m = export_pipeline(src, out, precision="fp16", components=["vae_decoder"])
     entry = m.components["vae_decoder"]
     assert entry.precision == "fp32"
-    assert "non-finite values in sample at fp16" in entry.details.fp32_fallback
+    # found in the fp16 torch module before exporting (the ONNX export's outputs would be non-finite)
+    assert entry.details.fp32_fallback.startswith("vae.decoder.conv_out overflows at fp16 on the example inputs")
     dec = onnx.load(out / "vae_decoder" / "model.onnx", load_external_data=False)
     assert dec.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 

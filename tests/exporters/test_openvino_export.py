@@ -45,16 +45,20 @@ def test_fp32_parity_meets_the_onnx_bar(export_dir):
     assert min(i.metrics.psnr for i in report.images) >= 40
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_weight_formats_pass_their_tolerances(export_dir, precision):
+@pytest.mark.parametrize("precision, ratio", [("fp16", 0.6), ("int8", 0.4), ("int4", 0.3)])
+def test_weight_formats_pass_their_tolerances(export_dir, precision, ratio):
     out = export_dir("openvino", precision)
     m = read_manifest(out)
     assert m.components["unet"].details.weights == precision
     assert m.components["unet"].details.activations is None
+    if precision == "int4":  # 4-bit groups on the UNet's matrix products; CLIP and the VAE 8-bit
+        assert m.components["text_encoder"].precision == "int8"
+        assert "int4" not in {m.components[c].precision for c in ("vae_encoder", "vae_decoder")}
+        assert m.components["unet"].details.int4.split()[0] != "0"
     assert m.components["unet"].inputs[0].dtype == "float32"  # IO stays f32 whatever the weights
     fp32_size = (export_dir("openvino") / "unet" / "openvino_model.bin").stat().st_size
     size = (out / "unet" / "openvino_model.bin").stat().st_size
-    assert size < fp32_size * (0.6 if precision == "fp16" else 0.4)
+    assert size < fp32_size * ratio
     report = check_parity("tiny", out, settings=FAST)
     assert report.passed, report.failures()
     assert report.precision == precision
@@ -110,8 +114,8 @@ def test_bad_device_and_options_are_one_error(export_dir, tmp_path):
         pipe.vae.decode(torch.randn(1, 4, 8, 8))
     with pytest.raises(DiffshipError, match="unknown openvino export option"):
         export_pipeline("tiny", tmp_path / "x", backend="openvino", backend_options={"weights": "int4"})
-    with pytest.raises(DiffshipError, match="unknown precision 'int4' for openvino; choose one of: fp32, fp16, int8"):
-        export_pipeline("tiny", tmp_path / "y", backend="openvino", precision="int4")
+    with pytest.raises(DiffshipError, match="unknown precision 'int2' for openvino; choose one of: fp32, fp16, int8"):
+        export_pipeline("tiny", tmp_path / "y", backend="openvino", precision="int2")
 
 
 def test_hybrid_int8_quantizes_unet_activations_on_calibration_data(tmp_path, optimum_layout):

@@ -239,3 +239,22 @@ def atomic_folder(final: Path, overwrite: bool = False, replaceable: Callable[[P
         finally:
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_folder(folder: Path) -> bool:
+    """Remove ``folder`` as one step for readers: renamed aside (``.<name>.old-<pid>-*``), then deleted.
+
+    Returns:
+        False, removing nothing, when another process is writing ``folder`` (it holds its lock).
+    """
+    folder = Path(folder)
+    try:
+        with _lock(folder, wait=False):
+            if not folder.is_dir():
+                return False
+            aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-{os.getpid()}-", dir=folder.parent))
+            folder.rename(aside / folder.name)
+    except DiffshipError:
+        return False
+    shutil.rmtree(aside, ignore_errors=True)
+    return True

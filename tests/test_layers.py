@@ -10,8 +10,8 @@ from pathlib import Path
 import diffship
 
 ROOT = Path(diffship.__file__).parent
-#: what each package may import besides itself and the shared top-level modules (errors, _files, _isolate,
-#: progress). configs and reference are leaves; exporters and runtimes never import each other.
+#: what each package may import besides itself and the shared top-level modules (errors, _files, _cache,
+#: _isolate, progress). configs and reference are leaves; exporters and runtimes never import each other.
 ALLOWED = {
     "configs": set(),
     "reference": set(),
@@ -24,7 +24,7 @@ ALLOWED = {
     "bench": {"workflows", "parity", "runtimes", "backends", "reference", "configs"},
     "cli": {"bench", "packaging", "parity", "workflows", "exporters", "runtimes", "backends", "reference", "configs"},
 }
-SHARED = {"errors", "_files", "_isolate", "progress"}
+SHARED = {"errors", "_files", "_cache", "_isolate", "progress"}
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -62,6 +62,8 @@ class TensorRTExportOptions:
         compute_capability: TensorRT-RTX target GPUs (``sm86,sm89``); standard TensorRT: ``ampere+``.
         timing_cache: timing-cache file, true (one per flavour, version and GPU in the diffship cache) or false.
         onnx_cache: keep the intermediate ONNX export in the diffship cache.
+        onnx_cache_max_gb: the ONNX cache's size cap: after a new entry is written, the least recently used
+            others are removed until the cache fits (0: no cap; ``diffship cache`` lists and prunes it).
         opset / external_data: of the intermediate ONNX export.
     """
 
@@ -73,6 +75,7 @@ class TensorRTExportOptions:
     compute_capability: tuple[str, ...] = option((), normalize=_targets)
     timing_cache: str | bool = True
     onnx_cache: bool = True
+    onnx_cache_max_gb: float = option(20.0, minimum=0)
     opset: int = option(18, minimum=MIN_OPSET)
     external_data: bool | None = None
 

@@ -91,11 +91,12 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def summary_rows(doc: BenchResults) -> tuple[list[str], list[list[str]]]:
-    """One row per subject at the default request: export, memory, UNet and end-to-end speed, parity."""
+    """One row per subject at the default request: export, memory, denoiser and end-to-end speed, parity."""
     p = doc.default_point()
+    denoiser, label = doc.denoiser()
     rows = []
     for s in doc.subjects:
-        unet = next(iter(doc.find(kind="component", subject=s.name, component="unet", batch=p["batch"],
+        unet = next(iter(doc.find(kind="component", subject=s.name, component=denoiser, batch=p["batch"],
                                   height=p["height"], width=p["width"])), None)
         e2e = next(iter(doc.find(kind="pipeline", subject=s.name, **p)), None)
         export = s.export
@@ -112,7 +113,7 @@ def summary_rows(doc: BenchResults) -> tuple[list[str], list[list[str]]]:
             f"not run: {status}" if status else s.runtime or "",
         ])
     header = ["subject", "export", "export peak RSS", "size on disk", "load", "peak RSS",
-              f"UNet ms (batch {2 * p['batch']})", "GFLOP/s", f"{p['steps']} steps", "steps/s", "image PSNR", "runs on"]
+              f"{label} ms (batch {2 * p['batch']})", "GFLOP/s", f"{p['steps']} steps", "steps/s", "image PSNR", "runs on"]
     return header, rows
 
 
@@ -162,7 +163,7 @@ def to_markdown(doc: BenchResults) -> str:
         lines += ["## Schedulers", "",
                   f"steps needed: the fewest measured step counts whose image is within {CONVERGED_PSNR:.0f} dB "
                   "of the same scheduler's image at the most measured steps (reference subject).", ""]
-        lines += [_table(["scheduler", "UNet calls per step", "steps needed", "PSNR by steps"],
+        lines += [_table(["scheduler", f"{doc.denoiser()[1]} calls per step", "steps needed", "PSNR by steps"],
                          [[s.scheduler_class or s.scheduler, s.unet_calls_per_step,
                            s.steps_needed or "not within the measured counts",
                            ", ".join(f"{k}: {v if isinstance(v, str) else f'{v:.1f}'}" for k, v in s.psnr_by_steps.items())]

@@ -37,11 +37,12 @@ def write_plots(doc: BenchResults, out: Path) -> list[Path]:
 
 
 def _latency(doc: BenchResults, plt: Any):
-    """Median UNet call and end-to-end latency per subject at the default request, with p10-p90 bars."""
+    """Median denoiser call and end-to-end latency per subject at the default request, with p10-p90 bars."""
     p = doc.default_point()
+    denoiser, label = doc.denoiser()
     panels = [
-        (f"UNet call, batch {2 * p['batch']}, {p['height']}x{p['width']} (ms)",
-         {"kind": "component", "component": "unet", "batch": p["batch"], "height": p["height"], "width": p["width"]}),
+        (f"{label} call, batch {2 * p['batch']}, {p['height']}x{p['width']} (ms)",
+         {"kind": "component", "component": denoiser, "batch": p["batch"], "height": p["height"], "width": p["width"]}),
         (f"end to end, {p['steps']} steps (ms)", {"kind": "pipeline", **p}),
     ]
     data = [[(m.subject, m.latency_ms) for m in doc.find(**where) if m.latency_ms] for _, where in panels]
@@ -62,10 +63,11 @@ def _latency(doc: BenchResults, plt: Any):
 
 
 def _scaling(doc: BenchResults, plt: Any):
-    """Median UNet latency against image pixels, one line per subject (batch 1 requests)."""
+    """Median denoiser latency against image pixels, one line per subject (batch 1 requests)."""
     batch = doc.settings["batches"][0]
+    denoiser, label = doc.denoiser()
     lines: dict[str, list[tuple[int, float]]] = {}
-    for m in doc.find(kind="component", component="unet", batch=batch):
+    for m in doc.find(kind="component", component=denoiser, batch=batch):
         if m.latency_ms:
             lines.setdefault(m.subject, []).append((m.height * m.width, m.latency_ms.median))
     lines = {k: sorted(v) for k, v in lines.items() if len(v) > 1}
@@ -75,7 +77,7 @@ def _scaling(doc: BenchResults, plt: Any):
     for subject, points in lines.items():
         ax.plot([x / 1e6 for x, _ in points], [y for _, y in points], marker="o", label=subject)
     ax.set_xlabel("image megapixels")
-    ax.set_ylabel(f"UNet call, batch {2 * batch}: median ms")
+    ax.set_ylabel(f"{label} call, batch {2 * batch}: median ms")
     ax.set_title(f"resolution scaling: {doc.settings['source']}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -249,6 +249,13 @@ class BenchResults:
         """Measurements whose fields equal ``where``."""
         return [m for m in self.measurements if all(getattr(m, k) == v for k, v in where.items())]
 
+    def denoiser(self) -> tuple[str, str]:
+        """The denoiser's component name and its label in tables: the UNet, or the transformer of the
+        SD3 and Flux families."""
+        if any(getattr(m, "component", None) == "transformer" for m in self.measurements):
+            return "transformer", "transformer"
+        return "unet", "UNet"
+
     def default_point(self) -> dict[str, Any]:
         """The default request: first size, first batch, first step count, first scheduler."""
         st = self.settings

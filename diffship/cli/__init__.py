@@ -44,7 +44,7 @@ def _quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
 
 
-from diffship.cli import adopt, bench, demo, export, generate, inspect, package, parity  # noqa: E402  (commands register on `app`)
+from diffship.cli import adopt, bench, cache, demo, export, generate, inspect, package, parity  # noqa: E402  (commands register on `app`)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffship._cache import enforce_cap, touch
 from diffship._files import atomic_folder, atomic_write, cache_dir, code_fingerprint, read_json, write_json
 from diffship._isolate import run_isolated
 from diffship.backends.manifest import ComponentEntry
@@ -199,7 +200,9 @@ def onnx_for(spec: ComponentSpec, module: nn.Module, options: ExportOptions, bui
     key = _onnx_key(spec, module, onnx_options)
     folder = cache_dir() / "onnx" / f"{spec.name}-{options.precision}-{key[:24]}"
     reused = (folder / "artifact.json").is_file()
-    if not reused:
+    if reused:
+        touch(folder)  # the cap removes the least recently used entries first
+    else:
         try:
             with atomic_folder(folder, wait=True) as tmp:
                 entry = onnx_exporter.export(spec, module, tmp, onnx_options)
@@ -207,6 +210,8 @@ def onnx_for(spec: ComponentSpec, module: nn.Module, options: ExportOptions, bui
         except DiffshipError:
             if not (folder / "artifact.json").is_file():  # not just another process finishing first
                 raise
+        if build.onnx_cache_max_gb:
+            enforce_cap("onnx", int(build.onnx_cache_max_gb * 1e9), keep=folder)
     details = read_json(folder / "artifact.json")["details"]
     return folder / ONNX_FILE, {**details, "cached": str(folder), "reused": reused,
                                                 "seconds": round(time.perf_counter() - start, 2)}

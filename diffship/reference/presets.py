@@ -6,8 +6,9 @@
   scheduler. Tests and the demo use it.
 * ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``: SDXL, SD3.5 and FLUX.1-dev at toy width (tiny-flux's T5
   tokenizer is a Unigram model over single characters and CLIP's whole words, built offline).
-* ``sd15-arch``: the full Stable Diffusion 1.5 architecture (860M-parameter UNet, CLIP ViT-L/14 text
-  encoder, SD VAE) with seeded random weights, so benchmarks measure real compute without downloads.
+* ``sd15-arch``, ``sdxl-arch``, ``sd3-arch``: the full Stable Diffusion 1.5, SDXL and SD3.5-medium
+  architectures (SD 1.5: 860M-parameter UNet, CLIP ViT-L/14 text encoder, SD VAE) with seeded random
+  weights, so benchmarks measure real compute without downloads.
 
 A preset is a :class:`Recipe` (component configs as data); everything downstream treats the built
 folder like any model folder.
@@ -24,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from diffship._cache import touch
 from diffship._files import atomic_folder, cache_dir
 from diffship.errors import DiffshipError
 
@@ -265,6 +267,23 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                   **_SDXL_UNET_BLOCKS),
         vae=_SDXL_VAE,
     ),
+    # stabilityai/stable-diffusion-3.5-medium's configs without T5 (diffusers then conditions on CLIP alone,
+    # padding to the MMDiT's 4096-wide context): CLIP-L and OpenCLIP bigG with projection, the
+    # 2.2B-parameter MMDiT-X (qk RMS-norm, dual attention in its first 13 layers), the SD3 VAE.
+    Recipe(
+        name="sd3-arch", version=1, pipeline="StableDiffusion3Pipeline", t5_max_length=256,
+        scheduler_class="FlowMatchEulerDiscreteScheduler", scheduler=dict(num_train_timesteps=1000, shift=3.0),
+        text_encoder_class="CLIPTextModelWithProjection",
+        text_encoder=_VIT_L,
+        text_encoder_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                            projection_dim=1280, hidden_act="gelu"),
+        unet=None,
+        transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                         attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                         caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                         qk_norm="rms_norm", dual_attention_layers=tuple(range(13))),
+        vae=dict(_SD3_VAE, layers_per_block=2, sample_size=1024, block_out_channels=(128, 256, 512, 512)),
+    ),
 )}
 
 
@@ -340,7 +359,9 @@ def preset_path(name: str) -> Path:
     """The cached folder of preset ``name``, built on first use."""
     recipe = RECIPES[name]
     path = cache_dir() / f"{recipe.name}-v{recipe.version}"
-    if not (path / "model_index.json").is_file():
+    if (path / "model_index.json").is_file():
+        touch(path)  # last use, for `diffship cache prune --older-than`
+    else:
         try:
             build_preset(recipe, path)
         except (DiffshipError, OSError):

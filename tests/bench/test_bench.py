@@ -186,6 +186,20 @@ def test_presets_are_valid_and_sd15_arch_is_the_full_architecture():
     assert RECIPES["sd15-arch"].text_encoder["num_hidden_layers"] == 12
 
 
+def test_sd3_arch_is_sd35_mediums_transformer_without_t5():
+    import diffusers
+    import torch
+
+    from diffship.reference.presets import RECIPES
+
+    recipe = RECIPES["sd3-arch"]
+    assert preset("sd3-arch").source == "sd3-arch" and recipe.t5 is None
+    with torch.device("meta"):  # the shape only: no 9 GB of weights
+        transformer = getattr(diffusers, recipe.transformer_class)(**recipe.transformer)
+    assert round(sum(p.numel() for p in transformer.parameters()) / 1e9, 2) == 2.24
+    assert transformer.config.pooled_projection_dim == recipe.text_encoder["projection_dim"] + recipe.text_encoder_2["projection_dim"]
+
+
 @pytest.mark.parametrize("data, message", [
     ({"sizes": ["64by64"]}, "not HEIGHTxWIDTH"),
     ({"sizes": ["60x64"]}, "multiples of 8"),

@@ -62,3 +62,18 @@ def test_a_document_of_records_validates_against_the_schema():
     ]
     jsonschema.Draft202012Validator(SCHEMA).validate(doc.to_data())
     assert to_data(doc)["measurements"][0]["kind"] == "component"
+
+
+@pytest.mark.parametrize("component, label", [("unet", "UNet"), ("transformer", "transformer")])
+def test_the_summary_reports_the_families_denoiser(component, label):
+    from diffship.bench.output import summary_rows
+
+    settings = {"source": "x", "sizes": ["64x64"], "batches": [1], "steps": [2], "schedulers": ["default"]}
+    doc = BenchResults(created="2026-01-01T00:00:00", command=None, machine={}, settings=settings,
+                       subjects=[SubjectRecord("torch-fp32", "torch", "fp32", runs=True)])
+    doc.measurements = [ComponentMeasurement(
+        subject="torch-fp32", component=name, batch=1, height=64, width=64, latency_ms=stats_ms([ms / 1e3] * 3),
+        first_call_ms=None, flops=None, gflops_per_s=None, parity=None)
+        for name, ms in (("text_encoder", 1.0), (component, 250.0))]
+    header, rows = summary_rows(doc)
+    assert header[6] == f"{label} ms (batch 2)" and rows[0][6].startswith("250.0")

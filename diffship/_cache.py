@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffship._files import cache_dir, remove_folder
+from diffship._files import cache_dir, folder_bytes, remove_folder
 
 #: entry kinds, by where they lie in the cache.
 KINDS = ("preset", "onnx", "timing-cache")
@@ -40,14 +40,8 @@ class CacheEntry:
     last_used: float
 
 
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
-
-
 def _entry(path: Path, root: Path, kind: str) -> CacheEntry:
-    return CacheEntry(path.relative_to(root).as_posix(), kind, path, _size(path), path.stat().st_mtime)
+    return CacheEntry(path.relative_to(root).as_posix(), kind, path, folder_bytes(path), path.stat().st_mtime)
 
 
 def entries(root: Path | None = None) -> list[CacheEntry]:

@@ -88,6 +88,29 @@ def png_bytes(image) -> bytes:
     return buffer.getvalue()
 
 
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (or of the file) now; links are not followed, and files
+    vanishing meanwhile (a writer renaming its working files) are skipped."""
+    if Path(folder).is_file():
+        return Path(folder).stat().st_size
+    total = 0
+    stack = [str(folder)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:
+                        continue
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return total
+
+
 def cache_dir() -> Path:
     """diffship's cache folder: ``$DIFFSHIP_CACHE``, else ``$XDG_CACHE_HOME/diffship``, else ``~/.cache/diffship``."""
     if env := os.environ.get("DIFFSHIP_CACHE"):

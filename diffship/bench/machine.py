@@ -101,10 +101,3 @@ def current_rss_bytes() -> int | None:
         return None
     return pages * os.sysconf("SC_PAGE_SIZE")
 
-
-def folder_bytes(path: Path) -> int:
-    """Total size of the files under ``path`` (or of the file)."""
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

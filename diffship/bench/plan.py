@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from diffship import backends
-from diffship.bench.machine import bf16_native, folder_bytes, peak_rss_bytes
+from diffship._files import folder_bytes
+from diffship.bench.machine import bf16_native, peak_rss_bytes
 from diffship.bench.records import ExportFigures, SubjectRecord
 from diffship.bench.worker import Subject
 from diffship.configs.bench_presets import AUTO, TORCH, BenchSettings

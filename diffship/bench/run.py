@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from diffship import backends
+from diffship._files import folder_bytes, remove_folder
 from diffship.bench.analysis import image_parity, point_key, scheduler_summary, tensor_parity
-from diffship.bench.machine import folder_bytes, machine_info
+from diffship.bench.machine import machine_info
 from diffship.bench.output import write_all
 from diffship.bench.plan import Planned, component_points, export_subject, memory_groups, pipeline_points, plan
 from diffship.bench.pool import Worker, series
@@ -46,7 +47,7 @@ class Progress:
 
 
 def run_bench(settings: BenchSettings, out: str | Path, *, exports: str | Path | None = None, reuse_exports: bool = False,
-              command: str | None = None, progress: Progress | None = None) -> BenchResults:
+              keep_exports: bool = True, command: str | None = None, progress: Progress | None = None) -> BenchResults:
     """Benchmark eager PyTorch and exports of one source; write results to ``out``.
 
     Args:
@@ -55,6 +56,9 @@ def run_bench(settings: BenchSettings, out: str | Path, *, exports: str | Path |
         exports: where exports are written (default ``out/exports``).
         reuse_exports: keep an existing export of the same source, backend and precision (no export
             figures are recorded for it).
+        keep_exports: False: remove each export this run wrote once its subject is measured (as each
+            memory group finishes; with ``export_only``, once its figures are taken), so a run needs the
+            disk of one group's exports at a time. Reused exports always stay.
         command: the command line, recorded in the results.
         progress: receives phases and steps (for progress bars).
 
@@ -94,6 +98,8 @@ def run_bench(settings: BenchSettings, out: str | Path, *, exports: str | Path |
                 p.entry.error = f"export failed: {first_line(exc)}"
                 progress.note(f"{p.subject.name}: {p.entry.error}")
             run.save()
+            if settings.export_only and not keep_exports:
+                _remove_exports([p], progress)
         for p in [p for p in planned if p.subject.backend != TORCH and not p.entry.not_run and not p.entry.error]:
             if settings.export_only:
                 p.entry.not_run = "export only (--export-only)"
@@ -107,6 +113,10 @@ def run_bench(settings: BenchSettings, out: str | Path, *, exports: str | Path |
         for i, group in enumerate(groups):
             run.measure(group, f" ({i + 1}/{len(groups)})" if len(groups) > 1 else "", first=i == 0,
                         source_bytes=source_bytes)
+            if not keep_exports:
+                _remove_exports(group, progress)
+        if not keep_exports:  # those no group measured: not runnable here (TensorRT without a GPU), or failed
+            _remove_exports(planned, progress)
         if not settings.export_only and not any(s.runs for s in doc.subjects):
             raise DiffshipError("no subject could be loaded; see the errors in " + str(out / "results.json"))
         doc.schedulers = scheduler_summary(doc, run.images)
@@ -114,6 +124,18 @@ def run_bench(settings: BenchSettings, out: str | Path, *, exports: str | Path |
     finally:
         run.save(final=True)
     return doc
+
+
+def _remove_exports(subjects: list[Planned], progress: Progress) -> None:
+    """Remove the exports this run wrote for ``subjects`` (those with export figures: not reused, not
+    ``--compare`` folders); the results keep their figures and sizes."""
+    for p in subjects:
+        folder = Path(p.entry.folder) if p.entry.folder else None
+        if p.entry.export is None or p.entry.origin or folder is None or not folder.is_dir():
+            continue
+        if remove_folder(folder):
+            progress.note(f"removed the export {folder} ({p.entry.size_bytes / 1e9:.2f} GB; --keep-exports keeps "
+                          f"exports)")
 
 
 class _Run:

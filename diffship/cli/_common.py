@@ -61,6 +61,11 @@ def steps(title: str) -> Iterator:
             state["name"], state["start"] = message, time.perf_counter()
             status.update(f"{message}…")
 
+        def detail(text: str) -> None:  # the current step's progress, from a watcher thread
+            if state["name"]:
+                status.update(f"{state['name']}… {text}")
+
+        say.detail = detail
         yield say
         close()
 

@@ -85,6 +85,8 @@ def bench(
     output: Path = typer.Option(Path("bench-results"), "--out", help="Folder for every file of the run."),
     exports: Optional[Path] = typer.Option(None, "--exports", help="Where exports go (default OUT/exports)."),
     reuse_exports: bool = typer.Option(False, "--reuse-exports", help="Keep existing exports of the same source."),
+    keep_exports: bool = typer.Option(False, "--keep-exports", help="Keep the exports this run writes (default: "
+                                      "each is removed once measured; --reuse-exports keeps them too)."),
     option: Optional[list[str]] = typer.Option(None, "--option", "-o", metavar="BACKEND:KEY=VALUE",
                                                help="Runtime option of one backend (repeatable)."),
     export_option: Optional[list[str]] = typer.Option(None, "--export-option", "-e", metavar="BACKEND:KEY=VALUE",
@@ -120,7 +122,8 @@ def bench(
                   console=console, transient=False) as bars:
         tracker = _Bars(bars)
         try:
-            doc = run_bench(settings, output, exports=exports, reuse_exports=reuse_exports, command=command,
+            doc = run_bench(settings, output, exports=exports, reuse_exports=reuse_exports,
+                            keep_exports=keep_exports or reuse_exports, command=command,
                             progress=tracker)
         finally:
             tracker.finish()

@@ -90,6 +90,7 @@ def _load_folder(folder: Path, allow_pickle: bool):
             f"{folder} holds only pickle weights (.bin/.ckpt); convert them to safetensors, or pass "
             f"--allow-pickle to load them with torch.load(weights_only=True)"
         )
+    _check_fits(folder)
     try:
         # Modules the pipeline was saved without ([null, null]: SD3 without its T5) are passed as None,
         # which diffusers requires of SD3's optional encoders.
@@ -141,6 +142,18 @@ def _load_single_file(path: Path, config: Path | None, allow_pickle: bool):
             f"loading the single-file checkpoint {path} with configs from {config} failed: {exc}; "
             f"check that {config} has the same architecture as the checkpoint"
         ) from exc
+
+
+def _check_fits(folder: Path) -> None:
+    """Refuse, before loading, a pipeline whose weights cannot fit in the memory available (loading
+    would end in the out-of-memory killer, not an error)."""
+    from diffship.reference.memory import available_memory_bytes, loading_bytes
+
+    need, available = loading_bytes(folder), available_memory_bytes()
+    if available and need > available:
+        raise SourceError(f"{folder} takes {need / 1e9:.1f} GB of memory once loaded (its weights in float32), and "
+                          f"this machine has {available / 1e9:.1f} GB available; it cannot be loaded whole here "
+                          f"(free memory, or use a larger machine)")
 
 
 def resolve_source(source: str | Path) -> tuple[Path, str]:

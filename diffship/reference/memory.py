@@ -57,3 +57,47 @@ def largest_tensor(specs: list[ComponentSpec], profile: ShapeProfile) -> tuple[i
                 found.append((batch * tokens * tokens * _FLOAT,
                               f"{spec.name} attention scores over {tokens} latent pixels"))
     return max(found)
+
+
+#: bytes per value once loaded: diffusers and transformers load float weights as float32 unless told otherwise.
+_LOADED_BYTES = {"F64": 8, "F32": 4, "F16": 4, "BF16": 4, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def safetensors_values(path: Path) -> dict[str, int]:
+    """Values per dtype in one safetensors file, from its header alone (no weights are read).
+
+    Raises:
+        ValueError: the file is not a readable safetensors file.
+    """
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        if size > 100_000_000:
+            raise ValueError(f"{path}: a safetensors header of {size} bytes")
+        header = json.loads(f.read(size))
+    counts: dict[str, int] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        n = 1
+        for d in info["shape"]:
+            n *= d
+        counts[info["dtype"]] = counts.get(info["dtype"], 0) + n
+    return counts
+
+
+def loading_bytes(folder: Path) -> int:
+    """Memory the eager pipeline of a diffusers ``folder`` takes once loaded, estimated from its
+    safetensors headers: float weights become float32 (so a bf16 checkpoint takes twice its size)."""
+    total = 0
+    for path in Path(folder).rglob("*.safetensors"):
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        try:
+            counts = safetensors_values(path)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # loading it reports what is wrong with it
+        total += sum(n * _LOADED_BYTES.get(dtype, 4) for dtype, n in counts.items())
+    return total

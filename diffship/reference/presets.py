@@ -133,6 +133,8 @@ class Recipe:
         t5: ``T5Config`` arguments of the T5 encoder (Flux's ``text_encoder_2``, SD3's ``text_encoder_3``);
             None: no T5 (an SD3 pipeline then conditions on CLIP alone).
         t5_max_length: the T5 tokenizer's ``model_max_length`` (FLUX.1-dev: 512; SD3: 256, its max_sequence_length).
+        streamed: modules built tensor by tensor on disk (:mod:`~diffship.reference.streamed`), never whole
+            in memory, with their weights stored in ``streamed_dtype``.
     """
 
     name: str
@@ -149,6 +151,8 @@ class Recipe:
     transformer_class: str = "SD3Transformer2DModel"
     t5: dict[str, Any] | None = None
     t5_max_length: int = 512
+    streamed: tuple[str, ...] = ()
+    streamed_dtype: str = "bfloat16"
 
 
 #: SD 1.5's scheduler (PNDM, scaled-linear betas).
@@ -284,6 +288,22 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                          qk_norm="rms_norm", dual_attention_layers=tuple(range(13))),
         vae=dict(_SD3_VAE, layers_per_block=2, sample_size=1024, block_out_channels=(128, 256, 512, 512)),
     ),
+    # black-forest-labs/FLUX.1-dev's configs: CLIP-L, T5-v1.1-XXL (the toy T5 vocabulary: its tokenizer is
+    # built offline), the 12B-parameter transformer, the Flux VAE. The transformer and T5 (33 GB in bf16, as
+    # FLUX.1-dev ships them) are written tensor by tensor; for the export-memory work.
+    Recipe(
+        name="flux-arch", version=1, pipeline="FluxPipeline", scheduler_class="FlowMatchEulerDiscreteScheduler",
+        scheduler=_FLUX_SCHEDULER, text_encoder=_VIT_L,
+        t5=dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
+                relative_attention_max_distance=128, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
+                is_gated_act=True, tie_word_embeddings=False),
+        unet=None, transformer_class="FluxTransformer2DModel",
+        transformer=dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
+                         attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                         pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+        vae=dict(_FLUX_VAE, layers_per_block=2, sample_size=1024, block_out_channels=(128, 256, 512, 512)),
+        streamed=("transformer", "text_encoder_2"),
+    ),
 )}
 
 
@@ -320,23 +340,51 @@ def build_preset(recipe: Recipe, out: Path) -> Path:
             _write_t5_tokenizer(tmp / t5_tokenizer, recipe.t5_max_length)
             tokenizer = modules[t5_tokenizer] = T5TokenizerFast.from_pretrained(tmp / t5_tokenizer)
             torch.manual_seed(SEED + 4)
-            modules[t5] = T5EncoderModel(T5Config(**{"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-                                                      "eos_token_id": tokenizer.eos_token_id, **recipe.t5})).eval()
+            with _device_for(recipe, t5):
+                modules[t5] = T5EncoderModel(T5Config(**{
+                    "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                    "eos_token_id": tokenizer.eos_token_id, **recipe.t5})).eval()
         elif recipe.transformer is not None:
             modules.update({t5: None, t5_tokenizer: None})  # diffusers conditions SD3 on CLIP alone
         torch.manual_seed(SEED + 1)
         if recipe.transformer is not None:
-            modules["transformer"] = getattr(diffusers, recipe.transformer_class)(**recipe.transformer).eval()
+            with _device_for(recipe, "transformer"):
+                modules["transformer"] = getattr(diffusers, recipe.transformer_class)(**recipe.transformer).eval()
         else:
             modules["unet"] = UNet2DConditionModel(**recipe.unet).eval()
         torch.manual_seed(SEED + 2)
         modules["vae"] = AutoencoderKL(**recipe.vae).eval()
         modules["scheduler"] = getattr(diffusers, recipe.scheduler_class)(**recipe.scheduler)
-        pipe = build_pipeline(getattr(diffusers, recipe.pipeline), modules)
+        streamed = {name: modules.pop(name) for name in recipe.streamed}  # on the meta device
+        pipe = build_pipeline(getattr(diffusers, recipe.pipeline), {**modules, **dict.fromkeys(streamed)})
         pipe.save_pretrained(tmp, safe_serialization=True)
         for name, *_ in encoders:
             _with_text_model_prefix(tmp / name / "model.safetensors")
+        if streamed:
+            _write_streamed_modules(tmp, streamed, recipe.streamed_dtype)
     return out
+
+
+def _device_for(recipe: Recipe, name: str):
+    """The meta device for a module the recipe streams (shapes only), else no change."""
+    import contextlib
+
+    import torch
+
+    return torch.device("meta") if name in recipe.streamed else contextlib.nullcontext()
+
+
+def _write_streamed_modules(folder: Path, streamed: dict[str, Any], dtype: str) -> None:
+    """Write each meta-device module tensor by tensor and enter it in ``model_index.json`` (which the
+    pipeline saved with the module absent)."""
+    from diffship.reference.streamed import write_streamed
+
+    index = json.loads((folder / "model_index.json").read_text())
+    for i, (name, module) in enumerate(streamed.items()):
+        library = "diffusers" if type(module).__module__.startswith("diffusers") else "transformers"
+        write_streamed(module, folder / name, library, dtype, seed=SEED + 10 + i)
+        index[name] = [library, type(module).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _with_text_model_prefix(weights: Path) -> None:

@@ -23,7 +23,7 @@ from diffship.backends import Backend
 from diffship.backends.manifest import ComponentEntry, Manifest, Shapes, library_versions
 from diffship.errors import DiffshipError, ShapeError
 from diffship.exporters.base import ExportOptions
-from diffship.progress import Progress, silent
+from diffship.progress import Progress, silent, watch_folder
 from diffship.reference import ShapeProfile, family_of, load_with_info
 from diffship.reference.memory import available_memory_bytes, largest_tensor
 from diffship.reference.pipelines import pipeline_configs, save_module_config, write_pipeline_files
@@ -237,8 +237,9 @@ def export_pipeline(
         for spec in specs:
             say(f"exporting {spec.name} ({backend}, {precision})")
             eager = getattr(pipe, spec.source)
-            entries[spec.name] = _export_component(record, exporter, spec, eager, tmp / spec.name,
-                                                   replace(options, calibration=calibration.get(spec.name)))
+            with watch_folder(tmp / spec.name, say):
+                entries[spec.name] = _export_component(record, exporter, spec, eager, tmp / spec.name,
+                                                       replace(options, calibration=calibration.get(spec.name)))
             save_module_config(eager, tmp / spec.name)
         say("writing tokenizer, scheduler and manifest")
         write_pipeline_files(pipe, tmp, backend, {name: e.source for name, e in entries.items()})

@@ -49,6 +49,8 @@ def test_tiny_preset_writes_every_file_and_validates(tiny_run):
     assert doc.machine["isa"] is not None and doc.machine["versions"]["onnxruntime"]
     subjects = {s.name: s for s in doc.subjects}
     assert subjects["onnx-fp32"].export.seconds > 0
+    # measured, then removed (no --keep-exports); its figures stay
+    assert not (tiny_run / "exports" / "onnx-fp32").exists() and subjects["onnx-fp32"].size_bytes > 1e6
     assert subjects["onnx-fp32"].export.peak_rss_bytes > 100e6
     for s in subjects.values():
         assert s.runs or s.not_run, s
@@ -254,7 +256,8 @@ def test_memory_groups_put_the_reference_in_every_group(monkeypatch):
 @pytest.mark.onnx
 def test_export_only_measures_one_component(tmp_path):
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
-    assert main(["bench", "--backends", "torch,onnx", "--export-only", "--component", "unet", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "--backends", "torch,onnx", "--export-only", "--component", "unet", "--keep-exports",
+                 "--out", str(tmp_path)]) == 0
     doc = validate(tmp_path / "results.json")
     onnx = doc.subject("onnx-fp32")
     assert onnx.export.peak_rss_bytes > 0 and not onnx.runs and "export only" in onnx.not_run

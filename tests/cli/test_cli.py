@@ -125,7 +125,7 @@ def test_generate_writes_images(cli_export, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["export", "/no/such/folder", "OUT"], "/no/such/folder: no such file or folder, and not a built-in preset (tiny, sd15-arch, tiny-sdxl, tiny-sd3, tiny-flux, sdxl-arch, sd3-arch)"),
+    (["export", "/no/such/folder", "OUT"], "/no/such/folder: no such file or folder, and not a built-in preset (tiny, sd15-arch, tiny-sdxl, tiny-sd3, tiny-flux, sdxl-arch, sd3-arch, flux-arch)"),
     (["export", "tiny", "OUT", "--backend", "nope"], "unknown backend 'nope'; choose one of:"),
     (["export", "tiny", "OUT", "--static", "100x64"], "height 100 is not a positive multiple of 8"),
     (["export", "tiny", "OUT", "--precision", "int3"], "unknown precision 'int3'"),

@@ -24,6 +24,7 @@ from diffship.backends.openvino import MODEL_FILE, OPENVINO, OpenVINODetails
 from diffship.errors import ExportError, first_line
 from diffship.exporters import ov_weights as weights
 from diffship.exporters.base import ExportOptions, component_files, io_description, quiet_export
+from diffship.reference.shapes import ShapeProfile
 from diffship.reference.specs import ComponentSpec
 
 
@@ -43,12 +44,17 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     inputs, outputs = io_description(spec, options)
     inputs, outputs = (tuple(replace(d, dtype="float32") if d.dtype == "float16" else d for d in io)
                        for io in (inputs, outputs))
-    example = spec.example_inputs(options.profile, "fp32")
+    example = tuple(spec.example_inputs(trace_profile(spec, options), "fp32").values())
     shapes = [(ov.PartialShape([-1 if isinstance(d, str) else d for d in desc.dims]),
                ov.Type.i64 if desc.dtype == "int64" else ov.Type.f32) for desc in inputs]
     try:
         with quiet_export(), torch.no_grad():
-            model = ov.convert_model(module, example_input=tuple(example.values()), input=shapes)
+            from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
+
+            # torch.jit.trace's check re-runs the module and the traced graph (parity checks the export);
+            # tracing runs it once, at trace_profile's size.
+            decoder = TorchScriptPythonDecoder(module, example_input=example, trace_kwargs={"check_trace": False})
+            model = ov.convert_model(decoder, example_input=example, input=shapes)
     except Exception as exc:
         raise ExportError(f"converting {spec.name} to OpenVINO failed ({type(exc).__name__}): "
                           f"{first_line(exc)}; "
@@ -74,6 +80,24 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     ov.save_model(model, out_dir / MODEL_FILE, compress_to_fp16=False)  # fp16: compressed above, all but `precise`
     return ComponentEntry(component=spec.name, source=spec.source, files=component_files(out_dir),
                           precision=precision, inputs=inputs, outputs=outputs, details=details)
+
+
+#: the image side (pixels) dynamic-shape exports are traced at, or twice the size multiple where that is
+#: larger: TorchScript tracing runs the module, and at the export profile's size that took minutes per call
+#: (SD3's transformer at 1024x1024, SD 1.5's VAE decoder at 512x512); the graph's image dims are dynamic.
+TRACE_SIDE = 128
+
+
+def trace_profile(spec: ComponentSpec, options: ExportOptions) -> ShapeProfile:
+    """The request shape ``spec`` is traced at: the export's own for static exports and for graphs that
+    take only the size they were traced at (``fixed_size``: SD3's transformer), else images of
+    :data:`TRACE_SIDE` pixels a side (never larger than the export's), in multiples the model takes."""
+    profile = options.profile
+    if options.static or spec.fixed_size:
+        return profile
+    multiple = options.size_multiple
+    side = -(-max(TRACE_SIDE, 2 * multiple) // multiple) * multiple
+    return replace(profile, height=min(side, profile.height), width=min(side, profile.width))
 
 
 def takes_int4(spec: ComponentSpec) -> bool:

@@ -17,6 +17,8 @@ from diffship.errors import DiffshipError  # noqa: E402
 from diffship.workflows import export_pipeline  # noqa: E402
 from diffship.backends.manifest import read_manifest  # noqa: E402
 from diffship.parity.compare import ParitySettings, check_parity  # noqa: E402
+from diffship.reference import load  # noqa: E402
+from diffship.reference.pipelines import specs_for_pipeline  # noqa: E402
 from diffship.runtimes.pipeline import load_pipeline, open_export  # noqa: E402
 
 FAST = ParitySettings(steps=4, tasks=("text2img",))
@@ -152,3 +154,46 @@ def test_static_export_has_static_ir(tmp_path):
     assert text.inputs[0].get_partial_shape().is_dynamic  # per prompt list: dynamic batch
     pipe = load_pipeline(out)
     assert pipe("a cat", num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
+
+
+def test_dynamic_exports_are_traced_small_and_run_at_every_size(tmp_path, monkeypatch):
+    """Tracing runs the module once at a small size (minutes saved on large models); the graph's image dims
+    stay dynamic, so the export matches eager at the sizes it runs."""
+    from diffship.exporters import openvino as exporter
+
+    traced = []
+    trace_profile = exporter.trace_profile
+    monkeypatch.setattr(exporter, "TRACE_SIDE", 8)  # below tiny's 64 px
+    monkeypatch.setattr(exporter, "trace_profile", lambda s, o: traced.append(trace_profile(s, o)) or traced[-1])
+    out = tmp_path / "ov"
+    export_pipeline("tiny", out, backend="openvino", components=["unet", "vae_decoder"])
+    assert traced and all(p.height == p.width == 32 for p in traced)  # twice tiny's size multiple of 16
+    report = check_parity("tiny", out, settings=FAST)
+    assert report.passed, report.failures()
+    assert max(o.metrics.max_abs for c in report.components for o in c.outputs) <= 1e-4
+    pipe = load_pipeline(out)
+    image = pipe("a cat", num_inference_steps=2, height=96, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 96, 64, 3) and np.isfinite(image).all()
+    from diffship.exporters.base import ExportOptions
+    from diffship.reference.shapes import ShapeProfile
+
+    static = ExportOptions(precision="fp32", profile=ShapeProfile(height=64, width=64), static=True)
+    unet = next(s for s in specs_for_pipeline(load("tiny")) if s.name == "unet")
+    assert trace_profile(unet, static).height == 64  # a static export is traced at its own size
+
+
+def test_a_fixed_size_graph_is_traced_at_its_export_size(monkeypatch):
+    """A ``fixed_size`` spec takes only the size it was traced at (SD3's transformer, as torch.export
+    specialises its positional-embedding crop): traced smaller, it would declare one size and be built for
+    another."""
+    from diffship.exporters import openvino as exporter
+    from diffship.exporters.base import ExportOptions
+    from diffship.reference.shapes import ShapeProfile
+
+    monkeypatch.setattr(exporter, "TRACE_SIDE", 8)
+    specs = {s.name: s for s in specs_for_pipeline(load("tiny-sd3"))}
+    options = ExportOptions(profile=ShapeProfile(height=64, width=64), size_multiple=16)
+    assert specs["transformer"].fixed_size
+    assert exporter.trace_profile(specs["transformer"], options).height == 64
+    assert exporter.trace_profile(specs["vae_decoder"], options).height == 32

@@ -70,6 +70,8 @@ class Backend:
         compute: weight formats -> the precision they compute in (Core ML palettes compute in fp16).
         calibrated: precisions whose denoiser export needs inputs recorded from eager runs.
         fixed_shapes: exports take only the sizes they were made for (Core ML).
+        streams: its exporter takes a module whose weights are placeholders and copies each weight from
+            its source file as it writes (``ExportOptions.weights``), so an export never holds the model.
         model_file: the file each component folder holds (None where its name varies: TensorRT engines).
         export_options: the record of its ``-o KEY=VALUE`` export options.
         runtime_options: the record of its runtime options (``load_pipeline(..., **options)``).
@@ -94,6 +96,7 @@ class Backend:
     compute: Mapping[str, str] = field(default_factory=dict)
     calibrated: tuple[str, ...] = ()
     fixed_shapes: bool = False
+    streams: bool = False
     runtime_unavailable: Callable[[], str | None] | None = None
 
     # --- packages and platform --------------------------------------------------------------------------

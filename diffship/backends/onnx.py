@@ -33,10 +33,14 @@ class OnnxExportOptions:
         opset: the ONNX opset (17 or newer).
         external_data: store weights in ``model.onnx.data``: true, false, or unset to decide by size
             (graphs past the 2 GB protobuf limit must).
+        check: run ``onnx.checker`` with full shape inference on the saved graph (in a child process);
+            false skips it where the next tool validates the graph anyway (OpenVINO converting a
+            streamed export).
     """
 
     opset: int = option(18, minimum=MIN_OPSET)
     external_data: bool | None = None
+    check: bool = True
 
 
 @dataclass(frozen=True)
@@ -60,15 +64,17 @@ class OnnxRuntimeOptions:
 
 @dataclass(kw_only=True)
 class OnnxDetails(Details):
-    """What an ONNX export records per component: its opset and whether weights are external data."""
+    """What an ONNX export records per component: its opset, whether weights are external data, and
+    whether ``onnx.checker`` passed it (false: ``-o check=false`` skipped the check)."""
 
     opset: int
     external_data: bool
+    checked: bool = True
 
 
 ONNX = Backend(
     name="onnx", extra="onnx", packages=("onnx", "onnxscript"), runtime_packages=("onnxruntime",),
-    precisions=("fp32", "fp16"), model_file=MODEL_FILE,
+    precisions=("fp32", "fp16"), model_file=MODEL_FILE, streams=True,
     export_options=OnnxExportOptions, runtime_options=OnnxRuntimeOptions, details=OnnxDetails,
     exporter="diffship.exporters.onnx", runner="diffship.runtimes.onnxruntime:OrtRunner",
 )

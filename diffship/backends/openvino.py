@@ -60,6 +60,6 @@ class OpenVINODetails(Details):
 OPENVINO = Backend(
     name="openvino", extra="openvino", packages=("openvino",), runtime_packages=("openvino",),
     optional_packages=("nncf",), precisions=("fp32", "fp16", "int8", "hybrid-int8", "int4"), calibrated=("hybrid-int8",),
-    model_file=MODEL_FILE, export_options=NoOptions, runtime_options=OpenVINORuntimeOptions, details=OpenVINODetails,
+    model_file=MODEL_FILE, streams=True, export_options=NoOptions, runtime_options=OpenVINORuntimeOptions, details=OpenVINODetails,
     exporter="diffship.exporters.openvino", runner="diffship.runtimes.openvino:OVRunner",
 )

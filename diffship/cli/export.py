@@ -31,6 +31,9 @@ def export(
     config: Optional[Path] = typer.Option(None, "--config", help="Local diffusers folder with the configs of a single-file checkpoint."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .ckpt/.bin weights (torch.load weights_only)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream",
+                                          help="Copy weights from the source's files as they are written, never "
+                                               "loading the model (default: wherever the backend can)."),
     option: Optional[list[str]] = typer.Option(None, "--option", "-o", metavar="KEY=VALUE",
                                                help="Backend-specific export option (repeatable; JSON values)."),
 ) -> None:
@@ -43,6 +46,7 @@ def export(
             source, output, backend=backend, precision=quantize or precision, static=parse_size(static), batch_size=batch,
             guidance=guidance, backend_options=parse_options(option),
             overwrite=overwrite, config=config, allow_pickle=allow_pickle, components=component, progress=say,
+            stream=stream,
         )
     table = Table("component", "precision", "inputs", "outputs", "size", title=f"{backend} export")
     for name, entry in manifest.components.items():

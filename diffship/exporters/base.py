@@ -19,7 +19,7 @@ import warnings
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from diffship.backends.manifest import TensorIO
 from diffship.reference.shapes import ShapeProfile
@@ -42,6 +42,10 @@ class ExportOptions:
             factor times the UNet's latent multiple); backends that fix shape ranges validate with it.
         metadata: facts about the export for backends that embed metadata in their files: source
             (name), source_fingerprint, diffship_version, pipeline_class.
+        weights: for a streamed export, where each weight comes from: the module's parameters are then
+            placeholders without storage (:func:`~diffship.reference.weights.streamed_copy`), and this maps
+            each one's name in the module to a function returning its value (one tensor at a time); None
+            when the module holds its weights. Only backends that declare ``streams`` receive it.
     """
 
     precision: str = "fp32"
@@ -51,6 +55,7 @@ class ExportOptions:
     calibration: list[dict[str, Any]] | None = None
     size_multiple: int = 8
     metadata: dict[str, str] = field(default_factory=dict)
+    weights: Mapping[str, Callable[[], Any]] | None = None
 
 
 def io_description(spec: ComponentSpec, options: ExportOptions) -> tuple[tuple[TensorIO, ...], tuple[TensorIO, ...]]:

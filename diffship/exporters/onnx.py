@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from diffship._isolate import run_isolated
 from diffship.backends.manifest import ComponentEntry, TensorIO
@@ -18,15 +19,10 @@ from diffship.backends.onnx import MODEL_FILE, ONNX, OnnxDetails, OnnxExportOpti
 from diffship.errors import ExportError, first_line
 from diffship.exporters.base import ExportOptions, component_files, io_description, quiet_export
 from diffship.reference.specs import ComponentSpec
+from diffship.reference.weights import converted, fake_mode, weight_bytes
 
 #: graphs whose weights exceed this are saved with external data (protobuf's hard limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2
-
-
-def weight_bytes(module: nn.Module) -> int:
-    """Bytes of parameters and buffers, i.e. the size of the exported initializers."""
-    tensors = list(module.parameters()) + list(module.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def needs_external_data(module: nn.Module, requested: bool | None) -> bool:
@@ -42,12 +38,14 @@ def _dynamic_shapes(spec: ComponentSpec, static: bool) -> dict[str, dict[int, ob
     return {t.name: {i: dyn for i, d in enumerate(t.dims) if d in symbolic} for t in spec.inputs}
 
 
-def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions) -> ComponentEntry:
+def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions, *,
+           optimize: bool = True) -> ComponentEntry:
     """Export ``module`` (the spec's wrapper, already in the target precision) to ``out_dir/model.onnx``.
 
     Symbolic dims get the spec's names (``batch``, ``latent_height``...) in the graph, so runtimes and
     later tools (TensorRT profiles) can read them back. ``options.backend`` is an
-    :class:`~diffship.backends.onnx.OnnxExportOptions` (defaults when None).
+    :class:`~diffship.backends.onnx.OnnxExportOptions` (defaults when None). ``optimize``: run onnxscript's optimizer (constant folding, fusions) -- as long as tracing on a UNet;
+    a converter that optimizes the graph itself (OpenVINO) does without.
     """
     ONNX.require()
     onnx_options: OnnxExportOptions = options.backend or OnnxExportOptions()
@@ -57,15 +55,26 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     if "batch" in spec.symbolic_dims(options.static) and spec.dims(profile)["batch"] == 1:
         # A dim traced at size 1 may be specialised (Flux's transformer then reshapes every batch to 1 row).
         profile = replace(profile, batch_size=2)
-    example = spec.example_inputs(profile, options.precision)
+    example = tuple(spec.example_inputs(profile, options.precision).values())
+    if options.weights is not None:
+        mode = fake_mode(module)  # a streamed module: its inputs must be fake tensors of the same mode
+        example = tuple(mode.from_tensor(t) for t in example)
     inputs, outputs = io_description(spec, options)
     try:
         with quiet_export(), torch.no_grad():
             program = torch.onnx.export(
-                module, tuple(example.values()), input_names=spec.input_names, output_names=spec.output_names,
+                module, example, input_names=spec.input_names, output_names=spec.output_names,
                 dynamic_shapes=_dynamic_shapes(spec, options.static), opset_version=onnx_options.opset,
-                dynamo=True, optimize=True,
+                dynamo=True, optimize=False,
             )
+            if options.weights is not None:
+                _attach_weights(program.model.graph, options.weights, spec.name)
+            # as export(optimize=True) would: constant folding only reads tensors of up to 8192 values, so a
+            # streamed export folds exactly what a normal one does and never reads a large weight here
+            if optimize:
+                program.optimize()
+    except ExportError:
+        raise
     except Exception as exc:
         raise ExportError(f"exporting {spec.name} to ONNX failed ({type(exc).__name__}): {first_line(exc)}; "
                           f"re-run with --debug for the exporter's report") from exc
@@ -74,6 +83,16 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     external = needs_external_data(module, onnx_options.external_data)
     path = out_dir / MODEL_FILE
     program.save(str(path), external_data=external)
+    if onnx_options.check:
+        _check(spec, path)
+    return ComponentEntry(component=spec.name, source=spec.source, files=component_files(out_dir),
+                          precision=options.precision, inputs=inputs, outputs=outputs,
+                          details=OnnxDetails(opset=onnx_options.opset, external_data=external,
+                                              checked=onnx_options.check))
+
+
+def _check(spec: ComponentSpec, path: Path) -> None:
+    """``onnx.checker`` with full shape inference on the saved graph; :class:`ExportError` if invalid."""
     import onnx.checker
     import onnx.shape_inference
 
@@ -85,9 +104,46 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"the exported {spec.name} graph is invalid ({first_line(exc)}); "
                           f"re-run with --debug and report it") from exc
-    return ComponentEntry(component=spec.name, source=spec.source, files=component_files(out_dir),
-                          precision=options.precision, inputs=inputs, outputs=outputs,
-                          details=OnnxDetails(opset=onnx_options.opset, external_data=external))
+
+
+def _attach_weights(graph, weights, name: str) -> None:
+    """Give each placeholder initializer its weight as a lazy tensor: read from its source (and converted)
+    only when the file is written, one at a time, then released.
+
+    A weight the graph transposes (linear layers on 3-D inputs) becomes its transposed copy, lazily too:
+    the optimizer folds every such Transpose whatever its size, which on a streamed weight would read
+    and keep it in memory (all of them: the model's size in memory, for Flux's transformer).
+    """
+    import onnx_ir as ir
+    from onnx_ir.tensor_adapters import TorchTensor, to_torch_dtype
+
+    sources = {}  # initializer -> (its value, its weight, the permutation it is stored in)
+    for key, value in graph.initializers.items():
+        if key in weights:
+            sources[key] = (value, weights[key], None)
+        elif isinstance(getattr(value.const_value, "raw", None), FakeTensor):
+            raise ExportError(f"{name}: the streamed export found no weight for {key}; export with --no-stream")
+    for node in list(graph):
+        source = node.inputs[0] if node.op_type == "Transpose" and node.domain == "" and node.inputs else None
+        if source is None or source.name not in sources or len(source.consumers()) != 1:
+            continue
+        out, key = node.outputs[0], node.outputs[0].name
+        perm = node.attributes["perm"].value if "perm" in node.attributes else list(range(len(source.shape)))[::-1]
+        folded = ir.Value(type=ir.TensorType(source.dtype), shape=ir.Shape([source.shape[i] for i in perm]))
+        ir.convenience.replace_all_uses_with(out, folded)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(source.name)
+        folded.name = key  # the name the optimizer gives a folded Transpose: its output's
+        sources[key] = (folded, sources.pop(source.name)[1], tuple(perm))
+    for key, (value, ref, perm) in sources.items():
+        # in the graph's dtype (an exporter may have converted the placeholders: OpenVINO traces in fp32)
+        def tensor(ref=ref, perm=perm, dtype=to_torch_dtype(value.dtype), key=key):
+            t = converted(ref(), dtype)
+            return TorchTensor(t.permute(perm).contiguous() if perm else t, key)
+
+        value.const_value = ir.LazyTensor(tensor, dtype=value.dtype, shape=value.shape, name=key)
+        if key not in graph.initializers:
+            graph.register_initializer(value)
 
 
 def _name_dims(program, spec: ComponentSpec, inputs: tuple[TensorIO, ...], outputs: tuple[TensorIO, ...]) -> None:

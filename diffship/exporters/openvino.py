@@ -13,6 +13,7 @@ get 8-bit weights. ``int4``: the denoiser and T5 get group-wise 4-bit weights on
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,12 +21,15 @@ import torch
 from torch import nn
 
 from diffship.backends.manifest import ComponentEntry
+from diffship.backends.onnx import MODEL_FILE as ONNX_FILE, OnnxExportOptions
 from diffship.backends.openvino import MODEL_FILE, OPENVINO, OpenVINODetails
 from diffship.errors import ExportError, first_line
-from diffship.exporters import ov_weights as weights
+from diffship.exporters import onnx as onnx_exporter, ov_weights as weights
 from diffship.exporters.base import ExportOptions, component_files, io_description, quiet_export
 from diffship.reference.shapes import ShapeProfile
+from diffship.reference.memory import fits
 from diffship.reference.specs import ComponentSpec
+from diffship.reference.weights import materialized, placeholders_as
 
 
 def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions) -> ComponentEntry:
@@ -36,29 +40,61 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     reshapes to static shapes per request.
     """
     OPENVINO.require()
-    import openvino as ov
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    module = module.float()  # fp16 is a weight format here: trace in fp32, compress on save
+    if options.weights is not None and fits(sum(p.numel() * 4 for p in module.parameters()), copies=3):
+        # a streamed component that fits (the module, OpenVINO's model and what saving it takes, in fp32) is
+        # read into memory and traced: faster than through ONNX; only the pipeline's other parts stay unread
+        module, options = materialized(module, options.weights), replace(options, weights=None)
+    # fp16 is a weight format here: trace in fp32, compress on save
+    module = placeholders_as(module, torch.float32) if options.weights is not None else module.float()
     inputs, outputs = io_description(spec, options)
     inputs, outputs = (tuple(replace(d, dtype="float32") if d.dtype == "float16" else d for d in io)
                        for io in (inputs, outputs))
-    example = tuple(spec.example_inputs(trace_profile(spec, options), "fp32").values())
-    shapes = [(ov.PartialShape([-1 if isinstance(d, str) else d for d in desc.dims]),
-               ov.Type.i64 if desc.dtype == "int64" else ov.Type.f32) for desc in inputs]
+    with tempfile.TemporaryDirectory(prefix=".onnx-", dir=out_dir.parent) as scratch:
+        model = _converted(spec, module, options, inputs, Path(scratch))
+        entry = _finish(spec, model, out_dir, options, inputs, outputs)
+        del model  # unmaps a streamed export's scratch ONNX weights before they are removed
+        return entry
+
+
+def _converted(spec: ComponentSpec, module: nn.Module, options: ExportOptions, inputs, scratch: Path):
+    """The OpenVINO model of ``module`` (fp32): traced with TorchScript, or for a streamed module (weights
+    not in memory) converted from its streamed ONNX export in ``scratch``, whose weights OpenVINO reads
+    from the file as it needs them."""
+    import openvino as ov
+
     try:
+        if options.weights is not None:
+            # OpenVINO validates the graph as it converts it: no ONNX checker (minutes on a large graph)
+            onnx = replace(options, precision="fp32", backend=OnnxExportOptions(external_data=True, check=False))
+            # in fp32: OpenVINO folds a Cast of a narrower weight into an fp32 copy in memory, where it maps
+            # an fp32 weight from the file; and it optimizes the graph itself
+            onnx_exporter.export(spec, module, scratch, onnx, optimize=False)
+            with quiet_export():
+                return ov.convert_model(scratch / ONNX_FILE)
+        example = tuple(spec.example_inputs(trace_profile(spec, options), "fp32").values())
+        shapes = [(ov.PartialShape([-1 if isinstance(d, str) else d for d in desc.dims]),
+                   ov.Type.i64 if desc.dtype == "int64" else ov.Type.f32) for desc in inputs]
         with quiet_export(), torch.no_grad():
             from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
 
             # torch.jit.trace's check re-runs the module and the traced graph (parity checks the export);
             # tracing runs it once, at trace_profile's size.
             decoder = TorchScriptPythonDecoder(module, example_input=example, trace_kwargs={"check_trace": False})
-            model = ov.convert_model(decoder, example_input=example, input=shapes)
+            return ov.convert_model(decoder, example_input=example, input=shapes)
+    except ExportError:
+        raise
     except Exception as exc:
         raise ExportError(f"converting {spec.name} to OpenVINO failed ({type(exc).__name__}): "
                           f"{first_line(exc)}; "
                           f"re-run with --debug") from exc
+
+
+def _finish(spec: ComponentSpec, model, out_dir: Path, options: ExportOptions, inputs, outputs) -> ComponentEntry:
+    """Name the model's IO as the spec does, apply the weight format, save the IR."""
+    import openvino as ov
+
     for port, name in zip(model.inputs, spec.input_names):
         port.get_tensor().set_names({name})
     for port, name in zip(model.outputs, spec.output_names):

@@ -78,7 +78,7 @@ def _has_pickle_only(folder: Path) -> bool:
     return bool(weights) and not any(p.suffix == ".safetensors" for p in weights)
 
 
-def _load_folder(folder: Path, allow_pickle: bool):
+def _load_folder(folder: Path, allow_pickle: bool, stream: bool = False):
     index = _model_index(folder)
     class_name = index["_class_name"]
     fam = family_of(class_name)
@@ -90,21 +90,36 @@ def _load_folder(folder: Path, allow_pickle: bool):
             f"{folder} holds only pickle weights (.bin/.ckpt); convert them to safetensors, or pass "
             f"--allow-pickle to load them with torch.load(weights_only=True)"
         )
-    _check_fits(folder)
     try:
         # Modules the pipeline was saved without ([null, null]: SD3 without its T5) are passed as None,
         # which diffusers requires of SD3's optional encoders.
         absent = {k: None for k, v in index.items() if isinstance(v, list) and v[:1] == [None]}
+        empty = _empty_modules(folder, index, fam) if stream else {}
+        if not stream:
+            _check_fits(folder)
         pipe = cls.from_pretrained(
             # With --allow-pickle, each component takes safetensors where it has them, pickle elsewhere.
             folder, local_files_only=True, use_safetensors=None if allow_pickle else True,
-            **{"safety_checker": None, "feature_extractor": None, **absent}, requires_safety_checker=False,
+            **{"safety_checker": None, "feature_extractor": None, **absent, **empty}, requires_safety_checker=False,
         )
     except Exception as exc:  # diffusers/transformers raise many types for a broken folder
         raise SourceError(f"loading the diffusers folder {folder} failed ({type(exc).__name__}: {first_line(exc)}); "
                           f"check that it is complete and was saved with save_pretrained()") from exc
     check_weights(folder, pipe, fam)
     return pipe
+
+
+def _empty_modules(folder: Path, index: dict[str, Any], fam) -> dict[str, Any]:
+    """The family's torch modules that are stored as safetensors, built empty (:func:`empty_module`) with
+    the buffers their files store."""
+    from diffship.reference.weights import StoredWeights, empty_module, fill_buffers, weight_files
+
+    modules = {}
+    for name, (library, class_name) in fam.modules.items():
+        if isinstance(index.get(name), list) and index[name][0] is not None and weight_files(folder / name):
+            modules[name] = empty_module(library, class_name, folder / name)
+            fill_buffers(modules[name], StoredWeights(folder / name, modules[name]))
+    return modules
 
 
 def _load_single_file(path: Path, config: Path | None, allow_pickle: bool):
@@ -171,18 +186,37 @@ def resolve_source(source: str | Path) -> tuple[Path, str]:
     raise SourceError(f"{source}: no such file or folder, and not a built-in preset ({', '.join(PRESETS)})")
 
 
-def load_with_info(source: str | Path, *, config: str | Path | None = None, allow_pickle: bool = False):
-    """Like :func:`load`, and also return a :class:`SourceInfo` describing the source."""
+def load_with_info(source: str | Path, *, config: str | Path | None = None, allow_pickle: bool = False,
+                   stream: bool = False):
+    """Like :func:`load`, and also return a :class:`SourceInfo` describing the source.
+
+    With ``stream``, the torch modules a folder (or preset) stores as safetensors are built empty: their
+    parameters on the meta device, without storage (:func:`~diffship.reference.weights.empty_module`),
+    for an exporter to copy from the files tensor by tensor (:func:`stored_weights`); a single file
+    loads as usual.
+    """
     name = str(source)
     path, kind = resolve_source(source)
     if kind == "single_file":
         pipe = _load_single_file(path, Path(config) if config else None, allow_pickle)
     else:
-        pipe = _load_folder(path, allow_pickle)
+        pipe = _load_folder(path, allow_pickle, stream)
     pipe.set_progress_bar_config(disable=True)
     info = SourceInfo(name=name, kind=kind, path=str(path.resolve()), pipeline_class=type(pipe).__name__,
                       fingerprint=fingerprint(path))
     return pipe, info
+
+
+def stored_weights(pipe: Any, info: SourceInfo) -> dict[str, Any]:
+    """The :class:`~diffship.reference.weights.StoredWeights` of each module of ``pipe`` that was loaded
+    empty (``load_with_info(..., stream=True)``), by pipeline attribute."""
+    from diffship.reference.weights import StoredWeights, is_empty
+
+    if info.kind == "single_file":
+        return {}
+    return {name: StoredWeights(Path(info.path) / name, module)
+            for name in family_of(info.pipeline_class).modules
+            if (module := getattr(pipe, name, None)) is not None and is_empty(module)}
 
 
 def load(source: str | Path, *, config: str | Path | None = None, allow_pickle: bool = False):

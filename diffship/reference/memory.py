@@ -28,6 +28,12 @@ def available_memory_bytes() -> int | None:
     return None
 
 
+def fits(nbytes: int, copies: float = 1) -> bool:
+    """Whether ``copies`` times ``nbytes`` fit in the memory available (True where it is unknown)."""
+    available = available_memory_bytes()
+    return available is None or copies * nbytes < available
+
+
 def largest_tensor(specs: list[ComponentSpec], profile: ShapeProfile) -> tuple[int, str]:
     """Bytes of the largest single tensor any component computes at ``profile``, and what it is."""
     found = [(0, "nothing")]

@@ -12,6 +12,7 @@ from diffship.errors import DiffshipError
 from diffship.reference.families import family_of
 from diffship.reference.specs import ComponentSpec
 from diffship.reference.vocabulary import bpe_files
+from diffship.reference.weights import copy_module_files, is_empty
 
 
 def build_pipeline(cls: type, components: dict[str, Any]):
@@ -69,7 +70,8 @@ def save_module_config(module: Any, folder: Path) -> None:
         module.config.save_pretrained(folder)
 
 
-def write_pipeline_files(pipe: Any, folder: Path, backend: str, sources: dict[str, str]) -> None:
+def write_pipeline_files(pipe: Any, folder: Path, backend: str, sources: dict[str, str],
+                         source_folder: Path | None = None) -> None:
     """``model_index.json``, ``scheduler/``, ``tokenizer/``: the diffusers layout around exported parts.
 
     Args:
@@ -77,6 +79,8 @@ def write_pipeline_files(pipe: Any, folder: Path, backend: str, sources: dict[st
         folder: where to write (the export folder).
         backend: recorded for each exported part in ``model_index.json`` (``["diffship", backend]``).
         sources: exported component -> the pipeline module it replaces (``vae_decoder`` -> ``vae``).
+        source_folder: the diffusers folder ``pipe`` was loaded from, where its modules loaded without
+            weights (a streamed export's) are copied from.
     """
     import diffusers
 
@@ -89,7 +93,10 @@ def write_pipeline_files(pipe: Any, folder: Path, backend: str, sources: dict[st
         if name.startswith("_") or name in sources or not isinstance(value, (list, tuple)) or value[0] is None:
             continue
         component = getattr(pipe, name, None)
-        if component is not None and hasattr(component, "save_pretrained"):
+        if component is not None and is_empty(component):
+            # kept in torch by a --component export, loaded without its weights: its files as the source has them
+            copy_module_files(Path(source_folder) / name, folder / name)
+        elif component is not None and hasattr(component, "save_pretrained"):
             component.save_pretrained(folder / name)
             if type(component).__name__.startswith("CLIPTokenizer") and (folder / name / "tokenizer.json").is_file():
                 # transformers 4 consumers (optimum) read the slow CLIP tokenizer's files; 5 writes only

@@ -25,10 +25,13 @@ from diffship.errors import DiffshipError, ShapeError
 from diffship.exporters.base import ExportOptions
 from diffship.progress import Progress, silent, watch_folder
 from diffship.reference import ShapeProfile, family_of, load_with_info
+from diffship.reference.loader import stored_weights
+from diffship.reference import memory
 from diffship.reference.memory import available_memory_bytes, largest_tensor
 from diffship.reference.pipelines import pipeline_configs, save_module_config, write_pipeline_files
 from diffship.reference.shapes import PRECISIONS
 from diffship.reference.specs import ComponentSpec, size_multiple, vae_scale_factor
+from diffship.reference.weights import StoredWeights, materialized, streamed_copy, weight_bytes
 
 log = logging.getLogger("diffship")
 
@@ -132,31 +135,56 @@ def _with_fallback(entry: ComponentEntry, reason: str) -> ComponentEntry:
     return entry
 
 
+def _modules(spec: ComponentSpec, eager: torch.nn.Module, stored: StoredWeights | None, options: ExportOptions):
+    """``compute -> (module, options)``: the spec's wrapper of ``eager`` computing in ``compute`` (fp32, fp16,
+    bf16), and the export options for it. A streamed component (``stored``: its weights are in files, the
+    module is empty) gets placeholders and ``options.weights``; another gets a converted copy."""
+
+    def make(compute: str) -> tuple[torch.nn.Module, ExportOptions]:
+        dtype = PRECISIONS.get(compute, torch.float32)
+        wrapper = spec.wrapper(eager).eval()
+        if stored is not None:
+            module, feed = streamed_copy(wrapper, eager, stored, dtype)
+            return module, replace(options, weights=feed)
+        return (converted_copy(wrapper, dtype) if dtype != torch.float32 else wrapper), options
+
+    return make
+
+
 def _export_component(record: Backend, exporter: ModuleType, spec: ComponentSpec, eager: torch.nn.Module,
-                      folder: Path, options: ExportOptions) -> ComponentEntry:
+                      folder: Path, options: ExportOptions, stored: StoredWeights | None = None) -> ComponentEntry:
     """Export one component; a reduced-precision export that overflows (non-finite outputs, or saturated
-    activations: :func:`_probe_torch`, :func:`_probe_export`) is replaced by an fp32 one."""
+    activations: :func:`_probe_torch`, :func:`_probe_export`) is replaced by an fp32 one.
+
+    A streamed component (``stored``) is probed where it fits in memory: in torch at fp16 on its weights
+    read into a module (bf16 has fp32's range), and by running its export."""
+    make = _modules(spec, eager, stored, options)
     if options.precision != "fp32" and spec.keep_fp32:
-        entry = exporter.export(spec, spec.wrapper(eager).eval(), folder, replace(options, precision="fp32"))
+        module, opts = make("fp32")
+        entry = exporter.export(spec, module, folder, replace(opts, precision="fp32"))
         return _with_fallback(entry, "kept in fp32: the VAE config sets force_upcast (diffusers runs it in fp32)")
-    module = spec.wrapper(eager).eval()
     # Weight formats (Core ML palettes, int8) say which precision they compute in.
     compute = record.compute_precision(options.precision)
     reduced = PRECISIONS.get(compute, torch.float32) != torch.float32
-    if reduced:
-        module = converted_copy(module, PRECISIONS[compute])
-    runnable = options.precision != "fp32" and record.unavailable_reason() is None
+    module, opts = make(compute)
+    fits = stored is None or memory.fits(weight_bytes(module), copies=2)  # a runtime holds its own copy
+    runnable = options.precision != "fp32" and record.unavailable_reason() is None and fits
     # before exporting: an exporter may convert the module it is given (OpenVINO traces in fp32)
-    reason = _probe_torch(spec, module, options, compute, runnable) if reduced else None
+    reason = None
+    if reduced and stored is None:
+        reason = _probe_torch(spec, module, options, compute, runnable)
+    elif reduced and fits and compute == "fp16":
+        reason = _probe_torch(spec, materialized(module, opts.weights), options, compute, runnable)
     if reason is None:
-        entry = exporter.export(spec, module, folder, options)
+        entry = exporter.export(spec, module, folder, opts)
         if runnable:
             reason = _probe_export(record, spec, folder, entry, options)
         if reason is None:
             return entry
         shutil.rmtree(folder)
     log.warning("%s: %s; exporting it in fp32 instead", spec.name, reason)
-    entry = exporter.export(spec, spec.wrapper(eager).eval(), folder, replace(options, precision="fp32"))
+    module, opts = make("fp32")
+    entry = exporter.export(spec, module, folder, replace(opts, precision="fp32"))
     return _with_fallback(entry, reason)
 
 
@@ -175,6 +203,7 @@ def export_pipeline(
     backend_options: dict[str, Any] | None = None,
     components: list[str] | None = None,
     progress: Progress | None = None,
+    stream: bool | None = None,
 ) -> Manifest:
     """Export every component of a diffusers pipeline to ``backend``.
 
@@ -193,6 +222,11 @@ def export_pipeline(
         backend_options: the backend's export options (``-o KEY=VALUE``), validated before any work.
         components: export only these components (default: all).
         progress: called with a line of text before each step.
+        stream: copy each weight from the source's safetensors files into the export as it is written,
+            tracing modules that hold no weights, so no more than one tensor is in memory at once (see
+            :mod:`diffship.reference.weights`). None: wherever the backend streams (``Backend.streams``),
+            the source is a folder or preset and the precision needs no calibration runs; True: refuse
+            where it cannot; False: load the whole pipeline first. The exported weights are the same.
 
     Returns:
         The manifest written to ``out/diffship.json``.
@@ -206,8 +240,10 @@ def export_pipeline(
     out = Path(out)
     check_destination(out, overwrite, is_export, "diffship export")  # before minutes of work, not after
     say = progress or silent
-    say(f"loading {source}")
-    pipe, info = load_with_info(source, config=config, allow_pickle=allow_pickle)
+    streaming = _streaming(record, precision, source, stream)
+    say(f"loading {source}" + (" (weights streamed from its files)" if streaming else ""))
+    pipe, info = load_with_info(source, config=config, allow_pickle=allow_pickle, stream=streaming)
+    stored = stored_weights(pipe, info) if streaming else {}
     profile = default_profile(pipe, batch_size, static, guidance)
     family = family_of(type(pipe).__name__)
     configs = pipeline_configs(pipe)
@@ -239,10 +275,12 @@ def export_pipeline(
             eager = getattr(pipe, spec.source)
             with watch_folder(tmp / spec.name, say):
                 entries[spec.name] = _export_component(record, exporter, spec, eager, tmp / spec.name,
-                                                       replace(options, calibration=calibration.get(spec.name)))
+                                                       replace(options, calibration=calibration.get(spec.name)),
+                                                       stored.get(spec.source))
             save_module_config(eager, tmp / spec.name)
         say("writing tokenizer, scheduler and manifest")
-        write_pipeline_files(pipe, tmp, backend, {name: e.source for name, e in entries.items()})
+        write_pipeline_files(pipe, tmp, backend, {name: e.source for name, e in entries.items()},
+                             Path(info.path) if streaming else None)
         manifest = Manifest(
             backend=backend, precision=precision, family=family.name, pipeline_class=type(pipe).__name__,
             tasks=family.tasks_for(entries, configs), source=info,
@@ -250,6 +288,26 @@ def export_pipeline(
             versions=library_versions(record.versions()),
         ).write(tmp)
     return manifest
+
+
+def _streaming(record: Backend, precision: str, source: str | Path, stream: bool | None) -> bool:
+    """Whether an export streams its weights (see ``export_pipeline``'s ``stream``).
+
+    Raises:
+        DiffshipError: ``stream`` is True and the export cannot stream.
+    """
+    from diffship.reference.loader import resolve_source
+
+    why = None
+    if not record.streams:
+        why = f"the {record.name} exporter converts a module that holds its weights"
+    elif precision in record.calibrated:
+        why = f"{precision} calibrates on eager runs of the whole pipeline"
+    elif stream is not False and resolve_source(source)[1] == "single_file":
+        why = "a single-file checkpoint is converted to diffusers modules as it loads"
+    if stream and why:
+        raise DiffshipError(f"cannot stream the weights of this export: {why}; export without --stream")
+    return bool(stream is not False and why is None)
 
 
 def _check_static(profile: ShapeProfile, specs: list[ComponentSpec], multiple: int) -> None:

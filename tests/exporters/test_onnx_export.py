@@ -186,6 +186,21 @@ def test_external_data_is_written_and_loads(tmp_path, tiny_pipe):
     np.testing.assert_allclose(runner.infer({"latent_sample": z})["sample"].numpy(), want.numpy(), atol=1e-4)
 
 
+def test_the_checker_can_be_skipped_and_the_manifest_says_so(tmp_path, monkeypatch):
+    """``-o check=false``: no onnx.checker child (a tool that validates the graph anyway comes next)."""
+    import diffship.exporters.onnx as onnx_exporter
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checker ran")
+
+    monkeypatch.setattr(onnx_exporter, "run_isolated", refuse)
+    manifest = export_pipeline("tiny", tmp_path / "out", backend="onnx", components=["vae_decoder"],
+                               backend_options={"check": False})
+    assert manifest.components["vae_decoder"].details.checked is False
+    with pytest.raises(AssertionError, match="the checker ran"):
+        export_pipeline("tiny", tmp_path / "checked", backend="onnx", components=["vae_decoder"])
+
+
 def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
     import diffship.exporters.onnx as onnx_exporter
 

@@ -30,6 +30,40 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+#: files at least this large have their sha256 remembered in the cache, by path, size, change time and inode
+#: (as git's index does), so exporting a 33 GB model again does not read it all again first.
+REMEMBERED_HASH_BYTES = 64 * 1024**2
+
+
+def sha256_file_remembered(path: Path) -> str:
+    """:func:`sha256_file`, remembered for large files until the file changes (size, mtime, inode)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    if stat.st_size < REMEMBERED_HASH_BYTES:
+        return sha256_file(path)
+    store, key, stamp = cache_dir() / ".file-hashes.json", str(path), [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    entry = _remembered(store).get(key, {})
+    if entry.get("stamp") == stamp:
+        return entry["sha256"]
+    digest = sha256_file(path)
+    known = _remembered(store)  # again: another process may have added entries meanwhile
+    known[key] = {"stamp": stamp, "sha256": digest}
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(store, json.dumps(known, indent=1) + "\n")  # readers in other processes see whole files
+    except OSError:
+        pass  # a read-only cache: the hash is still right, only not remembered
+    return digest
+
+
+def _remembered(store: Path) -> dict[str, Any]:
+    try:
+        known = read_json(store)
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
 def code_fingerprint(module: Any) -> str:
     """sha256 of a Python module's code as parsed: comments, docstrings and formatting left out, so only
     a change in what the code does changes it (cache keys of generated artifacts)."""

@@ -115,3 +115,28 @@ def test_cli_refusals_are_one_line(cache, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert len(_cache.entries()) == 4
+
+
+def test_large_file_hashes_are_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    """Fingerprinting a source hashes its files; a large file is read once, then again only when it changes."""
+    import os
+
+    from diffship import _files
+
+    monkeypatch.setenv("DIFFSHIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(_files, "REMEMBERED_HASH_BYTES", 4)
+    reads = []
+    sha256_file = _files.sha256_file
+    monkeypatch.setattr(_files, "sha256_file", lambda p: reads.append(p) or sha256_file(p))
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"first version")
+    first = _files.sha256_file_remembered(weights)
+    assert _files.sha256_file_remembered(weights) == first and len(reads) == 1
+    weights.write_bytes(b"second version")
+    os.utime(weights, ns=(1, 1))  # even a changed file with an old time: its size differs
+    assert _files.sha256_file_remembered(weights) == sha256_file(weights) != first
+    assert len(reads) == 2
+    small = tmp_path / "config.json"
+    small.write_bytes(b"{}")  # under the threshold: always hashed
+    _files.sha256_file_remembered(small), _files.sha256_file_remembered(small)
+    assert len(reads) == 4

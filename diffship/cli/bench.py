@@ -68,7 +68,7 @@ class _Bars:
 @bench_app.callback(invoke_without_command=True)
 def bench(
     ctx: typer.Context,
-    preset: str = typer.Option("tiny", "--preset", help="Settings preset (configs/bench_presets.toml): tiny, sd15-arch, sd3-arch, sdxl-arch-export."),
+    preset: str = typer.Option("tiny", "--preset", help="Settings preset (configs/bench_presets.toml): tiny, sd15-arch, sd3-arch, sdxl-arch-export, flux-arch-export."),
     source: Optional[str] = typer.Option(None, "--source", help="What to benchmark instead of the preset's (folder, file, preset)."),
     backends: Optional[str] = typer.Option(None, "--backends", help="Comma list: torch and export backends, or auto."),
     precisions: Optional[str] = typer.Option(None, "--precisions", help="Export precisions, comma list (fp32,fp16)."),

@@ -7,7 +7,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from diffship._files import read_json, sha256_file
+from diffship._files import read_json, sha256_file_remembered
 from diffship.errors import SourceError, first_line
 from diffship.reference.families import family_of
 from diffship.reference.integrity import check_classes, check_weights
@@ -50,7 +50,7 @@ def fingerprint(path: Path) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(f.relative_to(path if path.is_dir() else path.parent).as_posix().encode())
-        h.update(sha256_file(f).encode())
+        h.update(sha256_file_remembered(f).encode())
     return h.hexdigest()
 
 

@@ -44,10 +44,35 @@ def run_isolated(step: str, fn: Callable[..., Any], *args: Any, error: type[Diff
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise error(f"{step} crashed ({how}: {tail}); re-run with --debug, and check free memory")
-        ok, value = pickle.loads(result.read_bytes())
+        ok, value, peak = pickle.loads(result.read_bytes())
+    global _largest_child
+    _largest_child = max(_largest_child, peak or 0)
     if ok:
         return value
     raise value
+
+
+#: the largest peak resident memory of a child this process ran, as the child measured it itself.
+_largest_child = 0
+
+
+def largest_child_rss_bytes() -> int:
+    """The peak resident memory of the largest child :func:`run_isolated` ran (0 if none, or unknown), as
+    measured in the child (``VmHWM``): the kernel's ``ru_maxrss`` of a child also counts what its parent
+    held when it forked it."""
+    return _largest_child
+
+
+def own_peak_rss_bytes() -> int | None:
+    """This process's peak resident memory since it started (``VmHWM``, Linux), else None. Unlike
+    ``getrusage``'s ``ru_maxrss``, which keeps across ``exec`` the peak of the parent that forked it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _child(call: str, result: str) -> None:
@@ -59,7 +84,7 @@ def _child(call: str, result: str) -> None:
         outcome = (True, fn(*args, **kwargs))
     except Exception as exc:  # handed back to the parent, which re-raises it
         outcome = (False, exc)
-    Path(result).write_bytes(pickle.dumps(outcome))
+    Path(result).write_bytes(pickle.dumps((*outcome, own_peak_rss_bytes())))
 
 
 if __name__ == "__main__":

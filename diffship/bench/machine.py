@@ -88,8 +88,21 @@ def bf16_native(device: str = "cpu") -> bool:
 
 
 def peak_rss_bytes(children: bool = False) -> int:
-    """Peak resident memory of this process (or of its largest finished child process)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss
+    """Peak resident memory of this process (or of its largest child process: the ONNX checker, the
+    TensorRT builder), each as measured in that process (``VmHWM`` on Linux).
+
+    Not ``getrusage``'s ``ru_maxrss`` where there is better: Linux keeps it across ``exec``, so a process
+    started by a parent holding 14 GB reported 14 GB whatever it used itself (measured: a child of a
+    3 GB parent reported 3.2 GB, its own peak being 14 MB).
+    """
+    from diffship._isolate import largest_child_rss_bytes, own_peak_rss_bytes
+
+    if children:
+        return largest_child_rss_bytes()
+    own = own_peak_rss_bytes()
+    if own is not None:
+        return own
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return usage if sys.platform == "darwin" else usage * 1024  # Linux reports KiB, macOS bytes
 
 

@@ -34,8 +34,7 @@ class OnnxExportOptions:
         external_data: store weights in ``model.onnx.data``: true, false, or unset to decide by size
             (graphs past the 2 GB protobuf limit must).
         check: run ``onnx.checker`` with full shape inference on the saved graph (in a child process);
-            false skips it where the next tool validates the graph anyway (OpenVINO converting a
-            streamed export).
+            false skips it, for a tool that validates the graph as it reads it (the manifest records it).
     """
 
     opset: int = option(18, minimum=MIN_OPSET)

@@ -75,6 +75,21 @@ def component_files(out_dir: Path) -> list[str]:
     return sorted(p.relative_to(out_dir).as_posix() for p in Path(out_dir).rglob("*") if p.is_file())
 
 
+@contextlib.contextmanager
+def writing(spec: ComponentSpec, out_dir: Path):
+    """Turn a converter's failure to write its files (a full disk: OpenVINO raises ``RuntimeError:
+    basic_ios::clear``) into one :class:`~diffship.errors.ExportError` that says where."""
+    from diffship.errors import ExportError, first_line
+
+    try:
+        yield
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"writing {spec.name} into {out_dir} failed ({type(exc).__name__}: {first_line(exc)}); "
+                          f"check the free disk space there") from exc
+
+
 def quiet_export() -> contextlib.ExitStack:
     """Silence converters' chatter (progress lines, tracer warnings) unless diffship logs at DEBUG."""
     stack = contextlib.ExitStack()

@@ -17,7 +17,7 @@ from diffship._isolate import run_isolated
 from diffship.backends.manifest import ComponentEntry, TensorIO
 from diffship.backends.onnx import MODEL_FILE, ONNX, OnnxDetails, OnnxExportOptions
 from diffship.errors import ExportError, first_line
-from diffship.exporters.base import ExportOptions, component_files, io_description, quiet_export
+from diffship.exporters.base import ExportOptions, component_files, io_description, quiet_export, writing
 from diffship.reference.specs import ComponentSpec
 from diffship.reference.weights import converted, fake_mode, weight_bytes
 
@@ -38,14 +38,12 @@ def _dynamic_shapes(spec: ComponentSpec, static: bool) -> dict[str, dict[int, ob
     return {t.name: {i: dyn for i, d in enumerate(t.dims) if d in symbolic} for t in spec.inputs}
 
 
-def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions, *,
-           optimize: bool = True) -> ComponentEntry:
+def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions) -> ComponentEntry:
     """Export ``module`` (the spec's wrapper, already in the target precision) to ``out_dir/model.onnx``.
 
     Symbolic dims get the spec's names (``batch``, ``latent_height``...) in the graph, so runtimes and
     later tools (TensorRT profiles) can read them back. ``options.backend`` is an
-    :class:`~diffship.backends.onnx.OnnxExportOptions` (defaults when None). ``optimize``: run onnxscript's optimizer (constant folding, fusions) -- as long as tracing on a UNet;
-    a converter that optimizes the graph itself (OpenVINO) does without.
+    :class:`~diffship.backends.onnx.OnnxExportOptions` (defaults when None).
     """
     ONNX.require()
     onnx_options: OnnxExportOptions = options.backend or OnnxExportOptions()
@@ -71,8 +69,7 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
                 _attach_weights(program.model.graph, options.weights, spec.name)
             # as export(optimize=True) would: constant folding only reads tensors of up to 8192 values, so a
             # streamed export folds exactly what a normal one does and never reads a large weight here
-            if optimize:
-                program.optimize()
+            program.optimize()
     except ExportError:
         raise
     except Exception as exc:
@@ -82,7 +79,8 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
         _name_dims(program, spec, inputs, outputs)
     external = needs_external_data(module, onnx_options.external_data)
     path = out_dir / MODEL_FILE
-    program.save(str(path), external_data=external)
+    with writing(spec, out_dir):
+        program.save(str(path), external_data=external)
     if onnx_options.check:
         _check(spec, path)
     return ComponentEntry(component=spec.name, source=spec.source, files=component_files(out_dir),

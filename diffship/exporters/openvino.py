@@ -9,11 +9,13 @@ without weights, calibrated on inputs recorded from eager runs of the pipeline; 
 get 8-bit weights. ``int4``: the denoiser and T5 get group-wise 4-bit weights on their matrix products
 (NNCF; convolutions, embeddings and the last layer stay 8-bit, as NNCF keeps them); CLIP and the VAE get
 8-bit weights (measured on tiny: 4-bit CLIP falls to cosine 0.977, below the int8 bar).
+
+A streamed export (``options.weights``) reads the component's weights into memory here, one component at
+a time: OpenVINO's converters take a module that holds them.
 """
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,15 +23,14 @@ import torch
 from torch import nn
 
 from diffship.backends.manifest import ComponentEntry
-from diffship.backends.onnx import MODEL_FILE as ONNX_FILE, OnnxExportOptions
 from diffship.backends.openvino import MODEL_FILE, OPENVINO, OpenVINODetails
 from diffship.errors import ExportError, first_line
-from diffship.exporters import onnx as onnx_exporter, ov_weights as weights
-from diffship.exporters.base import ExportOptions, component_files, io_description, quiet_export
+from diffship.exporters import ov_weights as weights
+from diffship.exporters.base import ExportOptions, component_files, io_description, quiet_export, writing
 from diffship.reference.shapes import ShapeProfile
 from diffship.reference.memory import fits
 from diffship.reference.specs import ComponentSpec
-from diffship.reference.weights import materialized, placeholders_as
+from diffship.reference.weights import materialized
 
 
 def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions) -> ComponentEntry:
@@ -42,40 +43,30 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     OPENVINO.require()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if options.weights is not None and fits(sum(p.numel() * 4 for p in module.parameters()), copies=3):
-        # a streamed component that fits (the module, OpenVINO's model and what saving it takes, in fp32) is
-        # read into memory and traced: faster than through ONNX; only the pipeline's other parts stay unread
-        module, options = materialized(module, options.weights), replace(options, weights=None)
-    # fp16 is a weight format here: trace in fp32, compress on save
-    module = placeholders_as(module, torch.float32) if options.weights is not None else module.float()
+    if options.weights is not None:
+        # streamed: this component alone is read into memory (weights stored in fp32 map from their file),
+        # the pipeline's other parts stay unread
+        fp32 = sum(p.numel() * 4 for p in module.parameters())
+        if not fits(fp32):
+            raise ExportError(f"{spec.name}: OpenVINO converts a module held in memory, and its fp32 weights take "
+                              f"{fp32 / 1e9:.1f} GB, more than this machine has available; export it to ONNX, "
+                              f"which streams its weights, or use a larger machine")
+        module = materialized(module, options.weights)
+    module = module.float()  # fp16 is a weight format here: trace in fp32, compress on save
     inputs, outputs = io_description(spec, options)
     inputs, outputs = (tuple(replace(d, dtype="float32") if d.dtype == "float16" else d for d in io)
                        for io in (inputs, outputs))
-    with tempfile.TemporaryDirectory(prefix=".onnx-", dir=out_dir.parent) as scratch:
-        model = _converted(spec, module, options, inputs, Path(scratch))
-        entry = _finish(spec, model, out_dir, options, inputs, outputs)
-        del model  # unmaps a streamed export's scratch ONNX weights before they are removed
-        return entry
+    return _finish(spec, _converted(spec, module, options, inputs), out_dir, options, inputs, outputs)
 
 
-def _converted(spec: ComponentSpec, module: nn.Module, options: ExportOptions, inputs, scratch: Path):
-    """The OpenVINO model of ``module`` (fp32): traced with TorchScript, or for a streamed module (weights
-    not in memory) converted from its streamed ONNX export in ``scratch``, whose weights OpenVINO reads
-    from the file as it needs them."""
+def _converted(spec: ComponentSpec, module: nn.Module, options: ExportOptions, inputs):
+    """The OpenVINO model of ``module`` (fp32), traced with TorchScript at :func:`trace_profile`'s size."""
     import openvino as ov
 
+    example = tuple(spec.example_inputs(trace_profile(spec, options), "fp32").values())
+    shapes = [(ov.PartialShape([-1 if isinstance(d, str) else d for d in desc.dims]),
+               ov.Type.i64 if desc.dtype == "int64" else ov.Type.f32) for desc in inputs]
     try:
-        if options.weights is not None:
-            # OpenVINO validates the graph as it converts it: no ONNX checker (minutes on a large graph)
-            onnx = replace(options, precision="fp32", backend=OnnxExportOptions(external_data=True, check=False))
-            # in fp32: OpenVINO folds a Cast of a narrower weight into an fp32 copy in memory, where it maps
-            # an fp32 weight from the file; and it optimizes the graph itself
-            onnx_exporter.export(spec, module, scratch, onnx, optimize=False)
-            with quiet_export():
-                return ov.convert_model(scratch / ONNX_FILE)
-        example = tuple(spec.example_inputs(trace_profile(spec, options), "fp32").values())
-        shapes = [(ov.PartialShape([-1 if isinstance(d, str) else d for d in desc.dims]),
-                   ov.Type.i64 if desc.dtype == "int64" else ov.Type.f32) for desc in inputs]
         with quiet_export(), torch.no_grad():
             from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
 
@@ -83,8 +74,6 @@ def _converted(spec: ComponentSpec, module: nn.Module, options: ExportOptions, i
             # tracing runs it once, at trace_profile's size.
             decoder = TorchScriptPythonDecoder(module, example_input=example, trace_kwargs={"check_trace": False})
             return ov.convert_model(decoder, example_input=example, input=shapes)
-    except ExportError:
-        raise
     except Exception as exc:
         raise ExportError(f"converting {spec.name} to OpenVINO failed ({type(exc).__name__}): "
                           f"{first_line(exc)}; "
@@ -113,7 +102,8 @@ def _finish(spec: ComponentSpec, model, out_dir: Path, options: ExportOptions, i
         model, details.int4 = weights.compress_int4(model, precise)
     elif precision == "fp16":
         weights.compress_fp16(model, precise)
-    ov.save_model(model, out_dir / MODEL_FILE, compress_to_fp16=False)  # fp16: compressed above, all but `precise`
+    with writing(spec, out_dir):
+        ov.save_model(model, out_dir / MODEL_FILE, compress_to_fp16=False)  # fp16: compressed above, all but `precise`
     return ComponentEntry(component=spec.name, source=spec.source, files=component_files(out_dir),
                           precision=precision, inputs=inputs, outputs=outputs, details=details)
 

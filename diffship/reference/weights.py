@@ -276,22 +276,3 @@ def materialized(module: Any, weights: dict[str, Any]) -> Any:
     # (named_parameters gives a tied weight once: it stays tied in the copy)
     return copy.deepcopy(module, memo)
 
-
-def placeholders_as(module: Any, dtype) -> Any:
-    """A :func:`streamed_copy` whose floating placeholders (and buffers) are ``dtype`` instead, as
-    ``module.to(dtype)`` would make them (which fake parameters do not take); its weights still come from
-    the same functions, converted to the exported graph's dtype as they are written."""
-    import copy
-
-    import torch
-
-    mode = fake_mode(module)
-    memo: dict[int, Any] = {}
-    for param in module.parameters():
-        if param.is_floating_point():
-            with mode:
-                memo[id(param)] = torch.nn.Parameter(torch.empty(param.shape, dtype=dtype), requires_grad=False)
-    for buffer in module.buffers():
-        if buffer.is_floating_point():
-            memo[id(buffer)] = buffer.to(dtype)
-    return copy.deepcopy(module, memo)

@@ -8,6 +8,7 @@ it sits above both; ``diffship.export_pipeline`` is its public name.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import shutil
 from dataclasses import replace
@@ -278,6 +279,7 @@ def export_pipeline(
                                                        replace(options, calibration=calibration.get(spec.name)),
                                                        stored.get(spec.source))
             save_module_config(eager, tmp / spec.name)
+            gc.collect()  # the component's module and converted model hold reference cycles: free them now
         say("writing tokenizer, scheduler and manifest")
         write_pipeline_files(pipe, tmp, backend, {name: e.source for name, e in entries.items()},
                              Path(info.path) if streaming else None)

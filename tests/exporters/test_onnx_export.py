@@ -187,7 +187,7 @@ def test_external_data_is_written_and_loads(tmp_path, tiny_pipe):
 
 
 def test_the_checker_can_be_skipped_and_the_manifest_says_so(tmp_path, monkeypatch):
-    """``-o check=false``: no onnx.checker child (a tool that validates the graph anyway comes next)."""
+    """``-o check=false``: no onnx.checker child, and the manifest says the graph was not checked."""
     import diffship.exporters.onnx as onnx_exporter
 
     def refuse(*args, **kwargs):

@@ -197,3 +197,18 @@ def test_a_fixed_size_graph_is_traced_at_its_export_size(monkeypatch):
     assert specs["transformer"].fixed_size
     assert exporter.trace_profile(specs["transformer"], options).height == 64
     assert exporter.trace_profile(specs["vae_decoder"], options).height == 32
+
+
+def test_a_failed_write_is_one_export_error(tmp_path, monkeypatch):
+    """OpenVINO reports a full disk as ``RuntimeError: basic_ios::clear``; the export says what failed and where
+    (a bench subject then fails alone instead of ending the run as a bug), and leaves nothing behind."""
+    import openvino as ov
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(ov, "save_model", full_disk)
+    with pytest.raises(DiffshipError, match=r"writing vae_decoder into .* failed \(RuntimeError: basic_ios::clear.*"
+                                            r"check the free disk space"):
+        export_pipeline("tiny", tmp_path / "out", backend="openvino", components=["vae_decoder"])
+    assert list(tmp_path.iterdir()) == []

@@ -154,25 +154,27 @@ def test_a_bf16_checkpoint_streams_as_it_loads(bf16_source, tmp_path):
 
 
 @pytest.mark.openvino
-def test_openvino_converts_a_component_too_large_for_memory_from_streamed_onnx(tmp_path, monkeypatch):
-    """A streamed component too large for memory (made so here) is converted from its streamed ONNX graph
-    (fp32, unoptimized: OpenVINO maps its weights from the file and optimizes the graph itself), not read
-    into memory and traced; the scratch graph is not part of the export, which computes what the eager
-    pipeline of that folder (here with an fp16 UNet checkpoint) computes."""
+def test_openvino_reads_one_streamed_component_at_a_time_and_refuses_one_too_large(tmp_path, monkeypatch):
+    """OpenVINO converts a module held in memory: a streamed export reads each component into memory as it
+    converts it (the others stay unread), and an fp16 checkpoint's weights convert as loading them would;
+    a component whose fp32 weights cannot fit is refused by name, pointing to ONNX (made so here)."""
     pytest.importorskip("openvino", reason="the openvino extra is not installed")
     import torch
 
-    from diffship.exporters import onnx as onnx_exporter, openvino as exporter
+    from diffship.exporters import openvino as exporter
+    from diffship.reference import weights
 
     source = reduced_source(tmp_path / "tiny-fp16", torch.float16)
-    through_onnx, export_onnx = [], onnx_exporter.export
-    monkeypatch.setattr(exporter, "fits", lambda nbytes, copies=1: False)
-    monkeypatch.setattr(onnx_exporter, "export", lambda *a, **k: through_onnx.append(k) or export_onnx(*a, **k))
+    read = []
+    materialized = weights.materialized
+    monkeypatch.setattr(exporter, "materialized", lambda m, w: read.append(len(w)) or materialized(m, w))
     out = tmp_path / "ov"
-    export_pipeline(source, out, backend="openvino", components=["unet"])
-    assert through_onnx == [{"optimize": False}]
-    assert sorted(read_manifest(out).components["unet"].files) == ["openvino_model.bin", "openvino_model.xml"]
-    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    export_pipeline(source, out, backend="openvino", components=["unet", "vae_decoder"])
+    assert len(read) == 2  # one component at a time, each once
     report = check_parity(str(source), out, settings=FAST)
     assert report.passed, report.failures()
     assert max(o.metrics.max_abs for c in report.components for o in c.outputs) <= 1e-4
+    monkeypatch.setattr(exporter, "fits", lambda nbytes, copies=1: False)
+    with pytest.raises(DiffshipError, match=r"unet: OpenVINO converts a module held in memory.*export it to ONNX"):
+        export_pipeline(source, tmp_path / "too-large", backend="openvino", components=["unet"])
+    assert not (tmp_path / "too-large").exists()

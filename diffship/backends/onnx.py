@@ -14,6 +14,8 @@ from diffship.configs.fields import option
 
 MODEL_FILE = "model.onnx"
 MIN_OPSET = 17
+#: the opset the exporter writes; older ones are converted by onnx's C API from the whole serialized model.
+STREAMED_MIN_OPSET = 18
 #: short provider names accepted by ``device=`` / ``--device``; full names pass through.
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -40,6 +42,14 @@ class OnnxExportOptions:
     opset: int = option(18, minimum=MIN_OPSET)
     external_data: bool | None = None
     check: bool = True
+
+    @property
+    def cannot_stream(self) -> str | None:
+        """Why an export with these options cannot stream its weights, or None."""
+        if self.opset < STREAMED_MIN_OPSET:
+            return (f"opset {self.opset} goes through onnx's version converter, which takes the whole model in "
+                    f"memory (the exporter writes opset {STREAMED_MIN_OPSET})")
+        return None
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from diffship.exporters.base import ExportOptions, component_files, io_descripti
 from diffship.reference.shapes import ShapeProfile
 from diffship.reference.memory import fits
 from diffship.reference.specs import ComponentSpec
-from diffship.reference.weights import materialized
+from diffship.reference.weights import copied_bytes, materialized
 
 
 def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions) -> ComponentEntry:
@@ -44,13 +44,13 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if options.weights is not None:
-        # streamed: this component alone is read into memory (weights stored in fp32 map from their file),
-        # the pipeline's other parts stay unread
-        fp32 = sum(p.numel() * 4 for p in module.parameters())
-        if not fits(fp32):
-            raise ExportError(f"{spec.name}: OpenVINO converts a module held in memory, and its fp32 weights take "
-                              f"{fp32 / 1e9:.1f} GB, more than this machine has available; export it to ONNX, "
-                              f"which streams its weights, or use a larger machine")
+        # streamed: this component alone is read into memory (weights stored in fp32 map from their file,
+        # others are converted copies), the pipeline's other parts stay unread
+        held = copied_bytes(options.weights, torch.float32)
+        if not fits(held, copies=1.25):  # and OpenVINO's own working memory
+            raise ExportError(f"{spec.name}: OpenVINO converts a module held in memory, and its weights converted "
+                              f"to fp32 take {held / 1e9:.1f} GB, more than this machine has available; export "
+                              f"it to ONNX, which streams its weights, or use a larger machine")
         module = materialized(module, options.weights)
     module = module.float()  # fp16 is a weight format here: trace in fp32, compress on save
     inputs, outputs = io_description(spec, options)

@@ -241,7 +241,7 @@ def export_pipeline(
     out = Path(out)
     check_destination(out, overwrite, is_export, "diffship export")  # before minutes of work, not after
     say = progress or silent
-    streaming = _streaming(record, precision, source, stream)
+    streaming = _streaming(record, precision, source, stream, parsed)
     say(f"loading {source}" + (" (weights streamed from its files)" if streaming else ""))
     pipe, info = load_with_info(source, config=config, allow_pickle=allow_pickle, stream=streaming)
     stored = stored_weights(pipe, info) if streaming else {}
@@ -292,8 +292,9 @@ def export_pipeline(
     return manifest
 
 
-def _streaming(record: Backend, precision: str, source: str | Path, stream: bool | None) -> bool:
-    """Whether an export streams its weights (see ``export_pipeline``'s ``stream``).
+def _streaming(record: Backend, precision: str, source: str | Path, stream: bool | None, options: Any) -> bool:
+    """Whether an export streams its weights (see ``export_pipeline``'s ``stream``); ``options`` are the
+    backend's parsed export options (a record may say why they cannot stream: ``cannot_stream``).
 
     Raises:
         DiffshipError: ``stream`` is True and the export cannot stream.
@@ -305,6 +306,8 @@ def _streaming(record: Backend, precision: str, source: str | Path, stream: bool
         why = f"the {record.name} exporter converts a module that holds its weights"
     elif precision in record.calibrated:
         why = f"{precision} calibrates on eager runs of the whole pipeline"
+    elif getattr(options, "cannot_stream", None):
+        why = options.cannot_stream
     elif stream is not False and resolve_source(source)[1] == "single_file":
         why = "a single-file checkpoint is converted to diffusers modules as it loads"
     if stream and why:

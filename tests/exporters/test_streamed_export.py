@@ -18,7 +18,7 @@ from diffship._files import sha256_file  # noqa: E402
 from diffship.backends.manifest import read_manifest  # noqa: E402
 from diffship.errors import DiffshipError  # noqa: E402
 from diffship.parity.compare import ParitySettings, check_parity  # noqa: E402
-from diffship.reference import preset_path  # noqa: E402
+from diffship.reference import load, preset_path  # noqa: E402
 from diffship.workflows import export_pipeline  # noqa: E402
 
 FAST = ParitySettings(steps=2, tasks=("text2img",))
@@ -120,6 +120,16 @@ def test_streaming_is_refused_where_it_cannot_be_done(tmp_path, backend, precisi
     assert not (tmp_path / "out").exists()
 
 
+def test_an_opset_below_18_is_exported_from_the_loaded_pipeline(tmp_path):
+    """The exporter writes opset 18; onnx's converter to 17 serializes the whole model with its weights, so
+    such an export loads the pipeline (and ``--stream`` is refused, saying why)."""
+    with pytest.raises(DiffshipError, match="cannot stream.*opset 17 goes through onnx's version converter"):
+        export_pipeline("tiny", tmp_path / "out", backend="onnx", stream=True, backend_options={"opset": 17})
+    export_pipeline("tiny", tmp_path / "out", backend="onnx", components=["vae_decoder"], backend_options={"opset": 17})
+    model = onnx.load(tmp_path / "out" / "vae_decoder" / "model.onnx", load_external_data=False)
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+
+
 def test_a_single_file_checkpoint_cannot_stream(tmp_path):
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(b"")
@@ -174,7 +184,10 @@ def test_openvino_reads_one_streamed_component_at_a_time_and_refuses_one_too_lar
     report = check_parity(str(source), out, settings=FAST)
     assert report.passed, report.failures()
     assert max(o.metrics.max_abs for c in report.components for o in c.outputs) <= 1e-4
-    monkeypatch.setattr(exporter, "fits", lambda nbytes, copies=1: False)
+    asked = []
+    monkeypatch.setattr(exporter, "fits", lambda nbytes, copies=1: asked.append(nbytes) and False)
     with pytest.raises(DiffshipError, match=r"unet: OpenVINO converts a module held in memory.*export it to ONNX"):
         export_pipeline(source, tmp_path / "too-large", backend="openvino", components=["unet"])
     assert not (tmp_path / "too-large").exists()
+    # the fp16-stored weights are converted copies in fp32; weights stored in fp32 would map from the file
+    assert asked == [sum(p.numel() for p in load(source).unet.parameters()) * 4]

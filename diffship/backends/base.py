@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable, Mapping
 
-from diffship.configs.fields import parse
+from diffship.configs.fields import parse, to_data
 from diffship.errors import ExportedModelError, MissingBackendError, OptionError
 
 
@@ -46,9 +46,14 @@ class Details:
         fp32_fallback: why a component of a reduced-precision export was exported in fp32 (its VAE
             config asks for it, or the reduced-precision export produced non-finite values); None
             when it was exported as asked.
+        kept_float: for ``full-int8``'s denoiser, the layer groups left float (measured or asked for).
+        quantized_psnr: for ``full-int8``'s denoiser when measured, the PSNR (dB) of its outputs against
+            the float graph's with every group quantized and with each group kept float.
     """
 
     fp32_fallback: str | None = None
+    kept_float: list[str] | None = None
+    quantized_psnr: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,11 @@ class Backend:
     def parse_runtime_options(self, data: Mapping[str, Any]) -> Any:
         """Its runtime options, every key and value checked (:class:`OptionError`)."""
         return parse(self.runtime_options, data, f"{self.name} runtime option", error=OptionError)
+
+    def runtime_settings(self, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Its runtime options as plain data, every default filled in (unset ones left out): what a manifest
+        records and what tools report as the settings that ran."""
+        return to_data(self.parse_runtime_options(data or {}), drop_none=True)
 
     def parse_details(self, data: Mapping[str, Any], where: str) -> Any:
         """A manifest component's ``details`` as its record; :class:`ExportedModelError` if malformed."""

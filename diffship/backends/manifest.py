@@ -15,6 +15,8 @@ Schema (``format: diffship.export/1``)::
         inputs / outputs: [{name, dtype, dims}] (dims: ints, or the names of symbolic dims)
         details: the backend's record (e.g. OnnxDetails: opset, external_data; fp32_fallback)
     versions: {python, torch, diffusers, transformers, <backend libraries>}
+    runtime: the runtime options the export runs with unless the caller gives others (a plain export: its
+        backend's defaults; ``diffship tune``: the settings it chose), validated by the backend's record
     files: {<relative path>: <sha256>}   # every file but diffship.json
     origin: diffship, or the tool that wrote a folder `diffship adopt` took in (optimum-onnx, optimum-intel)
 """
@@ -93,6 +95,7 @@ class Shapes:
 class Manifest:
     """The manifest of one export (see the module docstring for its JSON form).
 
+    ``runtime`` holds the runtime options loads use by default (see the module docstring).
     ``origin`` is ``diffship``, or for a folder another tool wrote that tool: ``optimum-onnx``,
     ``optimum-intel``. Read by :func:`diffship.backends.foreign.foreign_manifest`, such a manifest has no
     file hashes, so nothing about its files is verified; ``diffship adopt`` writes it with them.
@@ -109,6 +112,7 @@ class Manifest:
     versions: dict[str, str]
     files: dict[str, str] = field(default_factory=dict)
     origin: str = "diffship"
+    runtime: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     diffship_version: str = ""
     created: str = ""
@@ -140,7 +144,16 @@ class Manifest:
         components = {}
         for name, entry in manifest.components.items():
             components[name] = replace(entry, details=backend.parse_details(entry.details, f"{where}: {name}"))
+        try:
+            backend.parse_runtime_options(manifest.runtime)
+        except DiffshipError as exc:
+            raise ExportedModelError(f"{where}: runtime: {exc}; re-export, or edit its runtime settings") from None
         return replace(manifest, components=components)
+
+    def runtime_options(self, given: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The runtime options a load of this export runs with: its recorded ``runtime`` settings, with the
+        ``given`` ones (the caller's) winning."""
+        return {**self.runtime, **(given or {})}
 
     def completed(self, folder: Path) -> "Manifest":
         """The manifest with format, version, time and the sha256 of every file in ``folder``."""

@@ -4,7 +4,9 @@ run by OpenVINO Runtime.
 Precisions are weight formats; computation stays float32 on the host side of the graph: ``fp32``,
 ``fp16`` (weights compressed to fp16), ``int8`` (NNCF 8-bit weight compression), ``hybrid-int8``
 (the denoiser also gets 8-bit activations, calibrated on inputs recorded from eager runs) and ``int4``
-(group-wise 4-bit weights on the denoiser's and T5's matrix products, 8-bit elsewhere).
+(group-wise 4-bit weights on the denoiser's and T5's matrix products, 8-bit elsewhere) and ``full-int8``
+(the denoiser's convolutions and matrix products compute in 8 bits: weights and activations, calibrated;
+8-bit weights elsewhere).
 """
 
 from __future__ import annotations
@@ -12,13 +14,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from diffship.backends.base import Backend, Details, NoOptions
+from diffship.backends.base import Backend, Details
+from diffship.backends.quantized import FULL_INT8, keep_float_option
 from diffship.configs.fields import option
 
 MODEL_FILE = "openvino_model.xml"
 #: OpenVINO's CPU plugin computes in bf16 on CPUs that have it (max error ~3e-2 on the UNet); parity
 #: and the default pipeline ask for f32. ``inference_precision="bf16"`` is the speed mode.
 DEFAULT_PRECISION = "f32"
+
+
+@dataclass(frozen=True)
+class OpenVINOExportOptions:
+    """``-o`` options of an OpenVINO export.
+
+    Attributes:
+        keep_float: ``full-int8``: the denoiser's layer groups left float -- ``auto`` (measured: those whose
+            quantization costs the most PSNR), ``none``, or a comma list of ``ends``, ``time-embedding``,
+            ``attention-scores``.
+    """
+
+    keep_float: str = keep_float_option()
 
 
 @dataclass(frozen=True)
@@ -59,7 +75,8 @@ class OpenVINODetails(Details):
 
 OPENVINO = Backend(
     name="openvino", extra="openvino", packages=("openvino",), runtime_packages=("openvino",),
-    optional_packages=("nncf",), precisions=("fp32", "fp16", "int8", "hybrid-int8", "int4"), calibrated=("hybrid-int8",),
-    model_file=MODEL_FILE, streams=True, export_options=NoOptions, runtime_options=OpenVINORuntimeOptions, details=OpenVINODetails,
+    optional_packages=("nncf",), precisions=("fp32", "fp16", "int8", "hybrid-int8", FULL_INT8, "int4"),
+    calibrated=("hybrid-int8", FULL_INT8),
+    model_file=MODEL_FILE, streams=True, export_options=OpenVINOExportOptions, runtime_options=OpenVINORuntimeOptions, details=OpenVINODetails,
     exporter="diffship.exporters.openvino", runner="diffship.runtimes.openvino:OVRunner",
 )

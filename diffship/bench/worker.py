@@ -69,7 +69,7 @@ class _State:
             self.dtype = torch.float32  # adapters take and return float32; runners cast
             self.source = loaded.manifest.source.to_dict()
             # e.g. "onnxruntime 1.32 (CPUExecutionProvider)", "MIL reference (Linux)" for Core ML here
-            self.runtime = loaded.unet_runner().describe()
+            self.runtime = f"{loaded.unet_runner().describe()}; {loaded.describe_settings()}"
         self.pipe.set_progress_bar_config(disable=True)
         self.load_seconds = time.perf_counter() - start
         self.specs = {s.name: s for s in specs_for_pipeline(self.pipe)}

@@ -44,7 +44,7 @@ def _quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
 
 
-from diffship.cli import adopt, bench, cache, demo, export, generate, inspect, package, parity  # noqa: E402  (commands register on `app`)
+from diffship.cli import adopt, bench, cache, demo, export, generate, inspect, package, parity, tune  # noqa: E402  (commands register on `app`)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,4 +121,4 @@ def _one_line(exc: BaseException, quiet_hint: bool) -> str:
     return first_line(exc) + more
 
 
-__all__ = ["app", "bench", "demo", "export", "generate", "inspect", "main", "package", "parity"]
+__all__ = ["app", "bench", "demo", "export", "generate", "inspect", "main", "package", "parity", "tune"]

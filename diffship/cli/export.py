@@ -20,11 +20,12 @@ def export(
     backend: str = typer.Option("onnx", "--backend", "-b", help="Export backend."),
     precision: str = typer.Option("fp32", "--precision", "--weights", "-p",
                                   help="fp32 or fp16 (overflowing parts stay fp32); weight formats per backend: openvino int8 and int4, "
-                                       "coreml palette4/6/8, palette-mixed (per-weight widths, -o target_psnr) and int8."),
+                                       "coreml palette4/6/8, palette-mixed (per-weight widths, -o target_psnr) and int8; "
+                                       "full-int8 (onnx, openvino): 8-bit weights and activations in the denoiser."),
     static: Optional[str] = typer.Option(None, "--static", metavar="HxW", help="Fixed image size instead of dynamic shapes."),
     batch: int = typer.Option(1, "--batch", min=1, help="Images per call (fixed when --static)."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="Activation quantization (openvino: "
-                                           "hybrid-int8, calibrated on eager runs); sets the precision."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Activation quantization, calibrated on "
+                                           "eager runs (openvino: hybrid-int8; onnx, openvino: full-int8); sets the precision."),
     guidance: bool = typer.Option(True, "--guidance/--no-guidance",
                                   help="Requests use classifier-free guidance (a static UNet then takes 2x the batch)."),
     component: Optional[list[str]] = typer.Option(None, "--component", help="Export only this component (repeatable)."),

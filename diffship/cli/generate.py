@@ -78,6 +78,7 @@ def generate(
             raise DiffshipError(f"{path} was written by another process meanwhile; pass --overwrite, or choose "
                                 f"another --out or --seed") from None
         out.print(f"wrote {path}")
+    out.print(f"ran {loaded.manifest.backend} {loaded.manifest.precision} with {loaded.describe_settings()}")
 
 
 def _note_truncation(pipe, text: str) -> None:

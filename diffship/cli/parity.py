@@ -99,7 +99,7 @@ def run_parity(source, exported, *, reference=None, steps_=10, prompt=None, seed
 def print_summary(result) -> None:
     table = Table("check", "max abs", "cosine", "PSNR dB", "SSIM", "verdict",
                   title=f"parity: {result.backend} {result.precision} vs {result.reference or 'eager'} "
-                        f"({result.evaluator})")
+                        f"({result.evaluator}; {' '.join(f'{k}={v}' for k, v in result.runtime.items()) or 'defaults'})")
     for comp in result.components:
         for o in comp.outputs:
             m = o.metrics

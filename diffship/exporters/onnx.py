@@ -6,6 +6,7 @@ limit or when asked, the weights in ``<component>/model.onnx.data`` (see :mod:`d
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,10 +17,14 @@ from torch._subclasses.fake_tensor import FakeTensor
 from diffship._isolate import run_isolated
 from diffship.backends.manifest import ComponentEntry, TensorIO
 from diffship.backends.onnx import MODEL_FILE, ONNX, OnnxDetails, OnnxExportOptions
+from diffship.backends.quantized import FULL_INT8, kept_groups
 from diffship.errors import ExportError, first_line
+from diffship.exporters import onnx_quantize
 from diffship.exporters.base import ExportOptions, component_files, io_description, quiet_export, writing
 from diffship.reference.specs import ComponentSpec
 from diffship.reference.weights import converted, fake_mode, weight_bytes
+
+log = logging.getLogger(__name__)
 
 #: graphs whose weights exceed this are saved with external data (protobuf's hard limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2
@@ -81,12 +86,18 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     path = out_dir / MODEL_FILE
     with writing(spec, out_dir):
         program.save(str(path), external_data=external)
+    details = OnnxDetails(opset=onnx_options.opset, external_data=external, checked=onnx_options.check)
+    precision = options.precision
+    if precision == FULL_INT8 and options.calibration:
+        choice = onnx_quantize.quantize(path, options.calibration, kept_groups(onnx_options.keep_float), external,
+                                        log.info)
+        details.kept_float, details.quantized_psnr = list(choice.kept), choice.scores or None
+    elif precision == FULL_INT8:
+        precision = "fp32"  # full-int8 quantizes the denoiser; the other components stay exact
     if onnx_options.check:
         _check(spec, path)
     return ComponentEntry(component=spec.name, source=spec.source, files=component_files(out_dir),
-                          precision=options.precision, inputs=inputs, outputs=outputs,
-                          details=OnnxDetails(opset=onnx_options.opset, external_data=external,
-                                              checked=onnx_options.check))
+                          precision=precision, inputs=inputs, outputs=outputs, details=details)
 
 
 def _check(spec: ComponentSpec, path: Path) -> None:

@@ -6,7 +6,9 @@ Precisions are weight formats, computation stays float32 on the host side of the
 ``fp32``; ``fp16`` (weights compressed to fp16); ``int8`` (NNCF 8-bit weight compression); and
 ``hybrid-int8``: the denoiser (UNet) gets 8-bit weights *and* 8-bit activations on the operations
 without weights, calibrated on inputs recorded from eager runs of the pipeline; the other components
-get 8-bit weights. ``int4``: the denoiser and T5 get group-wise 4-bit weights on their matrix products
+get 8-bit weights. ``full-int8``: the denoiser's convolutions and matrix products get 8-bit weights and
+activations (their integer kernels run), the layer groups that cost the most PSNR left float (measured;
+:mod:`diffship.exporters.quantization`); the other components 8-bit weights. ``int4``: the denoiser and T5 get group-wise 4-bit weights on their matrix products
 (NNCF; convolutions, embeddings and the last layer stay 8-bit, as NNCF keeps them); CLIP and the VAE get
 8-bit weights (measured on tiny: 4-bit CLIP falls to cosine 0.977, below the int8 bar).
 
@@ -16,6 +18,7 @@ a time: OpenVINO's converters take a module that holds them.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +26,8 @@ import torch
 from torch import nn
 
 from diffship.backends.manifest import ComponentEntry
-from diffship.backends.openvino import MODEL_FILE, OPENVINO, OpenVINODetails
+from diffship.backends.openvino import MODEL_FILE, OPENVINO, OpenVINODetails, OpenVINOExportOptions
+from diffship.backends.quantized import FULL_INT8, kept_groups
 from diffship.errors import ExportError, first_line
 from diffship.exporters import ov_weights as weights
 from diffship.exporters.base import ExportOptions, component_files, io_description, quiet_export, writing
@@ -31,6 +35,8 @@ from diffship.reference.shapes import ShapeProfile
 from diffship.reference.memory import fits
 from diffship.reference.specs import ComponentSpec
 from diffship.reference.weights import copied_bytes, materialized
+
+log = logging.getLogger(__name__)
 
 
 def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions) -> ComponentEntry:
@@ -91,12 +97,18 @@ def _finish(spec: ComponentSpec, model, out_dir: Path, options: ExportOptions, i
     precision = options.precision
     if precision == "int4" and not takes_int4(spec):
         precision = "int8"  # CLIP, the VAE: see takes_int4
-    details = OpenVINODetails(weights="int8" if precision == "hybrid-int8" else precision)
+    details = OpenVINODetails(weights="int8" if precision in ("hybrid-int8", FULL_INT8) else precision)
     precise = weights.precise_nodes(model)
-    if precision == "hybrid-int8" and options.calibration:
+    if precision == FULL_INT8 and options.calibration:
+        keep = kept_groups((options.backend or OpenVINOExportOptions()).keep_float)
+        model, choice = weights.full_int8(model, options.calibration, precise, keep, log.info)
+        details.activations = (f"int8 on convolutions and matrix products, calibrated on "
+                               f"{len(options.calibration)} recorded calls")
+        details.kept_float, details.quantized_psnr = list(choice.kept), choice.scores or None
+    elif precision == "hybrid-int8" and options.calibration:
         model = weights.hybrid_int8(model, options.calibration, precise)
         details.activations = f"int8, calibrated on {len(options.calibration)} recorded calls"
-    elif precision in ("int8", "hybrid-int8"):
+    elif precision in ("int8", "hybrid-int8", FULL_INT8):
         model = weights.compress_int8(model, precise)
     elif precision == "int4":
         model, details.int4 = weights.compress_int4(model, precise)

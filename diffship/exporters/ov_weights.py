@@ -1,4 +1,5 @@
-"""OpenVINO weight formats: fp16, NNCF's 8-bit and group-wise 4-bit weights, hybrid 8-bit activations.
+"""OpenVINO weight formats: fp16, NNCF's 8-bit and group-wise 4-bit weights, hybrid 8-bit activations,
+full 8-bit quantization of the denoiser.
 
 Every format leaves the *precise* nodes alone: the subgraphs that compute sines and cosines (the
 timestep embedding's frequencies, Flux's rotary position embedding from its token ids). There an angle
@@ -116,3 +117,54 @@ def hybrid_int8(model, calibration: list[dict], precise: set[str]):
             ignored_scope=_scope(nncf, weighted | precise),
             advanced_parameters=AdvancedQuantizationParameters(smooth_quant_alpha=-1),
         )
+
+
+def quant_nodes(model) -> list:
+    """The model's quantizable nodes as :class:`~diffship.exporters.quantization.QuantNode` records; the
+    module path comes from the TorchScript frontend's names (``__module.unet.conv_in/aten::...``)."""
+    from diffship.exporters.quantization import QuantNode
+
+    kinds = {"Convolution": "conv", "GroupConvolution": "conv", "MatMul": "matmul", "Softmax": "softmax",
+             "ScaledDotProductAttention": "scores"}
+    nodes = []
+    for op in model.get_ordered_ops():
+        kind = kinds.get(op.get_type_name())
+        if kind is None:
+            continue
+        if kind == "matmul" and not any(src.get_node().get_type_name() in ("Constant", "Convert")
+                                        for src in (i.get_source_output() for i in op.inputs())):
+            kind = "scores"
+        name = op.get_friendly_name()
+        path = name.split("/", 1)[0].removeprefix("__module.").split(".")[1:]
+        nodes.append(QuantNode(name, kind, tuple(path)))
+    return nodes
+
+
+def full_int8(model, calibration: list[dict], precise: set[str], keep: tuple[str, ...] | None, progress=None):
+    """8-bit weights and activations on the convolutions and matrix products (NNCF's transformer preset,
+    with SmoothQuant on matrix products), calibrated on recorded calls, with the layer groups that cost the
+    most PSNR left float (:func:`~diffship.exporters.quantization.choose`); returns (model, choice)."""
+    import openvino as ov
+
+    from diffship.exporters import quantization
+
+    nncf = _nncf()
+    samples = [{k: v.numpy() for k, v in call.items()} for call in calibration]
+    calibrate, scored = quantization.split_calls(samples)
+    core = ov.Core()
+    f32 = {"INFERENCE_PRECISION_HINT": "f32"}  # measure the quantization, not the CPU's bf16 mode
+
+    def run(candidate) -> list:
+        compiled = core.compile_model(candidate, "CPU", f32)
+        return [out for call in scored for out in compiled(call).values()]
+
+    def quantize(float_nodes: set[str], data: list[dict]):
+        with quiet_export():
+            return nncf.quantize(model.clone(), nncf.Dataset(data), model_type=nncf.ModelType.TRANSFORMER,
+                                 preset=nncf.QuantizationPreset.MIXED, subset_size=len(data),
+                                 ignored_scope=_scope(nncf, float_nodes | precise))
+
+    expected = run(model) if keep is None else []
+    choice, float_nodes = quantization.choose(
+        quant_nodes(model), keep, lambda names: quantization.psnr(expected, run(quantize(names, calibrate))), progress)
+    return quantize(float_nodes, samples), choice

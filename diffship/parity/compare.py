@@ -106,7 +106,7 @@ def center_mask(height: int, width: int) -> np.ndarray:
     return mask
 
 
-def _generate(pipe: Any, settings: ParitySettings, task: str, init_image: np.ndarray, batch: int) -> np.ndarray:
+def generate_images(pipe: Any, settings: ParitySettings, task: str, init_image: np.ndarray, batch: int) -> np.ndarray:
     from PIL import Image
 
     kwargs: dict[str, Any] = dict(
@@ -176,7 +176,7 @@ def check_parity(
             # Non-finite outputs are parity failures (reported with their figures), not errors that end the run.
             opened.append(stack.enter_context(open_export(folder, verify=False, check_finite=False, source=eager,
                                                           **(runtime_options or {}))))
-        tolerances = [_judged_by(o, tolerances_file) for o in opened]
+        tolerances = [judged_by(o, tolerances_file) for o in opened]
         tolerance = tolerances[0] if reference is None else between(tolerances[1], tolerances[0])
         loaded, manifest, precision = opened[0], opened[0].manifest, tolerances[0].precision
         against = opened[1] if reference is not None else None
@@ -201,10 +201,10 @@ def check_parity(
                         for p in (eager, *(o.pipeline for o in reversed(opened)))]
                 for p in pair:
                     p.set_progress_bar_config(disable=True)
-                want = _generate(pair[0], settings, task, init_image, batch)  # records the calls
+                want = generate_images(pair[0], settings, task, init_image, batch)  # records the calls
                 if against is not None:
-                    want = _generate(pair[1], settings, task, init_image, batch)
-                got = _generate(pair[-1], settings, task, init_image, batch)
+                    want = generate_images(pair[1], settings, task, init_image, batch)
+                got = generate_images(pair[-1], settings, task, init_image, batch)
                 images += [ImageResult.evaluate(task, i, e, g, tolerance.image) for i, (e, g) in enumerate(zip(want, got))]
                 if task == "text2img":
                     init_image = want[0]
@@ -224,17 +224,21 @@ def check_parity(
             evaluator=evaluator, settings={**asdict(settings), "tasks": tasks,
                                            "scheduler": type(eager.scheduler).__name__},
             components=components, images=images, seconds=time.perf_counter() - started, versions=manifest.versions,
-            reference=str(reference) if reference is not None else None,
+            reference=str(reference) if reference is not None else None, runtime=loaded.settings,
         )
 
 
-def _judged_by(loaded: Any, tolerances_file: str | Path | None):
+def judged_by(loaded: Any, tolerances_file: str | Path | None = None):
     """The tolerances of an opened export: of the precision its runners compute in (OpenVINO computing
-    in bf16 is judged by bf16 tolerances), else of its manifest's."""
+    in bf16 is judged by bf16 tolerances), else of its manifest's; reduced weights computed in another
+    reduced precision (hybrid int8 in bf16) by both errors added (:func:`~diffship.configs.between`)."""
     manifest = loaded.manifest
     compute = {r.compute_precision for r in loaded.runners.values()} - {None}
     precision = compute.pop() if len(compute) == 1 else manifest.precision
-    return load_tolerances(manifest.backend, precision, tolerances_file)
+    tolerances = load_tolerances(manifest.backend, precision, tolerances_file)
+    if precision == manifest.precision or manifest.precision == "fp32":
+        return tolerances
+    return between(load_tolerances(manifest.backend, manifest.precision, tolerances_file), tolerances)
 
 
 def _evaluator(runner: str, manifest: Manifest) -> str:

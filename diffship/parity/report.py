@@ -215,6 +215,7 @@ def _about(report: ParityReport) -> dict[str, Any]:
         "backend": report.backend,
         "precision": report.precision,
         "evaluator": report.evaluator,
+        "runtime settings": " ".join(f"{k}={v}" for k, v in report.runtime.items()) or "defaults",
         "started": report.started,
         "duration": f"{report.seconds:.1f} s",
     }

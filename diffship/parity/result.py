@@ -18,6 +18,8 @@ Top level:
 * ``backend`` (str): ``"onnx"``, ...; ``precision`` (str): ``"fp32"`` or ``"fp16"``.
 * ``evaluator`` (str): what ran the exported models, e.g. ``"onnxruntime CPUExecutionProvider"``; for an
   export another tool wrote (optimum), also its origin and that its files were not verified.
+* ``runtime`` (object, optional): the runtime options the export ran with (its manifest's settings, then
+  the caller's), defaults filled in, e.g. ``{"device": "CPU", "inference_precision": "f32"}``.
 * ``started`` (str): ISO 8601 start time; ``seconds`` (float): wall time of the whole check.
 * ``settings`` (object): the generation settings (prompt, negative_prompt, seed, steps, guidance_scale,
   height, width, scheduler, ...); free-form, values as given.
@@ -202,6 +204,7 @@ class ParityReport:
         seconds: wall time of the whole check.
         versions: package name -> version.
         reference: the other export ``export`` was compared with instead of eager PyTorch, or None.
+        runtime: the runtime options the export ran with.
     """
 
     source: str
@@ -216,6 +219,7 @@ class ParityReport:
     seconds: float = 0.0
     versions: dict[str, str] = field(default_factory=dict)
     reference: str | None = None
+    runtime: dict[str, Any] = field(default_factory=dict)
 
     def checks(self) -> Iterator[Check]:
         """Every verdict in report order: component outputs, then images, then structural problems."""
@@ -249,6 +253,7 @@ class ParityReport:
             "backend": self.backend,
             "precision": self.precision,
             "evaluator": self.evaluator,
+            "runtime": json_safe(self.runtime),
             "started": self.started,
             "seconds": json_safe(self.seconds),
             "settings": json_safe(self.settings),
@@ -305,6 +310,7 @@ class ParityReport:
                 backend=data["backend"],
                 precision=data["precision"],
                 evaluator=data["evaluator"],
+                runtime=dict(data.get("runtime", {})),
                 started=data["started"],
                 seconds=float(data["seconds"]),
                 settings=dict(data.get("settings", {})),

@@ -17,12 +17,13 @@ import contextlib
 import inspect
 import tempfile
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 
 from diffship._files import read_json
+from diffship.backends import get as get_backend
 from diffship.backends.manifest import Manifest, read_manifest
 from diffship.errors import DiffshipError, ExportedModelError
 from diffship.reference.families import family_of
@@ -87,12 +88,18 @@ class ExportedPipeline:
         manifest: the export's (verified) manifest.
         runners: the runner of each exported component, by component name.
         path: the export folder.
+        settings: the runtime options it runs with (the manifest's, then the caller's), defaults filled in.
     """
 
     pipeline: Any
     manifest: Manifest
     runners: dict[str, Runner]
     path: Path
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def describe_settings(self) -> str:
+        """The settings as ``key=value`` pairs, for one line of a report."""
+        return " ".join(f"{k}={v}" for k, v in self.settings.items()) or "the runtime's defaults"
 
     def close(self) -> None:
         """Close every runner (saving what they keep, e.g. a TensorRT-RTX runtime cache)."""
@@ -129,7 +136,8 @@ def load_pipeline(path: str | Path, *, task: str | None = None, verify: bool = T
             output), the source it was converted from (a folder, checkpoint or preset name, or the
             loaded diffusers pipeline), whose configs are used; ignored where the export has its own.
         **runtime_options: the backend's runtime options (ONNX Runtime: ``device``, ``threads``,
-            ``provider_options``; see its record in :mod:`diffship.backends`).
+            ``provider_options``; see its record in :mod:`diffship.backends`). They win over the settings
+            the export recorded (its manifest's ``runtime``: what ``diffship tune`` chose).
 
     Returns:
         An instance of the diffusers pipeline class for ``task``, whose models are adapters over the
@@ -177,6 +185,7 @@ def open_export(path: str | Path, *, task: str | None = None, verify: bool = Tru
     if task not in manifest.tasks:
         raise ExportedModelError(f"{path} cannot run {task!r}; it supports: {', '.join(manifest.tasks)}")
     cls = family.pipeline_class(task)
+    options = manifest.runtime_options(runtime_options)
     parts: dict[str, dict[str, tuple[ComponentSpec, Runner]]] = {}
     opened: list[Runner] = []
     try:
@@ -185,7 +194,7 @@ def open_export(path: str | Path, *, task: str | None = None, verify: bool = Tru
             configs = _module_configs(files, manifest, family.modules, index)
             specs = {s.name: s for s in family.specs(configs) if s.name in manifest.components}
             for name, spec in specs.items():
-                runner = open_runner(manifest.backend, path / name, manifest.components[name], **runtime_options)
+                runner = open_runner(manifest.backend, path / name, manifest.components[name], **options)
                 opened.append(runner)
                 runner.shape_note = runner.shape_note or _static_note(manifest)
                 parts.setdefault(spec.source, {})[name] = (spec, runner)
@@ -194,7 +203,8 @@ def open_export(path: str | Path, *, task: str | None = None, verify: bool = Tru
         _close_all(opened)
         raise
     runners = {name: runner for p in parts.values() for name, (_, runner) in p.items()}
-    return ExportedPipeline(pipeline=pipe, manifest=manifest, runners=runners, path=path)
+    return ExportedPipeline(pipeline=pipe, manifest=manifest, runners=runners, path=path,
+                            settings=get_backend(manifest.backend).runtime_settings(options))
 
 
 def _build(family: Any, cls: type, path: Path, manifest: Manifest, index: dict[str, Any], configs: dict[str, Any],

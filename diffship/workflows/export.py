@@ -205,6 +205,7 @@ def export_pipeline(
     components: list[str] | None = None,
     progress: Progress | None = None,
     stream: bool | None = None,
+    runtime: dict[str, Any] | None = None,
 ) -> Manifest:
     """Export every component of a diffusers pipeline to ``backend``.
 
@@ -228,6 +229,8 @@ def export_pipeline(
             :mod:`diffship.reference.weights`). None: wherever the backend streams (``Backend.streams``),
             the source is a folder or preset and the precision needs no calibration runs; True: refuse
             where it cannot; False: load the whole pipeline first. The exported weights are the same.
+        runtime: runtime options the export records as the ones it runs with (``load_pipeline``'s defaults
+            for it; the caller's options still win); the backend's defaults fill in the rest.
 
     Returns:
         The manifest written to ``out/diffship.json``.
@@ -238,6 +241,7 @@ def export_pipeline(
         raise DiffshipError(f"unknown precision {precision!r} for {backend}; choose one of: "
                             f"{', '.join(record.precisions)}")
     parsed = record.parse_export_options(backend_options or {})
+    record.parse_runtime_options(runtime or {})  # refused before any work
     out = Path(out)
     check_destination(out, overwrite, is_export, "diffship export")  # before minutes of work, not after
     say = progress or silent
@@ -287,7 +291,7 @@ def export_pipeline(
             backend=backend, precision=precision, family=family.name, pipeline_class=type(pipe).__name__,
             tasks=family.tasks_for(entries, configs), source=info,
             shapes=Shapes(static=static is not None, profile=profile), components=entries,
-            versions=library_versions(record.versions()),
+            versions=library_versions(record.versions()), runtime=record.runtime_settings(runtime),
         ).write(tmp)
     return manifest
 

@@ -1,0 +1,73 @@
+"""``diffship tune``: candidates measured here (speed, image PSNR against eager fp32), the fastest meeting
+the floor written with its runtime settings in the manifest, parity passing with the tuned mode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diffship.backends.manifest import read_manifest
+from diffship.bench.machine import bf16_native
+from diffship.bench.tune import TABLE_JSON, TABLE_MD, candidates, tune
+from diffship.errors import DiffshipError, ParityFailure
+from diffship.parity.compare import ParitySettings, check_parity
+
+FAST = ParitySettings(steps=4, tasks=("text2img",))
+QUICK = dict(size=(64, 64), steps=2, repeats=1)
+
+
+@pytest.mark.openvino
+def test_tune_openvino_writes_the_fastest_mode_meeting_the_floor(tmp_path):
+    pytest.importorskip("openvino")
+    names = ["fp32@f32", "fp32@bf16"] if bf16_native() else ["fp32@f32"]
+    out = tmp_path / "tuned"
+    result = tune("tiny", out, "openvino", only=names, **QUICK)
+    trials = {t.candidate.name: t for t in result.trials}
+    assert set(trials) == set(names) and all(t.meets(35.0) for t in trials.values())
+    assert result.chosen == min(trials.values(), key=lambda t: t.seconds).candidate.name
+    m = read_manifest(out)  # the tune table is part of the export: hashed like every file
+    assert {TABLE_JSON, TABLE_MD} <= set(m.files)
+    chosen = trials[result.chosen].candidate
+    assert m.runtime["inference_precision"] == chosen.runtime["inference_precision"]
+    table = json.loads((out / TABLE_JSON).read_text())
+    assert table["chosen"] == result.chosen and table["eager_seconds"] > 0
+    assert "| eager fp32 (PyTorch) |" in (out / TABLE_MD).read_text()
+    report = check_parity("tiny", out, settings=FAST)  # judged by the tuned mode's tolerances
+    assert report.runtime["inference_precision"] == chosen.runtime["inference_precision"]
+    assert report.passed, report.failures()
+
+
+@pytest.mark.onnx
+def test_tune_onnx_through_the_cli(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from diffship.cli import main
+
+    out = tmp_path / "tuned"
+    # one candidate keeps the test short (the fp32 one is the OpenVINO test's): full-int8, measured and chosen
+    assert main(["tune", "tiny", str(out), "--backend", "onnx", "--size", "64x64", "--steps", "2", "--repeats", "1",
+                 "--min-psnr", "20", "--candidates", "full-int8"]) == 0
+    text = capsys.readouterr().out
+    assert "full-int8" in text and "chosen" in text and "eager fp32 (PyTorch)" in text
+    m = read_manifest(out)
+    assert m.precision == "full-int8" and m.components["unet"].details.quantized_psnr
+    report = check_parity("tiny", out, settings=FAST)
+    assert report.passed, report.failures()
+
+
+@pytest.mark.openvino
+def test_tune_writes_nothing_when_no_mode_meets_the_floor(tmp_path):
+    pytest.importorskip("openvino")
+    out = tmp_path / "tuned"
+    with pytest.raises(ParityFailure, match="no openvino mode reached 500 dB.*nothing written") as failed:
+        tune("tiny", out, "openvino", min_psnr=500, only=["fp32@f32"], **QUICK)
+    assert failed.value.exit_code == 1 and failed.value.result.chosen is None
+    assert not out.exists() and not list(tmp_path.iterdir())  # no candidate folders left behind
+
+
+def test_tune_refuses_unknown_backends_and_candidates_before_work(tmp_path):
+    with pytest.raises(DiffshipError, match="takes --backend onnx or openvino, not 'coreml'"):
+        candidates("coreml")
+    with pytest.raises(DiffshipError, match="unknown candidate.*int2.*onnx here has: fp32, full-int8"):
+        tune("tiny", tmp_path / "x", "onnx", only=["int2"])
+    assert not (tmp_path / "x").exists()

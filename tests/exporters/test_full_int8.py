@@ -1,0 +1,145 @@
+"""full-int8: the denoiser's convolutions and matrix products in 8 bits (weights and activations), with the
+layer groups whose quantization costs the most PSNR measured and kept float; ONNX Runtime QDQ and NNCF."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffship.backends.manifest import read_manifest
+from diffship.backends.quantized import GROUPS, kept_groups, normalize_keep_float
+from diffship.errors import DiffshipError, OptionError
+from diffship.exporters.quantization import MIN_GAIN_DB, QuantNode, choose, group_of, psnr, split_calls
+from diffship.parity.compare import ParitySettings, check_parity
+
+FAST = ParitySettings(steps=4, tasks=("text2img",))
+
+
+def test_layer_groups_come_from_module_paths_and_ops():
+    assert group_of(QuantNode("a", "conv", ("conv_in",))) == "ends"
+    assert group_of(QuantNode("b", "matmul", ("proj_out",))) == "ends"  # a transformer's last layer
+    # an attention block's proj_out is not the model's last layer
+    assert group_of(QuantNode("c", "conv", ("up_blocks", "1", "attentions", "0", "proj_out"))) is None
+    assert group_of(QuantNode("d", "matmul", ("down_blocks", "0", "resnets", "0", "time_emb_proj"))) == "time-embedding"
+    assert group_of(QuantNode("e", "scores", ("mid_block", "attentions", "0", "attn1"))) == "attention-scores"
+    assert group_of(QuantNode("f", "matmul", ("mid_block", "attentions", "0", "attn1", "to_q"))) is None
+
+
+def test_keep_float_option_is_checked_and_normalized():
+    assert normalize_keep_float("attention-scores, ends") == "ends,attention-scores"
+    assert normalize_keep_float(["time-embedding"]) == "time-embedding"
+    assert kept_groups("auto") is None and kept_groups("none") == () and kept_groups("ends") == ("ends",)
+    with pytest.raises(OptionError, match="unknown keep_float group.*first-layer.*choose auto, none"):
+        normalize_keep_float("first-layer")
+
+
+def test_groups_are_kept_float_only_where_measured_to_gain():
+    nodes = [QuantNode("in", "conv", ("conv_in",)), QuantNode("t", "matmul", ("time_embedding", "linear_1")),
+             QuantNode("s", "scores", ("mid_block",)), QuantNode("x", "conv", ("mid_block",))]
+    gain = {"in": 4.0, "t": MIN_GAIN_DB / 2, "s": 0.0}
+    calls = []
+
+    def score(names):
+        calls.append(set(names))
+        return 30.0 + sum(gain[n] for n in names)
+
+    choice, names = choose(nodes, None, score)
+    assert choice.kept == ("ends",) and names == {"in"}
+    assert choice.scores == {"all quantized": 30.0, "ends": 34.0, "time-embedding": 30.5, "attention-scores": 30.0}
+    assert calls[0] == set() and len(calls) == 4  # once all quantized, once per group
+    assert "kept float: ends" in choice.describe()
+    # asked for by name: nothing is measured
+    calls.clear()
+    choice, names = choose(nodes, ("time-embedding", "attention-scores"), score)
+    assert choice.kept == ("time-embedding", "attention-scores") and names == {"t", "s"} and not calls
+
+
+def test_scored_calls_are_held_out_of_calibration():
+    calls = [{"i": i} for i in range(10)]
+    calibrate, scored = split_calls(calls)
+    assert scored == [calls[3], calls[7]] and calibrate == [c for c in calls if c not in scored]
+    assert split_calls(calls[:1]) == (calls[:1], calls[:1])
+    calibrate, scored = split_calls([{"i": i} for i in range(44)])
+    assert len(scored) == 8 and 8 <= len(calibrate) <= 16 and calibrate[0]["i"] == 0 and calibrate[-1]["i"] > 36
+    assert psnr([[0.0, 1.0]], [[0.0, 1.0]]) == float("inf")
+    assert psnr([[0.0, 1.0]], [[0.0, float("nan")]]) == float("-inf")  # never a good score
+
+
+def test_onnx_precise_nodes_stay_float():
+    """A product feeding a sine (Flux's rotary angles: positions x frequencies) is never quantized."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from diffship.exporters.onnx_quantize import precise_nodes, quant_nodes
+
+    freqs = helper.make_tensor("freqs", TensorProto.FLOAT, [1, 4], [1.0, 2.0, 3.0, 4.0])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], [0.5] * 16)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["pos", "freqs"], ["angles"], name="rope"),
+         helper.make_node("Sin", ["angles"], ["sin"], name="sin"),
+         helper.make_node("MatMul", ["sin", "w"], ["y"], name="proj")],
+        "g", [helper.make_tensor_value_info("pos", TensorProto.FLOAT, [3, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])], [freqs, w])
+    model = helper.make_model(graph)
+    assert precise_nodes(model) == {"rope", "sin"}
+    assert [(n.name, n.op) for n in quant_nodes(model)] == [("rope", "matmul"), ("proj", "matmul")]
+
+
+@pytest.mark.onnx
+def test_onnx_full_int8_quantizes_the_unet_and_passes_its_tolerances(export_dir):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    out = export_dir("onnx", "full-int8")
+    m = read_manifest(out)
+    unet = m.components["unet"]
+    assert m.precision == "full-int8" and unet.precision == "full-int8"
+    assert m.components["text_encoder"].precision == "fp32"  # only the denoiser is quantized
+    scores = unet.details.quantized_psnr
+    assert set(scores) == {"all quantized", *GROUPS}
+    assert set(unet.details.kept_float) == {g for g in GROUPS if scores[g] - scores["all quantized"] >= MIN_GAIN_DB}
+    ops = [n.op_type for n in onnx.load(str(out / "unet" / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("QuantizeLinear") > 20 and ops.count("DequantizeLinear") > 20
+    report = check_parity("tiny", out, settings=FAST)
+    assert report.precision == "full-int8" and report.passed, report.failures()
+
+
+@pytest.mark.onnx
+def test_onnx_full_int8_keeps_the_groups_asked_for(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from diffship.workflows import export_pipeline
+
+    m = export_pipeline("tiny", tmp_path / "q", backend="onnx", precision="full-int8", components=["unet"],
+                        backend_options={"keep_float": "ends"})
+    details = m.components["unet"].details
+    assert details.kept_float == ["ends"] and details.quantized_psnr is None  # asked: not measured
+    graph = onnx.load(str(tmp_path / "q" / "unet" / "model.onnx"), load_external_data=False).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    for conv in (convs[0], convs[-1]):  # conv_in, conv_out: neither input nor weight is dequantized int8
+        assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in conv.input)
+    assert any(producers.get(c.input[0]) is not None and producers[c.input[0]].op_type == "DequantizeLinear"
+               for c in convs[1:-1])
+    with pytest.raises(DiffshipError, match="unknown keep_float group"):
+        export_pipeline("tiny", tmp_path / "bad", backend="onnx", precision="full-int8",
+                        backend_options={"keep_float": "everything"})
+
+
+@pytest.mark.openvino
+def test_openvino_full_int8_quantizes_the_unet_and_passes_its_tolerances(export_dir):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    out = export_dir("openvino", "full-int8")
+    m = read_manifest(out)
+    unet = m.components["unet"]
+    assert unet.precision == "full-int8" and unet.details.weights == "int8"
+    assert unet.details.activations.startswith("int8 on convolutions and matrix products, calibrated on 44")
+    assert m.components["text_encoder"].details.activations is None  # 8-bit weights only
+    scores = unet.details.quantized_psnr
+    assert set(scores) == {"all quantized", *GROUPS}
+    assert set(unet.details.kept_float) == {g for g in GROUPS if scores[g] - scores["all quantized"] >= MIN_GAIN_DB}
+    xml = (out / "unet" / "openvino_model.xml").read_text()
+    assert xml.count('type="FakeQuantize"') > 20
+    report = check_parity("tiny", out, settings=FAST)
+    assert report.precision == "full-int8" and report.passed, report.failures()

@@ -74,6 +74,8 @@ class Backend:
         precisions: the export precisions it takes (``fp32``, ``fp16``, weight formats such as ``int8``).
         compute: weight formats -> the precision they compute in (Core ML palettes compute in fp16).
         calibrated: precisions whose denoiser export needs inputs recorded from eager runs.
+        calibration_side: the largest image side (pixels) those runs take by default, where its calibrator
+            holds every quantized op's inputs of a whole call in memory (ONNX Runtime's); None: no limit.
         fixed_shapes: exports take only the sizes they were made for (Core ML).
         streams: its exporter takes a module whose weights are placeholders and copies each weight from
             its source file as it writes (``ExportOptions.weights``), so an export never holds the model.
@@ -100,6 +102,7 @@ class Backend:
     optional_packages: tuple[str, ...] = ()
     compute: Mapping[str, str] = field(default_factory=dict)
     calibrated: tuple[str, ...] = ()
+    calibration_side: int | None = None
     fixed_shapes: bool = False
     streams: bool = False
     runtime_unavailable: Callable[[], str | None] | None = None

@@ -72,8 +72,33 @@ def machine_info(versions: dict[str, str] | None = None) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "versions": versions or {},
+        "matmul_peak_gflops": matmul_peak_gflops(),
     }
     return info
+
+
+def matmul_peak_gflops(side: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """The machine's measured peak: the best rate of a square ``side`` matmul in eager PyTorch (its CPU
+    kernels: oneDNN/MKL), per dtype -- fp32, and bf16 where it is native. Achieved GFLOP/s are reported
+    against it, so the distance to the limit is visible; about a second."""
+    import time
+
+    import torch
+
+    dtypes = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if bf16_native() else {})}
+    peaks = {}
+    for name, dtype in dtypes.items():
+        a, b = torch.randn(side, side, dtype=dtype), torch.randn(side, side, dtype=dtype)
+        torch.mm(a, b)  # first call: kernel selection, allocation
+        best = min(_seconds(lambda: torch.mm(a, b), time.perf_counter) for _ in range(repeats))
+        peaks[name] = round(2 * side**3 / best / 1e9, 1)
+    return peaks
+
+
+def _seconds(run, clock) -> float:
+    start = clock()
+    run()
+    return clock() - start
 
 
 def bf16_native(device: str = "cpu") -> bool:

@@ -94,6 +94,7 @@ def summary_rows(doc: BenchResults) -> tuple[list[str], list[list[str]]]:
     """One row per subject at the default request: export, memory, denoiser and end-to-end speed, parity."""
     p = doc.default_point()
     denoiser, label = doc.denoiser()
+    mc_peak = doc.machine.get("matmul_peak_gflops", {}).get("fp32")
     rows = []
     for s in doc.subjects:
         unet = next(iter(doc.find(kind="component", subject=s.name, component=denoiser, batch=p["batch"],
@@ -106,7 +107,7 @@ def summary_rows(doc: BenchResults) -> tuple[list[str], list[list[str]]]:
             _gb(max(export.peak_rss_bytes, export.child_peak_rss_bytes) or None) if export else "",
             _gb(s.size_bytes), f"{s.load.seconds:.1f} s" if s.load else "",
             _gb(s.memory.peak_rss_bytes if s.memory else None),
-            _ms(unet.latency_ms) if unet else "", f"{unet.gflops_per_s:.0f}" if unet and unet.gflops_per_s else "",
+            _ms(unet.latency_ms) if unet else "", _rate(unet.gflops_per_s if unet else None, mc_peak),
             f"{e2e.latency_ms.median / 1e3:.2f} s" if e2e and e2e.latency_ms else "",
             f"{e2e.steps_per_s:.2f}" if e2e and e2e.steps_per_s else "",
             (_psnr(e2e.parity) if e2e else "") or ("reference" if s.name == doc.reference else ""),
@@ -115,6 +116,13 @@ def summary_rows(doc: BenchResults) -> tuple[list[str], list[list[str]]]:
     header = ["subject", "export", "export peak RSS", "size on disk", "load", "peak RSS",
               f"{label} ms (batch {2 * p['batch']})", "GFLOP/s", f"{p['steps']} steps", "steps/s", "image PSNR", "runs on"]
     return header, rows
+
+
+def _rate(gflops: float | None, peak: float | None) -> str:
+    """Achieved GFLOP/s, with its share of the measured fp32 matmul peak where there is one."""
+    if not gflops:
+        return ""
+    return f"{gflops:.0f} ({100 * gflops / peak:.0f}% of fp32 peak)" if peak else f"{gflops:.0f}"
 
 
 def to_markdown(doc: BenchResults) -> str:
@@ -128,6 +136,8 @@ def to_markdown(doc: BenchResults) -> str:
         f"- machine: {mc['cpu']} ({mc['architecture']}), {cores}, {_gb(mc.get('memory_bytes'))} RAM"
         + (f", GPU {mc['gpu']}" if mc.get("gpu") else ", no GPU"),
         f"- isa: {' '.join(mc.get('isa', [])) or 'unknown'}",
+        "- measured matmul peak (eager PyTorch, 2048^3): "
+        + (", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in mc.get("matmul_peak_gflops", {}).items()) or "not measured"),
         f"- libraries: {', '.join(f'{k} {v}' for k, v in mc.get('versions', {}).items())}",
         f"- command: `{doc.command or 'diffship bench'}`; {doc.created}"
         + ("" if doc.complete else " -- **incomplete run** (interrupted or failed)"),

@@ -5,7 +5,8 @@ Every candidate mode (an export precision with runtime settings: OpenVINO's infe
 warm-up), and its image compared with eager fp32's (PSNR), with its denoiser's outputs compared on the
 calls eager made. The fastest candidate whose image meets the PSNR floor is written to ``out`` with its
 runtime settings recorded in the manifest (``load_pipeline(out)`` runs it that way; options still
-override) and the table beside it (``tune.json``, ``tune.md``). Candidates share one export per precision.
+override) and the table beside it (``tune.json``, ``tune.md``). Candidates share one export per precision;
+calibrated precisions calibrate on eager runs at the size tuned for.
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def tune(source: str, out: str | Path, backend: str, *, min_psnr: float = 35.0, 
                 if cand.precision not in folders:
                     start = time.perf_counter()
                     export_pipeline(source, work / cand.precision, backend=backend, precision=cand.precision,
-                                    runtime=cand.runtime)
+                                    runtime=cand.runtime, calibration_size=(profile.height, profile.width))
                     trial.export_seconds = time.perf_counter() - start
                     folders[cand.precision] = work / cand.precision
                 _measure(trial, folders[cand.precision], request, init, repeats, expected,

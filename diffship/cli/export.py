@@ -26,6 +26,9 @@ def export(
     batch: int = typer.Option(1, "--batch", min=1, help="Images per call (fixed when --static)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Activation quantization, calibrated on "
                                            "eager runs (openvino: hybrid-int8; onnx, openvino: full-int8); sets the precision."),
+    calibration_size: Optional[str] = typer.Option(None, "--calibration-size", metavar="HxW",
+                                                   help="Size of the eager runs calibrated precisions record "
+                                                        "(default: the export's; onnx at most 256 a side)."),
     guidance: bool = typer.Option(True, "--guidance/--no-guidance",
                                   help="Requests use classifier-free guidance (a static UNet then takes 2x the batch)."),
     component: Optional[list[str]] = typer.Option(None, "--component", help="Export only this component (repeatable)."),
@@ -47,7 +50,7 @@ def export(
             source, output, backend=backend, precision=quantize or precision, static=parse_size(static), batch_size=batch,
             guidance=guidance, backend_options=parse_options(option),
             overwrite=overwrite, config=config, allow_pickle=allow_pickle, components=component, progress=say,
-            stream=stream,
+            stream=stream, calibration_size=parse_size(calibration_size),
         )
     table = Table("component", "precision", "inputs", "outputs", "size", title=f"{backend} export")
     for name, entry in manifest.components.items():

@@ -11,6 +11,8 @@ every constant in fp16 (fp16 parity needs 1e-2, 0.9999); 1.5e-3 with the frequen
 
 from __future__ import annotations
 
+import logging
+
 from diffship.backends.openvino import OPENVINO
 from diffship.errors import ExportError, MissingBackendError
 from diffship.exporters.base import quiet_export
@@ -60,6 +62,8 @@ def _nncf():
         import nncf
     except ImportError:
         raise MissingBackendError("openvino int8", "nncf", OPENVINO.extra) from None
+    if not logging.getLogger("diffship").isEnabledFor(logging.DEBUG):
+        logging.getLogger("nncf").setLevel(logging.WARNING)  # NNCF logs every quantizer it skips at INFO
     return nncf
 
 
@@ -70,7 +74,8 @@ def _scope(nncf, names: set[str]):
 def compress_int8(model, precise: set[str]):
     """8-bit weight compression (NNCF); activations stay float."""
     nncf = _nncf()
-    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=_scope(nncf, precise))
+    with quiet_export():  # NNCF prints a table of what it compressed
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=_scope(nncf, precise))
 
 
 def compress_int4(model, precise: set[str]):

@@ -50,11 +50,14 @@ def record_calls(pipe: Any, specs: list[ComponentSpec], limit: int) -> Iterator[
 
 def calibration_inputs(pipe: Any, specs: list[ComponentSpec], steps: int = 10,
                        prompts: tuple[str, ...] = CALIBRATION_PROMPTS,
-                       progress: Callable[[str], None] | None = None) -> dict[str, list[dict[str, torch.Tensor]]]:
-    """Inputs each component receives while ``pipe`` generates ``prompts`` (seeded, ``steps`` steps).
+                       progress: Callable[[str], None] | None = None,
+                       size: tuple[int, int] | None = None) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Inputs each component receives while ``pipe`` generates ``prompts`` (seeded, ``steps`` steps) at
+    ``size`` (height, width; default the pipeline's).
 
     ``progress`` hears before each prompt how far it is and, after the first, about how long is left
     (at full size this takes minutes)."""
+    height, width = size or (None, None)
     start = time.perf_counter()
     with record_calls(pipe, specs, limit=10_000) as calls:
         for seed, prompt in enumerate(prompts):
@@ -62,5 +65,6 @@ def calibration_inputs(pipe: Any, specs: list[ComponentSpec], steps: int = 10,
                 done = time.perf_counter() - start
                 left = f", about {done / seed * (len(prompts) - seed):.0f} s left" if seed else ""
                 progress(f"recording calibration inputs: prompt {seed + 1} of {len(prompts)}{left}")
-            pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="latent")
+            pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="latent",
+                 height=height, width=width)
     return calls

@@ -206,6 +206,7 @@ def export_pipeline(
     progress: Progress | None = None,
     stream: bool | None = None,
     runtime: dict[str, Any] | None = None,
+    calibration_size: tuple[int, int] | None = None,
 ) -> Manifest:
     """Export every component of a diffusers pipeline to ``backend``.
 
@@ -229,6 +230,8 @@ def export_pipeline(
             :mod:`diffship.reference.weights`). None: wherever the backend streams (``Backend.streams``),
             the source is a folder or preset and the precision needs no calibration runs; True: refuse
             where it cannot; False: load the whole pipeline first. The exported weights are the same.
+        calibration_size: ``(height, width)`` of the eager runs calibrated precisions record (default: the
+            export's size, at most the backend's ``calibration_side`` a side).
         runtime: runtime options the export records as the ones it runs with (``load_pipeline``'s defaults
             for it; the caller's options still win); the backend's defaults fill in the rest.
 
@@ -272,7 +275,8 @@ def export_pipeline(
     if precision in record.calibrated:
         from diffship.reference.recording import calibration_inputs
 
-        calibration = calibration_inputs(pipe, [s for s in specs if s.denoiser], progress=say)
+        size = calibration_size or _calibration_size(profile, record.calibration_side, multiple)
+        calibration = calibration_inputs(pipe, [s for s in specs if s.denoiser], progress=say, size=size)
     entries: dict[str, ComponentEntry] = {}
     with atomic_folder(out, overwrite=overwrite, replaceable=is_export, what="diffship export") as tmp:
         for spec in specs:
@@ -317,6 +321,13 @@ def _streaming(record: Backend, precision: str, source: str | Path, stream: bool
     if stream and why:
         raise DiffshipError(f"cannot stream the weights of this export: {why}; export without --stream")
     return bool(stream is not False and why is None)
+
+
+def _calibration_size(profile: ShapeProfile, side: int | None, multiple: int) -> tuple[int, int]:
+    """The export's request size, scaled down (aspect kept, multiples of ``multiple``) to ``side`` at most."""
+    height, width = profile.height, profile.width
+    scale = min(1.0, side / max(height, width)) if side else 1.0
+    return tuple(max(multiple, int(v * scale) // multiple * multiple) for v in (height, width))
 
 
 def _check_static(profile: ShapeProfile, specs: list[ComponentSpec], multiple: int) -> None:

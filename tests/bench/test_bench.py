@@ -82,6 +82,7 @@ def test_csv_and_markdown_carry_the_measurements(tiny_run):
     assert any(r["kind"] == "export" and r["subject"] == "onnx-fp32" and float(r["peak_rss_bytes"]) > 0 for r in rows)
     md = (tiny_run / "results.md").read_text()
     assert "## Summary" in md and "| onnx-fp32 |" in md and "## Schedulers" in md and "## End to end" in md
+    assert "measured matmul peak (eager PyTorch, 2048^3): fp32 " in md and "% of fp32 peak)" in md
 
 
 @pytest.mark.onnx
@@ -232,6 +233,9 @@ def test_machine_info_has_the_facts():
 
     info = machine_info({"torch": "x"})
     assert info["cpu"] and info["logical_cores"] >= 1 and info["memory_bytes"] > 0
+    # the measured matmul peak that achieved GFLOP/s are set against (bf16 only where it is native)
+    peaks = info["matmul_peak_gflops"]
+    assert peaks["fp32"] > 1 and set(peaks) <= {"fp32", "bf16"}
     assert peak_rss_bytes() > 10e6
     assert BenchSettings().validate() is not None
 

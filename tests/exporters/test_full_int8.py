@@ -64,6 +64,19 @@ def test_scored_calls_are_held_out_of_calibration():
     assert psnr([[0.0, 1.0]], [[0.0, float("nan")]]) == float("-inf")  # never a good score
 
 
+def test_onnx_calibrates_at_a_bounded_size_unless_told():
+    """ONNX Runtime's calibrator holds every quantized op's inputs of a call: its runs are capped at 256 a side."""
+    from diffship.backends import get
+    from diffship.reference.shapes import ShapeProfile
+    from diffship.workflows.export import _calibration_size
+
+    side = get("onnx").calibration_side
+    assert side == 256 and get("openvino").calibration_side is None
+    assert _calibration_size(ShapeProfile(height=512, width=768), side, 8) == (168, 256)
+    assert _calibration_size(ShapeProfile(height=64, width=64), side, 8) == (64, 64)
+    assert _calibration_size(ShapeProfile(height=1024, width=1024), None, 16) == (1024, 1024)
+
+
 def test_onnx_precise_nodes_stay_float():
     """A product feeding a sine (Flux's rotary angles: positions x frequencies) is never quantized."""
     onnx = pytest.importorskip("onnx")

@@ -17,8 +17,22 @@ FAST = ParitySettings(steps=4, tasks=("text2img",))
 QUICK = dict(size=(64, 64), steps=2, repeats=1)
 
 
+@pytest.fixture
+def shared_fp32_export(export_dir, monkeypatch):
+    """Tune's fp32 OpenVINO export is the session's shared one, copied (the ONNX test exports for real)."""
+    import shutil
+
+    import diffship.workflows.export as workflow
+
+    def copied(source, out, *, backend, precision, **kwargs):
+        assert (backend, precision) == ("openvino", "fp32") and kwargs["calibration_size"] == (64, 64)
+        shutil.copytree(export_dir("openvino"), out)
+
+    monkeypatch.setattr(workflow, "export_pipeline", copied)
+
+
 @pytest.mark.openvino
-def test_tune_openvino_writes_the_fastest_mode_meeting_the_floor(tmp_path):
+def test_tune_openvino_writes_the_fastest_mode_meeting_the_floor(tmp_path, shared_fp32_export):
     pytest.importorskip("openvino")
     names = ["fp32@f32", "fp32@bf16"] if bf16_native() else ["fp32@f32"]
     out = tmp_path / "tuned"
@@ -56,7 +70,7 @@ def test_tune_onnx_through_the_cli(tmp_path, capsys):
 
 
 @pytest.mark.openvino
-def test_tune_writes_nothing_when_no_mode_meets_the_floor(tmp_path):
+def test_tune_writes_nothing_when_no_mode_meets_the_floor(tmp_path, shared_fp32_export):
     pytest.importorskip("openvino")
     out = tmp_path / "tuned"
     with pytest.raises(ParityFailure, match="no openvino mode reached 500 dB.*nothing written") as failed:

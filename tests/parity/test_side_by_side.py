@@ -47,3 +47,22 @@ def test_parity_of_two_exports_writes_three_reports(export_dir, tmp_path, capsys
     # fp32 ONNX Runtime and fp32 OpenVINO agree with each other about as closely as each with eager.
     assert max(o["metrics"]["max_abs"] for c in cross["components"] for o in c["outputs"]) < 1e-4
     assert {c["component"] for c in cross["components"]} == {"text_encoder", "unet", "vae_encoder", "vae_decoder"}
+
+
+def test_reduced_weights_computed_in_bf16_are_judged_by_both_tolerances():
+    """OpenVINO int8 weights computed in bf16 (a tuned mode): both errors add up, as for two exports."""
+    from types import SimpleNamespace
+
+    from diffship.configs import load_tolerances
+    from diffship.parity.compare import judged_by
+
+    def loaded(precision, compute):
+        return SimpleNamespace(manifest=SimpleNamespace(backend="openvino", precision=precision),
+                               runners={"unet": SimpleNamespace(compute_precision=compute)})
+
+    both = judged_by(loaded("full-int8", "bf16"))
+    assert both.precision == "full-int8|bf16"
+    alone = load_tolerances("openvino", "full-int8")
+    assert both.image.psnr_min < alone.image.psnr_min and both.component.max_abs > alone.component.max_abs
+    assert judged_by(loaded("fp32", "bf16")).precision == "bf16"  # fp32 weights: the compute's own
+    assert judged_by(loaded("int8", None)).precision == "int8"

@@ -38,6 +38,11 @@ def module_versions(*names: str) -> dict[str, str]:
     return out
 
 
+def describe_settings(settings: Mapping[str, Any]) -> str:
+    """Runtime settings as ``key=value`` pairs for one line of a report (what ran)."""
+    return " ".join(f"{k}={v}" for k, v in settings.items()) or "the runtime's defaults"
+
+
 @dataclass(kw_only=True)
 class Details:
     """Backend facts recorded per component in the manifest (``details``); each backend extends it.

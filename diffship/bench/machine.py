@@ -90,15 +90,13 @@ def matmul_peak_gflops(side: int = 2048, repeats: int = 5) -> dict[str, float]:
     for name, dtype in dtypes.items():
         a, b = torch.randn(side, side, dtype=dtype), torch.randn(side, side, dtype=dtype)
         torch.mm(a, b)  # first call: kernel selection, allocation
-        best = min(_seconds(lambda: torch.mm(a, b), time.perf_counter) for _ in range(repeats))
-        peaks[name] = round(2 * side**3 / best / 1e9, 1)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - start)
+        peaks[name] = round(2 * side**3 / min(times) / 1e9, 1)
     return peaks
-
-
-def _seconds(run, clock) -> float:
-    start = clock()
-    run()
-    return clock() - start
 
 
 def bf16_native(device: str = "cpu") -> bool:

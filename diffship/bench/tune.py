@@ -17,7 +17,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +31,7 @@ from diffship.bench.machine import bf16_native, machine_info
 from diffship.errors import DiffshipError, ParityFailure
 from diffship.parity.compare import ParitySettings, generate_images, synthetic_image
 from diffship.parity.metrics import image_metrics, tensor_metrics
+from diffship.parity.result import json_safe
 from diffship.reference.recording import record_calls
 
 TABLE_JSON = "tune.json"
@@ -115,12 +116,8 @@ class TuneResult:
                 + "\n".join(lines) + "\n")
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for trial in data["trials"]:  # JSON has no infinity
-            for key, value in trial.items():
-                if isinstance(value, float) and not math.isfinite(value):
-                    trial[key] = str(value)
-        return data
+        """JSON-safe data (a non-finite PSNR as ``"inf"``, as parity reports write it)."""
+        return json_safe(self)
 
 
 def _timed(run: Callable[[], Any], repeats: int) -> tuple[Any, float]:

@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from diffship.cli import app
+from diffship.backends.base import describe_settings
 from diffship.cli._common import out, parse_size, runtime_options, steps
 from diffship.errors import ParityFailure
 
@@ -99,7 +100,7 @@ def run_parity(source, exported, *, reference=None, steps_=10, prompt=None, seed
 def print_summary(result) -> None:
     table = Table("check", "max abs", "cosine", "PSNR dB", "SSIM", "verdict",
                   title=f"parity: {result.backend} {result.precision} vs {result.reference or 'eager'} "
-                        f"({result.evaluator}; {' '.join(f'{k}={v}' for k, v in result.runtime.items()) or 'defaults'})")
+                        f"({result.evaluator}; {describe_settings(result.runtime)})")
     for comp in result.components:
         for o in comp.outputs:
             m = o.metrics

@@ -31,15 +31,8 @@ def precise_nodes(model) -> set[str]:
     rotary embedding): quantizing their products turns large angles into wrong phases, so they stay float
     (as on OpenVINO: :func:`diffship.exporters.ov_weights.precise_nodes`)."""
     producers = {out: node for node in model.graph.node for out in node.output}
-    precise: set[str] = set()
-    stack = [node for node in model.graph.node if node.op_type in ("Sin", "Cos")]
-    while stack:
-        node = stack.pop()
-        if node.name in precise:
-            continue
-        precise.add(node.name)
-        stack.extend(producers[i] for i in node.input if i in producers)
-    return precise
+    return quantization.upstream([node for node in model.graph.node if node.op_type in ("Sin", "Cos")],
+                                 lambda node: node.name, lambda node: [producers[i] for i in node.input if i in producers])
 
 
 def quant_nodes(model) -> list[quantization.QuantNode]:
@@ -83,12 +76,10 @@ class _Reader:
         return next(self._calls, None)
 
 
-def _feeds(path: Path, calibration: list[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
+def _feeds(graph, calibration: list[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
     """The recorded calls as numpy feeds of the graph's input dtypes."""
-    import onnx
     from onnx import helper
 
-    graph = onnx.load(str(path), load_external_data=False).graph
     dtypes = {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in graph.input}
     return [{k: np.asarray(v.numpy() if hasattr(v, "numpy") else v, dtypes[k]) for k, v in call.items() if k in dtypes}
             for call in calibration]
@@ -101,7 +92,8 @@ def quantize(path: Path, calibration: list[dict[str, Any]], keep: tuple[str, ...
     import onnx
     import onnxruntime as ort
 
-    feeds = _feeds(path, calibration)
+    model = onnx.load(str(path), load_external_data=False)  # the graph; its weights stay in their file
+    feeds = _feeds(model.graph, calibration)
     calibrate, scored = quantization.split_calls(feeds)
 
     def run(model: Path) -> list[np.ndarray]:
@@ -128,9 +120,8 @@ def quantize(path: Path, calibration: list[dict[str, Any]], keep: tuple[str, ...
             return quantization.psnr(expected, run(write(float_nodes, calibrate, Path(folder))))
 
     expected = run(path) if keep is None else []
-    graph = onnx.load(str(path), load_external_data=False)
-    precise = precise_nodes(graph)
-    choice, float_nodes = quantization.choose(quant_nodes(graph), keep, lambda names: score(names | precise), progress)
+    precise = precise_nodes(model)
+    choice, float_nodes = quantization.choose(quant_nodes(model), keep, lambda names: score(names | precise), progress)
     float_nodes |= precise
     # the final graph is written beside the float one (same folder: same disk), then replaces it
     staging = Path(tempfile.mkdtemp(prefix=".quantized-", dir=path.parent.parent))

@@ -27,16 +27,14 @@ _WEIGHTED = ("Convolution", "GroupConvolution", "MatMul")
 
 def precise_nodes(model) -> set[str]:
     """Friendly names of the nodes the sines and cosines of ``model`` are computed from (not its inputs)."""
-    precise: set[str] = set()
-    stack = [op for op in model.get_ops() if op.get_type_name() in _PHASE_OPS]
-    while stack:
-        node = stack.pop()
-        name = node.get_friendly_name()
-        if name in precise or node.get_type_name() == "Parameter":
-            continue
-        precise.add(name)
-        stack.extend(i.get_source_output().get_node() for i in node.inputs())
-    return precise
+    from diffship.exporters.quantization import upstream
+
+    def sources(node) -> list:
+        return [src for src in (i.get_source_output().get_node() for i in node.inputs())
+                if src.get_type_name() != "Parameter"]
+
+    return upstream([op for op in model.get_ops() if op.get_type_name() in _PHASE_OPS],
+                    lambda node: node.get_friendly_name(), sources)
 
 
 def compress_fp16(model, precise: set[str]) -> None:

@@ -51,6 +51,20 @@ class QuantNode:
     path: tuple[str, ...]
 
 
+def upstream(starts: Sequence[Any], name: Callable[[Any], str], sources: Callable[[Any], Sequence[Any]]) -> set[str]:
+    """Names of ``starts`` and of every node they are computed from (``sources``: a node's producers):
+    the *precise* nodes of a graph, taking its sines and cosines as ``starts``."""
+    seen: set[str] = set()
+    stack = list(starts)
+    while stack:
+        node = stack.pop()
+        if (key := name(node)) in seen:
+            continue
+        seen.add(key)
+        stack.extend(sources(node))
+    return seen
+
+
 def group_of(node: QuantNode) -> str | None:
     """The group of :data:`GROUPS` ``node`` belongs to, or None."""
     if node.op in ("scores", "softmax"):

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from diffship.backends.base import describe_settings
 from diffship._files import atomic_write, png_bytes
 from diffship.parity.metrics import IMAGE_LIMITS, MAX, TENSOR_LIMITS, as_image, format_pair, within_limit
 from diffship.parity.result import ComponentResult, ImageResult, ParityReport
@@ -215,7 +216,7 @@ def _about(report: ParityReport) -> dict[str, Any]:
         "backend": report.backend,
         "precision": report.precision,
         "evaluator": report.evaluator,
-        "runtime settings": " ".join(f"{k}={v}" for k, v in report.runtime.items()) or "defaults",
+        "runtime settings": describe_settings(report.runtime),
         "started": report.started,
         "duration": f"{report.seconds:.1f} s",
     }

@@ -24,6 +24,7 @@ from typing import Any
 
 from diffship._files import read_json
 from diffship.backends import get as get_backend
+from diffship.backends.base import describe_settings
 from diffship.backends.manifest import Manifest, read_manifest
 from diffship.errors import DiffshipError, ExportedModelError
 from diffship.reference.families import family_of
@@ -99,7 +100,7 @@ class ExportedPipeline:
 
     def describe_settings(self) -> str:
         """The settings as ``key=value`` pairs, for one line of a report."""
-        return " ".join(f"{k}={v}" for k, v in self.settings.items()) or "the runtime's defaults"
+        return describe_settings(self.settings)
 
     def close(self) -> None:
         """Close every runner (saving what they keep, e.g. a TensorRT-RTX runtime cache)."""

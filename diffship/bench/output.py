@@ -103,7 +103,8 @@ def summary_rows(doc: BenchResults) -> tuple[list[str], list[list[str]]]:
         export = s.export
         status = s.error or s.not_run
         rows.append([
-            f"{s.name} ({s.origin})" if s.origin else s.name, f"{export.seconds:.1f} s" if export else "",
+            f"{s.name} ({s.origin or s.tuned})" if s.origin or s.tuned else s.name,
+            f"{export.seconds:.1f} s" if export else "",
             _gb(max(export.peak_rss_bytes, export.child_peak_rss_bytes) or None) if export else "",
             _gb(s.size_bytes), f"{s.load.seconds:.1f} s" if s.load else "",
             _gb(s.memory.peak_rss_bytes if s.memory else None),

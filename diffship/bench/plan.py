@@ -3,6 +3,7 @@ the memory groups that subjects too large to load together are measured in."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from diffship._files import folder_bytes
 from diffship.bench.machine import bf16_native, peak_rss_bytes
 from diffship.bench.records import ExportFigures, SubjectRecord
 from diffship.bench.worker import Subject
-from diffship.configs.bench_presets import AUTO, TORCH, BenchSettings
+from diffship.configs.bench_presets import AUTO, TORCH, TUNED, BenchSettings
 from diffship.errors import ConfigError
 
 
@@ -52,6 +53,10 @@ def plan(settings: BenchSettings) -> list[Planned]:
                 entry.not_run = f"{name} has no {precision} precision ({', '.join(record.precisions)})"
             planned.append(Planned(Subject(entry.name, name, precision,
                                            options=dict(settings.runtime_options.get(name, {}))), entry))
+    for name in settings.tune:
+        backends.get(name).require(runtime=True)
+        entry = SubjectRecord(f"{name}-{TUNED}", name, TUNED)
+        planned.append(Planned(Subject(entry.name, name, TUNED), entry))
     planned += compared(settings, {p.subject.name for p in planned})
     return sorted(planned, key=lambda p: p.subject.backend != TORCH)  # eager fp32 first: the reference
 
@@ -87,13 +92,19 @@ def compared(settings: BenchSettings, taken: set[str]) -> list[Planned]:
 
 
 def measured_export(source: str, folder: str, backend: str, precision: str, static: tuple[int, int] | None,
-                    options: dict[str, Any], components: list[str] | None = None) -> ExportFigures:
+                    options: dict[str, Any], components: list[str] | None = None,
+                    calibration_size: tuple[int, int] | None = None) -> ExportFigures:
     """Export in this (child) process and report its time, peak memory and size on disk."""
     from diffship.workflows import export_pipeline
 
     start = time.perf_counter()
     manifest = export_pipeline(source, folder, backend=backend, precision=precision, static=static, overwrite=True,
-                               backend_options=options, components=components)
+                               backend_options=options, components=components, calibration_size=calibration_size)
+    return _figures(start, folder, manifest)
+
+
+def _figures(start: float, folder: str, manifest: Any) -> ExportFigures:
+    """What a (child) process that wrote ``folder`` since ``start`` measured."""
     return ExportFigures(seconds=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes(),
                          child_peak_rss_bytes=peak_rss_bytes(children=True), size_bytes=folder_bytes(Path(folder)),
                          fp32_fallbacks=sorted(n for n, c in manifest.components.items() if c.details.fp32_fallback))
@@ -113,11 +124,55 @@ def export_subject(p: Planned, settings: BenchSettings, exports: Path, reuse: bo
             p.entry.size_bytes = folder_bytes(folder)
             return
     static = settings.size if backends.get(p.subject.backend).fixed_shapes else None
+    # calibrated precisions calibrate at the size the run measures (as tune does), not the pipeline's default
     figures = run_isolated(f"exporting {settings.source} to {p.subject.name}", measured_export, settings.source,
                            str(folder), p.subject.backend, p.subject.precision, static,
-                           dict(settings.export_options.get(p.subject.backend, {})), list(settings.components) or None)
+                           dict(settings.export_options.get(p.subject.backend, {})), list(settings.components) or None,
+                           settings.size)
     p.entry.export = figures
     p.entry.size_bytes = figures.size_bytes
+
+
+def measured_tune(source: str, folder: str, backend: str, exports: dict[str, str],
+                  settings: BenchSettings) -> tuple[ExportFigures, str, str]:
+    """``diffship tune`` in this (child) process: its figures (the whole tune: exports and trials), the mode
+    it chose and that mode's precision."""
+    from diffship.bench.tune import tune
+
+    start = time.perf_counter()
+    result = tune(source, folder, backend, min_psnr=settings.tune_min_psnr, size=settings.size,
+                  steps=settings.default_steps, repeats=settings.repeats, only=list(settings.tune_candidates) or None,
+                  overwrite=True, exports=exports)
+    from diffship.backends.manifest import read_manifest
+
+    manifest = read_manifest(folder, verify=False)
+    return _figures(start, folder, manifest), result.chosen, manifest.precision
+
+
+def tune_subject(p: Planned, settings: BenchSettings, exports: Path, planned: list[Planned], reuse: bool) -> None:
+    """Make a ``BACKEND-tuned`` subject with ``diffship tune`` in a child process, reusing the run's exports
+    of the same backend (or, with ``reuse``, an existing tuned export of the same source)."""
+    from diffship._isolate import run_isolated
+    from diffship.backends.manifest import MANIFEST, read_manifest
+    from diffship.bench.tune import TABLE_JSON
+
+    backend = p.subject.backend
+    folder = exports / p.subject.name
+    p.entry.folder = str(folder)
+    if reuse and (folder / TABLE_JSON).is_file() and (folder / MANIFEST).is_file():
+        manifest = read_manifest(folder, verify=False)
+        if (manifest.source.name, manifest.backend) == (settings.source, backend):
+            p.entry.precision = manifest.precision
+            p.entry.tuned = json.loads((folder / TABLE_JSON).read_text())["chosen"]
+            p.entry.size_bytes = folder_bytes(folder)
+            return
+    made = {q.subject.precision: q.entry.folder for q in planned
+            if q.subject.backend == backend and q.subject.precision != TUNED and not q.entry.origin
+            and not q.entry.error and q.entry.folder and (Path(q.entry.folder) / MANIFEST).is_file()}
+    figures, chosen, precision = run_isolated(f"tuning {settings.source} on {backend}", measured_tune,
+                                              settings.source, str(folder), backend, made, settings)
+    p.entry.export, p.entry.size_bytes = figures, figures.size_bytes
+    p.entry.tuned, p.entry.precision = chosen, precision
 
 
 def component_points(settings: BenchSettings, components: list[str]) -> list[tuple[str, int, int, int]]:

@@ -114,6 +114,8 @@ class SubjectRecord:
         runtime: what computed it ("PyTorch ... eager", "onnxruntime ...", "MIL reference (Linux)").
         export / load / memory: figures of its export, load and worker.
         size_bytes: its weights on disk.
+        tuned: for a ``BACKEND-tuned`` subject, the mode ``diffship tune`` chose (``full-int8@bf16``); its
+            ``export`` figures are the whole tune's (its own exports and trials).
     """
 
     name: str
@@ -129,6 +131,7 @@ class SubjectRecord:
     load: LoadFigures | None = None
     size_bytes: int | None = None
     memory: MemoryFigures | None = None
+    tuned: str | None = None
 
 
 @dataclass(frozen=True)

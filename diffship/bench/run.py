@@ -3,7 +3,8 @@
 Order of a run:
 
 1. **exports** -- each backend x precision is exported in a child process, which reports its wall time
-   and peak RSS (and its helper processes': ONNX checker, TensorRT builder) (:mod:`~.plan`);
+   and peak RSS (and its helper processes': ONNX checker, TensorRT builder) (:mod:`~.plan`); then
+   ``diffship tune`` makes each ``BACKEND-tuned`` subject (``--tune``), reusing those exports;
 2. **loads** -- one worker process per subject loads its pipeline (timed), eager PyTorch included;
    subjects that do not fit in memory together are measured in groups, each led by eager fp32
    (:func:`~diffship.bench.plan.memory_groups`), and steps 3-5 run per group;
@@ -28,11 +29,12 @@ from diffship._files import folder_bytes, remove_folder
 from diffship.bench.analysis import image_parity, point_key, scheduler_summary, tensor_parity
 from diffship.bench.machine import machine_info
 from diffship.bench.output import write_all
-from diffship.bench.plan import Planned, component_points, export_subject, memory_groups, pipeline_points, plan
+from diffship.bench.plan import (Planned, component_points, export_subject, memory_groups, pipeline_points, plan,
+                                 tune_subject)
 from diffship.bench.pool import Worker, series
 from diffship.bench.records import (BenchResults, ComponentMeasurement, LoadFigures, MemoryFigures,
                                     PipelineMeasurement, stats_ms)
-from diffship.configs.bench_presets import TORCH, BenchSettings
+from diffship.configs.bench_presets import TORCH, TUNED, BenchSettings
 from diffship.errors import DiffshipError, first_line
 
 
@@ -88,7 +90,8 @@ def run_bench(settings: BenchSettings, out: str | Path, *, exports: str | Path |
             for p in planned:
                 p.entry.not_run = p.entry.not_run or ("eager PyTorch has no export" if p.subject.backend == TORCH
                                                       else None)
-        to_export = [p for p in planned if p.subject.backend != TORCH and not p.entry.not_run and not p.entry.origin]
+        to_export = [p for p in planned if p.subject.backend != TORCH and not p.entry.not_run and not p.entry.origin
+                     and p.subject.precision != TUNED]
         progress.phase("exporting", len(to_export))
         for p in to_export:
             progress.advance(f"exporting {p.subject.name}")
@@ -100,6 +103,17 @@ def run_bench(settings: BenchSettings, out: str | Path, *, exports: str | Path |
             run.save()
             if settings.export_only and not keep_exports:
                 _remove_exports([p], progress)
+        to_tune = [p for p in planned if p.subject.precision == TUNED and not p.entry.origin]
+        if to_tune:
+            progress.phase("tuning", len(to_tune))
+        for p in to_tune:
+            progress.advance(f"diffship tune {settings.source} --backend {p.subject.backend}")
+            try:
+                tune_subject(p, settings, exports, planned, reuse_exports)
+            except DiffshipError as exc:
+                p.entry.error = f"tune failed: {first_line(exc)}"
+                progress.note(f"{p.subject.name}: {p.entry.error}")
+            run.save()
         for p in [p for p in planned if p.subject.backend != TORCH and not p.entry.not_run and not p.entry.error]:
             if settings.export_only:
                 p.entry.not_run = "export only (--export-only)"

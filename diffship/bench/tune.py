@@ -6,26 +6,28 @@ warm-up), and its image compared with eager fp32's (PSNR), with its denoiser's o
 calls eager made. The fastest candidate whose image meets the PSNR floor is written to ``out`` with its
 runtime settings recorded in the manifest (``load_pipeline(out)`` runs it that way; options still
 override) and the table beside it (``tune.json``, ``tune.md``). Candidates share one export per precision;
-calibrated precisions calibrate on eager runs at the size tuned for.
+calibrated precisions calibrate on eager runs at the size tuned for. Existing exports of a precision
+(``exports``: a benchmark run's own) are used as they are instead of exporting it again.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from diffship import backends
 from diffship._files import atomic_folder, atomic_write, check_destination
-from diffship.backends.manifest import read_manifest
+from diffship.backends.manifest import MANIFEST, read_manifest
 from diffship.backends.quantized import FULL_INT8
 from diffship.bench.machine import bf16_native, machine_info
 from diffship.errors import DiffshipError, ParityFailure
@@ -133,6 +135,7 @@ def _timed(run: Callable[[], Any], repeats: int) -> tuple[Any, float]:
 
 def tune(source: str, out: str | Path, backend: str, *, min_psnr: float = 35.0, size: tuple[int, int] | None = None,
          steps: int = 4, repeats: int = 3, only: list[str] | None = None, overwrite: bool = False,
+         exports: Mapping[str, str | Path] | None = None,
          progress: Callable[[str], None] | None = None) -> TuneResult:
     """Try the candidate modes of ``backend`` on ``source`` and write the fastest one meeting ``min_psnr``.
 
@@ -145,6 +148,8 @@ def tune(source: str, out: str | Path, backend: str, *, min_psnr: float = 35.0, 
         steps / repeats: denoising steps per image; timed runs per candidate (after one warm-up).
         only: candidate names to try (default: all of :func:`candidates`).
         overwrite: replace an existing export at ``out``.
+        exports: existing exports of ``source`` to ``backend`` by precision, measured instead of exporting
+            that precision (left as they are: the chosen one is copied, hard-linked where the disk allows).
         progress: told what runs, with an estimate of the time left.
 
     Returns:
@@ -167,6 +172,7 @@ def tune(source: str, out: str | Path, backend: str, *, min_psnr: float = 35.0, 
     record.require(runtime=True)
     out = Path(out)
     check_destination(out, overwrite, is_export, "diffship export")
+    given = _given_exports(exports or {}, backend)
     say = progress or (lambda _: None)
     say(f"loading {source}")
     pipe = load(source)
@@ -183,7 +189,7 @@ def tune(source: str, out: str | Path, backend: str, *, min_psnr: float = 35.0, 
 
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tune-", dir=out.parent if out.parent.exists() else None))
     trials: list[Trial] = []
-    folders: dict[str, Path] = {}
+    folders: dict[str, Path] = dict(given)
     started = time.perf_counter()
     try:
         for i, cand in enumerate(tried):
@@ -216,10 +222,32 @@ def tune(source: str, out: str | Path, backend: str, *, min_psnr: float = 35.0, 
                                     f"written: lower --min-psnr or try another backend")
             failure.result = result  # the table, for the command line to print
             raise failure
-        _write(result, best, folders[best.candidate.precision], out, overwrite, record)
+        chosen = folders[best.candidate.precision]
+        _write(result, best, chosen, out, overwrite, record, keep=chosen in given.values())
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _given_exports(exports: Mapping[str, str | Path], backend: str) -> dict[str, Path]:
+    """The existing exports by precision, each checked against its manifest (the backend and precision it
+    was given for); :class:`DiffshipError` otherwise."""
+    out = {}
+    for precision, folder in exports.items():
+        manifest = read_manifest(folder, verify=False)
+        if (manifest.backend, manifest.precision) != (backend, precision):
+            raise DiffshipError(f"{folder} is a {manifest.backend} {manifest.precision} export, not {backend} "
+                                f"{precision}; give tune exports of the backend it tunes")
+        out[precision] = Path(folder)
+    return out
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link where the disk allows (an export of gigabytes, not written twice), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _measure(trial: Trial, folder: Path, request: ParitySettings, init: np.ndarray, repeats: int,
@@ -239,14 +267,22 @@ def _measure(trial: Trial, folder: Path, request: ParitySettings, init: np.ndarr
                                              np.concatenate([p[1] for p in pairs])).psnr
 
 
-def _write(result: TuneResult, best: Trial, folder: Path, out: Path, overwrite: bool, record: Any) -> None:
-    """Move the chosen export to ``out`` with its settings in the manifest and the table beside it."""
+def _write(result: TuneResult, best: Trial, folder: Path, out: Path, overwrite: bool, record: Any,
+           keep: bool) -> None:
+    """Move (with ``keep``: copy) the chosen export to ``out`` with its settings in the manifest and the
+    table beside it."""
     from diffship.workflows.export import is_export
 
+    manifest = read_manifest(folder, verify=False)
     with atomic_folder(out, overwrite=overwrite, replaceable=is_export, what="diffship export") as tmp:
         for item in folder.iterdir():
-            shutil.move(str(item), tmp / item.name)
+            if not keep:
+                shutil.move(str(item), tmp / item.name)
+            elif item.is_dir():
+                shutil.copytree(item, tmp / item.name, copy_function=_link_or_copy)
+            elif item.name != MANIFEST:  # rewritten below: a link would rewrite the original's too
+                _link_or_copy(str(item), str(tmp / item.name))
         atomic_write(tmp / TABLE_JSON, json.dumps(result.to_dict(), indent=2) + "\n")
         atomic_write(tmp / TABLE_MD, result.markdown())
-        manifest = read_manifest(tmp, verify=False)
+        (tmp / MANIFEST).unlink(missing_ok=True)
         replace(manifest, runtime=record.runtime_settings(best.candidate.runtime)).write(tmp)

@@ -68,7 +68,7 @@ class _Bars:
 @bench_app.callback(invoke_without_command=True)
 def bench(
     ctx: typer.Context,
-    preset: str = typer.Option("tiny", "--preset", help="Settings preset (configs/bench_presets.toml): tiny, sd15-arch, sd3-arch, sdxl-arch-export, flux-arch-export."),
+    preset: str = typer.Option("tiny", "--preset", help="Settings preset (configs/bench_presets.toml): tiny, sd15-arch, sd15-arch-modes, sd3-arch, sdxl-arch-export, flux-arch-export."),
     source: Optional[str] = typer.Option(None, "--source", help="What to benchmark instead of the preset's (folder, file, preset)."),
     backends: Optional[str] = typer.Option(None, "--backends", help="Comma list: torch and export backends, or auto."),
     precisions: Optional[str] = typer.Option(None, "--precisions", help="Export precisions, comma list (fp32,fp16)."),
@@ -97,6 +97,11 @@ def bench(
                                                  "the others as it is (repeatable)."),
     component: Optional[list[str]] = typer.Option(None, "--component", help="With --export-only: export only this "
                                                   "component (repeatable), e.g. the UNet of a large model."),
+    tune: Optional[str] = typer.Option(None, "--tune", metavar="B,..", help="Backends (onnx, openvino) that also get "
+                                       "a BACKEND-tuned subject: the mode diffship tune chooses here."),
+    tune_candidates: Optional[str] = typer.Option(None, "--tune-candidates", metavar="A,..",
+                                                  help="The modes tune tries (e.g. fp32@bf16,full-int8@bf16)."),
+    tune_min_psnr: Optional[float] = typer.Option(None, "--tune-min-psnr", help="Tune's image PSNR floor (dB)."),
 ) -> None:
     """Export SOURCE to every chosen backend and measure each against eager PyTorch.
 
@@ -114,7 +119,8 @@ def bench(
         "e2e_repeats": e2e_repeats, "threads": threads, "device": device,
         "runtime_options": _per_backend(option) or None, "export_options": _per_backend(export_option) or None,
         "export_only": export_only or None, "components": component,
-        "compare": [str(f) for f in compare] if compare else None,
+        "compare": [str(f) for f in compare] if compare else None, "tune": _split(tune),
+        "tune_candidates": _split(tune_candidates), "tune_min_psnr": tune_min_psnr,
     }.items() if v is not None}
     settings = from_mapping(overrides, "command line", base=load_preset(preset))
     command = "diffship " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None

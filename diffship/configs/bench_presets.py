@@ -15,6 +15,8 @@ BUNDLED_PRESETS = Path(__file__).with_name("bench_presets.toml")
 #: the subject name of eager PyTorch in ``backends``.
 TORCH = "torch"
 AUTO = "auto"
+#: the precision of a ``BACKEND-tuned`` subject until ``diffship tune`` has chosen its mode.
+TUNED = "tuned"
 DEFAULT_SCHEDULER = "default"
 
 
@@ -44,6 +46,11 @@ class BenchSettings:
             optimum-onnx's, optimum-intel's, Apple's Core ML): not exported, each named by its folder.
         export_only: measure the exports (time, peak RSS, size) and run nothing -- for sources too large
             to load next to each other, or backends that cannot run here.
+        tune: backends (``onnx``, ``openvino``) that also get a ``BACKEND-tuned`` subject: the export
+            ``diffship tune`` chooses at the run's default size and steps (reusing the run's exports of the
+            precisions it tries), measured with the runtime settings it chose.
+        tune_candidates: the modes tune tries (``fp32@f32,full-int8@bf16``); empty: every mode of the backend.
+        tune_min_psnr: tune's image PSNR floor (dB) against eager fp32.
     """
 
     source: str = "tiny"
@@ -67,6 +74,9 @@ class BenchSettings:
     components: tuple[str, ...] = ()
     compare: tuple[str, ...] = ()
     export_only: bool = False
+    tune: tuple[str, ...] = ()
+    tune_candidates: tuple[str, ...] = ()
+    tune_min_psnr: float = 35.0
 
     @property
     def size(self) -> tuple[int, int]:
@@ -90,6 +100,10 @@ class BenchSettings:
             problems.append(f"sizes must be positive multiples of 8, got {self.sizes}")
         if self.warmup < 0 or self.repeats < 1 or self.e2e_repeats < 1:
             problems.append("warmup must be >= 0, repeats and e2e_repeats >= 1")
+        if unknown := set(self.tune) - {"onnx", "openvino"}:
+            problems.append(f"tune takes onnx and openvino, not {', '.join(sorted(unknown))}")
+        if self.tune and self.export_only:
+            problems.append("tune runs the pipeline to choose a mode; it cannot be combined with export_only")
         if unknown := set(self.torch_precisions) - {"fp32", "fp16", "bf16"}:
             problems.append(f"unknown torch precision(s) {sorted(unknown)}; choose from fp32, fp16, bf16")
         if problems:

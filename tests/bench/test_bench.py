@@ -36,7 +36,9 @@ def validate(path: Path) -> BenchResults:
 def tiny_run(tmp_path_factory) -> Path:
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
     out = tmp_path_factory.mktemp("bench") / "tiny"
-    assert main(["bench", *TINY_ARGS, "--backends", "torch,onnx", "--out", str(out)]) == 0
+    # a tuned subject too: tune tries one mode (the run's own onnx-fp32 export, not exported again)
+    assert main(["bench", *TINY_ARGS, "--backends", "torch,onnx", "--tune", "onnx", "--tune-candidates", "fp32",
+                 "--out", str(out)]) == 0
     return out
 
 
@@ -72,6 +74,11 @@ def test_tiny_preset_writes_every_file_and_validates(tiny_run):
         assert m.steps_per_s > 0 and m.parity.psnr_db > 60 and m.unet_calls >= m.steps
     assert {s.scheduler for s in doc.schedulers} == {"default", "EulerDiscreteScheduler"}
     assert (tiny_run / "images" / "onnx-fp32" / "default-2steps-b1-64x64.png").is_file()
+    tuned = subjects["onnx-tuned"]
+    assert (tuned.tuned, tuned.precision, tuned.runs) == ("fp32", "fp32", True) and tuned.export.seconds > 0
+    assert not (tiny_run / "exports" / "onnx-tuned").exists()  # removed once measured, like the others
+    assert all(m.parity.psnr_db > 60 for m in doc.find(kind="pipeline", subject="onnx-tuned"))
+    assert "onnx-tuned (fp32)" in (tiny_run / "results.md").read_text()
 
 
 @pytest.mark.onnx
@@ -211,6 +218,8 @@ def test_sd3_arch_is_sd35_mediums_transformer_without_t5():
     ({"colour": 1}, r"unknown setting\(s\) colour"),
     ({"backends": "onnx"}, "must be a list"),
     ({"torch_precisions": ["int4"]}, "unknown torch precision"),
+    ({"tune": ["coreml"]}, "tune takes onnx and openvino, not coreml"),
+    ({"tune": ["onnx"], "export_only": True}, "cannot be combined with export_only"),
 ])
 def test_bad_settings_are_refused(data, message):
     with pytest.raises(Exception, match=message):

@@ -4,10 +4,11 @@ the floor written with its runtime settings in the manifest, parity passing with
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
-from diffship.backends.manifest import read_manifest
+from diffship.backends.manifest import MANIFEST, read_manifest
 from diffship.bench.machine import bf16_native
 from diffship.bench.tune import TABLE_JSON, TABLE_MD, candidates, tune
 from diffship.errors import DiffshipError, ParityFailure
@@ -85,3 +86,28 @@ def test_tune_refuses_unknown_backends_and_candidates_before_work(tmp_path):
     with pytest.raises(DiffshipError, match="unknown candidate.*int2.*onnx here has: fp32, full-int8"):
         tune("tiny", tmp_path / "x", "onnx", only=["int2"])
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.openvino
+def test_tune_measures_given_exports_as_they_are_and_copies_the_chosen_one(tmp_path, export_dir, monkeypatch):
+    """A benchmark run's exports are tuned without exporting again; the chosen one is copied (hard links),
+    its original left as it was (no tune table, its own manifest)."""
+    pytest.importorskip("openvino")
+    import diffship.workflows.export as workflow
+
+    def refused(*args, **kwargs):
+        raise AssertionError("tune exported a precision it was given")
+
+    monkeypatch.setattr(workflow, "export_pipeline", refused)
+    given = tmp_path / "given"
+    shutil.copytree(export_dir("openvino"), given)
+    before = (given / MANIFEST).read_bytes()
+    out = tmp_path / "tuned"
+    result = tune("tiny", out, "openvino", only=["fp32@f32"], exports={"fp32": given}, **QUICK)
+    assert result.chosen == "fp32@f32" and result.trials[0].export_seconds is None
+    assert (given / MANIFEST).read_bytes() == before and not (given / TABLE_JSON).exists()
+    weights = out / "unet" / "openvino_model.bin"
+    assert weights.stat().st_ino == (given / "unet" / "openvino_model.bin").stat().st_ino  # linked, not written
+    assert read_manifest(out).runtime["inference_precision"] == "f32"  # verified: every file hashed
+    with pytest.raises(DiffshipError, match="is a openvino fp32 export, not openvino int8"):
+        tune("tiny", tmp_path / "x", "openvino", only=["fp32@f32"], exports={"int8": given}, **QUICK)

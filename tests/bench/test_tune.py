@@ -54,9 +54,18 @@ def test_tune_openvino_writes_the_fastest_mode_meeting_the_floor(tmp_path, share
 
 
 @pytest.mark.onnx
-def test_tune_onnx_through_the_cli(tmp_path, capsys):
+def test_tune_onnx_through_the_cli(tmp_path, capsys, export_dir, monkeypatch):
     pytest.importorskip("onnxruntime")
+    import diffship.workflows.export as workflow
     from diffship.cli import main
+
+    def copied(source, out, *, backend, precision, **kwargs):
+        """The session's full-int8 export (calibrated at tiny's 64x64 too), copied: the suite exports it once
+        per worker (tests/exporters/test_full_int8.py checks that export itself)."""
+        assert (backend, precision) == ("onnx", "full-int8") and kwargs["calibration_size"] == (64, 64)
+        shutil.copytree(export_dir("onnx", "full-int8"), out)
+
+    monkeypatch.setattr(workflow, "export_pipeline", copied)
 
     out = tmp_path / "tuned"
     # one candidate keeps the test short (the fp32 one is the OpenVINO test's): full-int8, measured and chosen

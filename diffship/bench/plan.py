@@ -137,14 +137,13 @@ def measured_tune(source: str, folder: str, backend: str, exports: dict[str, str
                   settings: BenchSettings) -> tuple[ExportFigures, str, str]:
     """``diffship tune`` in this (child) process: its figures (the whole tune: exports and trials), the mode
     it chose and that mode's precision."""
+    from diffship.backends.manifest import read_manifest
     from diffship.bench.tune import tune
 
     start = time.perf_counter()
     result = tune(source, folder, backend, min_psnr=settings.tune_min_psnr, size=settings.size,
                   steps=settings.default_steps, repeats=settings.repeats, only=list(settings.tune_candidates) or None,
                   overwrite=True, exports=exports)
-    from diffship.backends.manifest import read_manifest
-
     manifest = read_manifest(folder, verify=False)
     return _figures(start, folder, manifest), result.chosen, manifest.precision
 

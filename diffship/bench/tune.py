@@ -222,8 +222,8 @@ def tune(source: str, out: str | Path, backend: str, *, min_psnr: float = 35.0, 
                                     f"written: lower --min-psnr or try another backend")
             failure.result = result  # the table, for the command line to print
             raise failure
-        chosen = folders[best.candidate.precision]
-        _write(result, best, chosen, out, overwrite, record, keep=chosen in given.values())
+        _write(result, best, folders[best.candidate.precision], out, overwrite, record,
+               keep=best.candidate.precision in given)
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -280,9 +280,8 @@ def _write(result: TuneResult, best: Trial, folder: Path, out: Path, overwrite: 
                 shutil.move(str(item), tmp / item.name)
             elif item.is_dir():
                 shutil.copytree(item, tmp / item.name, copy_function=_link_or_copy)
-            elif item.name != MANIFEST:  # rewritten below: a link would rewrite the original's too
+            elif item.name != MANIFEST:  # written below: a link would rewrite the original's too
                 _link_or_copy(str(item), str(tmp / item.name))
         atomic_write(tmp / TABLE_JSON, json.dumps(result.to_dict(), indent=2) + "\n")
         atomic_write(tmp / TABLE_MD, result.markdown())
-        (tmp / MANIFEST).unlink(missing_ok=True)
         replace(manifest, runtime=record.runtime_settings(best.candidate.runtime)).write(tmp)

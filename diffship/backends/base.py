@@ -51,14 +51,18 @@ class Details:
         fp32_fallback: why a component of a reduced-precision export was exported in fp32 (its VAE
             config asks for it, or the reduced-precision export produced non-finite values); None
             when it was exported as asked.
-        kept_float: for ``full-int8``'s denoiser, the layer groups left float (measured or asked for).
-        quantized_psnr: for ``full-int8``'s denoiser when measured, the PSNR (dB) of its outputs against
-            the float graph's with every group quantized and with each group kept float.
+        kept_float: for ``full-int8``'s quantized components (the denoiser, the VAE decoder where it
+            passes), the layer groups left float (measured or asked for).
+        quantized_psnr: for those when measured, the PSNR (dB) of their outputs against the float graph's
+            with every group quantized and with each group kept float.
+        float_activations: for ``full-int8``'s VAE decoder, why its activations stayed float (its quantized
+            outputs fell under the floor), or None.
     """
 
     fp32_fallback: str | None = None
     kept_float: list[str] | None = None
     quantized_psnr: dict[str, float] | None = None
+    float_activations: str | None = None
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Layout per component (as optimum writes it): ``<component>/model.onnx`` and, past the 2 GB protobuf
 limit or when asked, the weights in ``<component>/model.onnx.data``. ``full-int8``: the denoiser in ONNX
 Runtime's QDQ format (8-bit weights and activations on its convolutions and matrix products, calibrated
-on recorded eager calls); the other components fp32.
+on recorded eager calls), the VAE decoder too where its outputs pass; the other components fp32.
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ class OnnxExportOptions:
             (graphs past the 2 GB protobuf limit must).
         check: run ``onnx.checker`` with full shape inference on the saved graph (in a child process);
             false skips it, for a tool that validates the graph as it reads it (the manifest records it).
-        keep_float: ``full-int8``: the denoiser's layer groups left float -- ``auto`` (measured: those whose
-            quantization costs the most PSNR), ``none``, or a comma list of ``ends``, ``time-embedding``,
-            ``attention-scores``.
+        keep_float: ``full-int8``: the layer groups left float in the denoiser and the VAE decoder --
+            ``auto`` (measured: those whose quantization costs the most PSNR; the decoder stays float
+            where its outputs fall under 40 dB), ``none``, or a comma list of ``ends``, ``time-embedding``,
+            ``attention-scores`` and ``vae-decoder`` (the whole decoder).
     """
 
     opset: int = option(18, minimum=MIN_OPSET)

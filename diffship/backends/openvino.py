@@ -6,7 +6,7 @@ Precisions are weight formats; computation stays float32 on the host side of the
 (the denoiser also gets 8-bit activations, calibrated on inputs recorded from eager runs) and ``int4``
 (group-wise 4-bit weights on the denoiser's and T5's matrix products, 8-bit elsewhere) and ``full-int8``
 (the denoiser's convolutions and matrix products compute in 8 bits: weights and activations, calibrated;
-8-bit weights elsewhere).
+the VAE decoder's too where its outputs pass; 8-bit weights elsewhere).
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ class OpenVINOExportOptions:
     """``-o`` options of an OpenVINO export.
 
     Attributes:
-        keep_float: ``full-int8``: the denoiser's layer groups left float -- ``auto`` (measured: those whose
-            quantization costs the most PSNR), ``none``, or a comma list of ``ends``, ``time-embedding``,
-            ``attention-scores``.
+        keep_float: ``full-int8``: the layer groups left float in the denoiser and the VAE decoder --
+            ``auto`` (measured: those whose quantization costs the most PSNR; the decoder stays float
+            where its outputs fall under 40 dB), ``none``, or a comma list of ``ends``, ``time-embedding``,
+            ``attention-scores`` and ``vae-decoder`` (the whole decoder).
     """
 
     keep_float: str = keep_float_option()

@@ -1,6 +1,6 @@
-"""``full-int8``: the precision whose denoiser has 8-bit weights *and* activations on its convolutions and
-matrix products (ONNX Runtime's static QDQ quantization, NNCF's on OpenVINO), and the ``keep_float``
-export option both exporters take. What it does is in :mod:`diffship.exporters.quantization`."""
+"""``full-int8``: the precision whose denoiser (and VAE decoder, where it passes) has 8-bit weights *and*
+activations on its convolutions and matrix products (ONNX Runtime's static QDQ quantization, NNCF's on
+OpenVINO), and the ``keep_float`` export option both exporters take. What it does is in :mod:`diffship.exporters.quantization`."""
 
 from __future__ import annotations
 
@@ -10,31 +10,51 @@ from diffship.configs.fields import comma_list, option
 from diffship.errors import OptionError
 
 FULL_INT8 = "full-int8"
+#: ``keep_float``'s name for keeping the whole VAE decoder float (else quantized where it passes).
+DECODER = "vae-decoder"
+#: a component other than the denoiser keeps 8-bit activations only where its outputs reach this PSNR
+#: against the float graph's: an error of at most a third of what an image at 35 dB (``tune``'s default
+#: floor) may carry in all, leaving the rest to the denoiser.
+MIN_PASSING_DB = 40.0
 #: the layer groups measured for keeping float (see :mod:`diffship.exporters.quantization`).
 GROUPS = ("ends", "time-embedding", "attention-scores")
+#: what ``keep_float`` may name: the layer groups and the whole VAE decoder.
+KEEP_FLOAT = (*GROUPS, DECODER)
 
 
 def normalize_keep_float(value: Any) -> str:
     """``-o keep_float=`` as ``auto`` (measure), ``none`` (quantize every group) or a comma list of
-    :data:`GROUPS`, in that order.
+    :data:`KEEP_FLOAT`, in that order.
 
     Raises:
         OptionError: an unknown group, or ``auto``/``none`` mixed with groups.
     """
     names = comma_list(value)
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise OptionError(f"keep_float must be auto, none or a comma list of: {', '.join(GROUPS)}; got {value!r}")
+        raise OptionError(f"keep_float must be auto, none or a comma list of: {', '.join(KEEP_FLOAT)}; got {value!r}")
     if names in (["auto"], ["none"]):
         return names[0]
-    if unknown := [n for n in names if n not in GROUPS]:
+    if unknown := [n for n in names if n not in KEEP_FLOAT]:
         raise OptionError(f"unknown keep_float group(s) {', '.join(unknown)}; choose auto, none or from: "
-                          f"{', '.join(GROUPS)}")
-    return ",".join(g for g in GROUPS if g in names) or "none"
+                          f"{', '.join(KEEP_FLOAT)}")
+    return ",".join(g for g in KEEP_FLOAT if g in names) or "none"
 
 
 def kept_groups(value: str) -> tuple[str, ...] | None:
     """The groups a normalized ``keep_float`` names; None for ``auto`` (measure them)."""
     return None if value == "auto" else () if value == "none" else tuple(value.split(","))
+
+
+def quantizes(spec: Any, keep: tuple[str, ...] | None) -> bool:
+    """Whether ``full-int8`` gives ``spec``'s component (a ``ComponentSpec``) 8-bit activations, given the
+    kept groups (:func:`kept_groups`): the denoiser always, the VAE decoder unless kept float."""
+    return spec.denoiser or (spec.int8_activations and DECODER not in (keep or ()))
+
+
+def floor_for(spec: Any, keep: tuple[str, ...] | None) -> float | None:
+    """The output PSNR ``spec``'s quantized component must reach, or None: the VAE decoder, where measured
+    (``keep_float=auto``); the denoiser never (see :mod:`diffship.exporters.quantization`)."""
+    return MIN_PASSING_DB if keep is None and not spec.denoiser else None
 
 
 def keep_float_option() -> Any:

@@ -21,7 +21,8 @@ def export(
     precision: str = typer.Option("fp32", "--precision", "--weights", "-p",
                                   help="fp32 or fp16 (overflowing parts stay fp32); weight formats per backend: openvino int8 and int4, "
                                        "coreml palette4/6/8, palette-mixed (per-weight widths, -o target_psnr) and int8; "
-                                       "full-int8 (onnx, openvino): 8-bit weights and activations in the denoiser."),
+                                       "full-int8 (onnx, openvino): 8-bit weights and activations in the denoiser "
+                                       "and, where it passes, the VAE decoder."),
     static: Optional[str] = typer.Option(None, "--static", metavar="HxW", help="Fixed image size instead of dynamic shapes."),
     batch: int = typer.Option(1, "--batch", min=1, help="Images per call (fixed when --static)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Activation quantization, calibrated on "

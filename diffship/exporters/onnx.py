@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from diffship._isolate import run_isolated
 from diffship.backends.manifest import ComponentEntry, TensorIO
 from diffship.backends.onnx import MODEL_FILE, ONNX, OnnxDetails, OnnxExportOptions
-from diffship.backends.quantized import FULL_INT8, kept_groups
+from diffship.backends.quantized import FULL_INT8, floor_for, kept_groups, quantizes
 from diffship.errors import ExportError, first_line
 from diffship.exporters import onnx_quantize
 from diffship.exporters.base import ExportOptions, component_files, io_description, quiet_export, writing
@@ -88,12 +88,18 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
         program.save(str(path), external_data=external)
     details = OnnxDetails(opset=onnx_options.opset, external_data=external, checked=onnx_options.check)
     precision = options.precision
-    if precision == FULL_INT8 and options.calibration:
-        choice = onnx_quantize.quantize(path, options.calibration, kept_groups(onnx_options.keep_float), external,
-                                        log.info)
-        details.kept_float, details.quantized_psnr = list(choice.kept), choice.scores or None
+    keep = kept_groups(onnx_options.keep_float)
+    if precision == FULL_INT8 and options.calibration and quantizes(spec, keep):
+        choice = onnx_quantize.quantize(path, options.calibration, keep, external, log.info, floor_for(spec, keep))
+        details.quantized_psnr = choice.scores or None
+        if choice.passed:
+            details.kept_float = list(choice.kept)
+        else:
+            details.float_activations = choice.refusal()
+            log.info("%s: %s", spec.name, choice.refusal())
+            precision = "fp32"
     elif precision == FULL_INT8:
-        precision = "fp32"  # full-int8 quantizes the denoiser; the other components stay exact
+        precision = "fp32"  # full-int8 quantizes the denoiser and the VAE decoder; the others stay exact
     if onnx_options.check:
         _check(spec, path)
     return ComponentEntry(component=spec.name, source=spec.source, files=component_files(out_dir),

@@ -1,4 +1,5 @@
-"""``full-int8`` on ONNX: ONNX Runtime's static quantization of the exported denoiser, in QDQ format.
+"""``full-int8`` on ONNX: ONNX Runtime's static quantization of the exported denoiser (and VAE decoder,
+where it passes), in QDQ format.
 
 8-bit per-channel symmetric weights and asymmetric unsigned 8-bit activations (U8S8, what ONNX Runtime's
 x86 integer kernels take) on every Conv, MatMul and Gemm, ranges from the recorded eager calls (min/max),
@@ -86,8 +87,9 @@ def _feeds(graph, calibration: list[dict[str, Any]]) -> list[dict[str, np.ndarra
 
 
 def quantize(path: Path, calibration: list[dict[str, Any]], keep: tuple[str, ...] | None, external: bool,
-             progress: Callable[[str], None] | None = None) -> quantization.Choice:
-    """Replace the ONNX graph at ``path`` (and its external data) by its full-int8 QDQ graph."""
+             progress: Callable[[str], None] | None = None, floor: float | None = None) -> quantization.Choice:
+    """Replace the ONNX graph at ``path`` (and its external data) by its full-int8 QDQ graph, unless the
+    choice (:func:`~diffship.exporters.quantization.choose` with ``floor``) did not pass."""
     ONNX.require(runtime=True)
     import onnx
     import onnxruntime as ort
@@ -121,7 +123,10 @@ def quantize(path: Path, calibration: list[dict[str, Any]], keep: tuple[str, ...
 
     expected = run(path) if keep is None else []
     precise = precise_nodes(model)
-    choice, float_nodes = quantization.choose(quant_nodes(model), keep, lambda names: score(names | precise), progress)
+    choice, float_nodes = quantization.choose(quant_nodes(model), keep, lambda names: score(names | precise), progress,
+                                              floor)
+    if not choice.passed:
+        return choice
     float_nodes |= precise
     # the final graph is written beside the float one (same folder: same disk), then replaces it
     staging = Path(tempfile.mkdtemp(prefix=".quantized-", dir=path.parent.parent))

@@ -8,8 +8,8 @@ Precisions are weight formats, computation stays float32 on the host side of the
 without weights, calibrated on inputs recorded from eager runs of the pipeline; the other components
 get 8-bit weights. ``full-int8``: the denoiser's convolutions and matrix products get 8-bit weights and
 activations (their integer kernels run), the layer groups that cost the most PSNR left float (measured;
-:mod:`diffship.exporters.quantization`); the other components 8-bit weights. ``int4``: the denoiser and T5 get group-wise 4-bit weights on their matrix products
-(NNCF; convolutions, embeddings and the last layer stay 8-bit, as NNCF keeps them); CLIP and the VAE get
+:mod:`diffship.exporters.quantization`), and the VAE decoder's likewise where its outputs pass; the other
+components 8-bit weights. ``int4``: the denoiser and T5 get group-wise 4-bit weights on their matrix products (NNCF; convolutions, embeddings and the last layer stay 8-bit, as NNCF keeps them); CLIP and the VAE get
 8-bit weights (measured on tiny: 4-bit CLIP falls to cosine 0.977, below the int8 bar).
 
 A streamed export (``options.weights``) reads the component's weights into memory here, one component at
@@ -27,7 +27,7 @@ from torch import nn
 
 from diffship.backends.manifest import ComponentEntry
 from diffship.backends.openvino import MODEL_FILE, OPENVINO, OpenVINODetails, OpenVINOExportOptions
-from diffship.backends.quantized import FULL_INT8, kept_groups
+from diffship.backends.quantized import FULL_INT8, floor_for, kept_groups, quantizes
 from diffship.errors import ExportError, first_line
 from diffship.exporters import ov_weights as weights
 from diffship.exporters.base import ExportOptions, component_files, io_description, quiet_export, writing
@@ -99,12 +99,9 @@ def _finish(spec: ComponentSpec, model, out_dir: Path, options: ExportOptions, i
         precision = "int8"  # CLIP, the VAE: see takes_int4
     details = OpenVINODetails(weights="int8" if precision in ("hybrid-int8", FULL_INT8) else precision)
     precise = weights.precise_nodes(model)
-    if precision == FULL_INT8 and options.calibration:
-        keep = kept_groups((options.backend or OpenVINOExportOptions()).keep_float)
-        model, choice = weights.full_int8(model, options.calibration, precise, keep, log.info)
-        details.activations = (f"int8 on convolutions and matrix products, calibrated on "
-                               f"{len(options.calibration)} recorded calls")
-        details.kept_float, details.quantized_psnr = list(choice.kept), choice.scores or None
+    quantized = _full_int8(spec, model, options, precise, details) if precision == FULL_INT8 else None
+    if quantized is not None:
+        model = quantized
     elif precision == "hybrid-int8" and options.calibration:
         model = weights.hybrid_int8(model, options.calibration, precise)
         details.activations = f"int8, calibrated on {len(options.calibration)} recorded calls"
@@ -118,6 +115,23 @@ def _finish(spec: ComponentSpec, model, out_dir: Path, options: ExportOptions, i
         ov.save_model(model, out_dir / MODEL_FILE, compress_to_fp16=False)  # fp16: compressed above, all but `precise`
     return ComponentEntry(component=spec.name, source=spec.source, files=component_files(out_dir),
                           precision=precision, inputs=inputs, outputs=outputs, details=details)
+
+
+def _full_int8(spec: ComponentSpec, model, options: ExportOptions, precise: set[str], details: OpenVINODetails):
+    """``model`` with 8-bit activations as ``full-int8`` gives them to ``spec``'s component (recording what
+    was measured in ``details``), or None where it takes none (8-bit weights only)."""
+    keep = kept_groups((options.backend or OpenVINOExportOptions()).keep_float)
+    if not options.calibration or not quantizes(spec, keep):
+        return None
+    model, choice = weights.full_int8(model, options.calibration, precise, keep, log.info, floor_for(spec, keep))
+    details.quantized_psnr = choice.scores or None
+    if not choice.passed:
+        details.float_activations = choice.refusal()
+        log.info("%s: %s", spec.name, choice.refusal())
+        return None
+    details.activations = f"int8 on convolutions and matrix products, calibrated on {len(options.calibration)} recorded calls"
+    details.kept_float = list(choice.kept)
+    return model
 
 
 #: the image side (pixels) dynamic-shape exports are traced at, or twice the size multiple where that is

@@ -143,10 +143,12 @@ def quant_nodes(model) -> list:
     return nodes
 
 
-def full_int8(model, calibration: list[dict], precise: set[str], keep: tuple[str, ...] | None, progress=None):
+def full_int8(model, calibration: list[dict], precise: set[str], keep: tuple[str, ...] | None, progress=None,
+              floor: float | None = None):
     """8-bit weights and activations on the convolutions and matrix products (NNCF's transformer preset,
     with SmoothQuant on matrix products), calibrated on recorded calls, with the layer groups that cost the
-    most PSNR left float (:func:`~diffship.exporters.quantization.choose`); returns (model, choice)."""
+    most PSNR left float (:func:`~diffship.exporters.quantization.choose`, with its ``floor``); returns
+    (model, choice), the model as given where the choice did not pass."""
     import openvino as ov
 
     from diffship.exporters import quantization
@@ -169,5 +171,6 @@ def full_int8(model, calibration: list[dict], precise: set[str], keep: tuple[str
 
     expected = run(model) if keep is None else []
     choice, float_nodes = quantization.choose(
-        quant_nodes(model), keep, lambda names: quantization.psnr(expected, run(quantize(names, calibrate))), progress)
-    return quantize(float_nodes, samples), choice
+        quant_nodes(model), keep, lambda names: quantization.psnr(expected, run(quantize(names, calibrate))), progress,
+        floor)
+    return (quantize(float_nodes, samples) if choice.passed else model), choice

@@ -9,6 +9,10 @@ recorded calls held out of calibration; a group whose keeping gains at least :da
 float in the export. The groups (:data:`GROUPS`) are those the literature and the anchors single out:
 the first and last layers, the time (and added-condition) embedding, and the attention score products.
 
+The VAE decoder (a component with ``int8_activations``) is quantized the same way, with one more test:
+its quantized outputs on the held-out calls must reach :data:`~diffship.backends.quantized.MIN_PASSING_DB` against the float graph's,
+else its activations stay float. The denoiser has no such floor: quantizing it is what ``full-int8`` asks for.
+
 A backend supplies the graph's nodes as :class:`QuantNode` records (its own node name, op kind, module
 path) and two functions -- quantize with some nodes left float, and run -- and this module does the rest.
 """
@@ -31,7 +35,10 @@ MAX_SCORED = 8
 #: calls the measuring quantizations calibrate on (each one quantizes the whole denoiser).
 MAX_MEASURING = 16
 #: modules at the denoiser's top level that are its first or last layer (UNet, MMDiT / Flux transformer).
-_ENDS = {"conv_in", "conv_out", "pos_embed", "x_embedder", "context_embedder", "proj_out", "norm_out"}
+_ENDS = {"conv_in", "conv_out", "pos_embed", "x_embedder", "context_embedder", "proj_out", "norm_out",
+         "post_quant_conv"}
+#: the module that holds a VAE decoder's layers below the VAE (``decoder.conv_in`` is a first layer).
+_DECODER_ROOT = "decoder"
 #: modules, anywhere, that compute or project the timestep (and SDXL's added) conditioning.
 _TIME = {"time_embedding", "time_proj", "add_embedding", "add_time_proj", "time_emb_proj", "time_text_embed"}
 
@@ -69,7 +76,8 @@ def group_of(node: QuantNode) -> str | None:
     """The group of :data:`GROUPS` ``node`` belongs to, or None."""
     if node.op in ("scores", "softmax"):
         return "attention-scores"
-    if node.path and node.path[0] in _ENDS:  # the top level only: attention blocks have a proj_out too
+    path = node.path[1:] if node.path[:1] == (_DECODER_ROOT,) else node.path
+    if path and path[0] in _ENDS:  # the top level only: attention blocks have a proj_out too
         return "ends"
     if any(part in _TIME for part in node.path):
         return "time-embedding"
@@ -116,22 +124,38 @@ class Choice:
 
     Attributes:
         kept: the groups kept float.
-        scores: PSNR (dB) of the denoiser's outputs against the float graph's: ``all quantized``, and per
+        scores: PSNR (dB) of the component's outputs against the float graph's: ``all quantized``, and per
             group with that group kept float (rounded to 0.1 dB, as the manifest records them).
+        reached: with a floor, the PSNR (dB) the chosen quantization reached; None without one.
+        floor: the PSNR (dB) it had to reach (:func:`choose`'s ``floor``), or None.
     """
 
     kept: tuple[str, ...]
     scores: dict[str, float]
+    reached: float | None = None
+    floor: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        """False where the quantization stayed under its floor: the component's activations stay float."""
+        return self.floor is None or (self.reached is not None and self.reached >= self.floor)
 
     def describe(self) -> str:
         """One line for the manifest and the log."""
         kept = ", ".join(self.kept) or "none"
         gains = "; ".join(f"{k} {v:.1f} dB" for k, v in self.scores.items())
-        return f"kept float: {kept}" + (f" (measured output PSNR: {gains})" if gains else "")
+        line = f"kept float: {kept}" + (f" (measured output PSNR: {gains})" if gains else "")
+        return line if self.passed else f"{self.refusal()}; {line}"
+
+    def refusal(self) -> str:
+        """Why the activations stayed float (for a choice that did not pass)."""
+        return (f"8-bit activations left float: their outputs reached {self.reached:.1f} dB, under the "
+                f"{self.floor:.0f} dB floor")
 
 
 def choose(nodes: Sequence[QuantNode], keep: tuple[str, ...] | None,
-           score: Callable[[set[str]], float], progress: Callable[[str], None] | None = None) -> tuple[Choice, set[str]]:
+           score: Callable[[set[str]], float], progress: Callable[[str], None] | None = None,
+           floor: float | None = None) -> tuple[Choice, set[str]]:
     """Decide which groups stay float and return the choice with the node names to leave float.
 
     Args:
@@ -139,6 +163,8 @@ def choose(nodes: Sequence[QuantNode], keep: tuple[str, ...] | None,
         keep: groups asked for (``-o keep_float``), or None to measure (:data:`MIN_GAIN_DB`).
         score: quantizes with the given node names left float and returns its output PSNR.
         progress: told before each measurement.
+        floor: when measuring, the PSNR (dB) the chosen quantization must reach (:data:`~diffship.backends.quantized.MIN_PASSING_DB`
+            for the VAE decoder); the choice says whether it did (``passed``).
     """
     by_group = groups(nodes)
     if keep is not None:
@@ -153,4 +179,10 @@ def choose(nodes: Sequence[QuantNode], keep: tuple[str, ...] | None,
     base = scores["all quantized"]
     kept = tuple(g for g in by_group if scores[g] - base >= MIN_GAIN_DB)
     rounded = {k: round(v, 1) if math.isfinite(v) else v for k, v in scores.items()}
-    return Choice(kept, rounded), set().union(*(by_group[g] for g in kept))
+    names = set().union(*(by_group[g] for g in kept))
+    if floor is None:
+        return Choice(kept, rounded), names
+    if len(kept) > 1:
+        say(f"measuring {', '.join(kept)} kept float")
+    reached = scores[kept[0]] if len(kept) == 1 else score(names) if kept else base
+    return Choice(kept, rounded, round(reached, 1) if math.isfinite(reached) else reached, floor), names

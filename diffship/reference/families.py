@@ -87,7 +87,7 @@ def _vae_specs(vae: dict[str, Any]) -> list[ComponentSpec]:
                                scale=1.0 / vae.get("scaling_factor", 1.0)),),
             outputs=(TensorSpec("sample", FLOAT, ("batch", vae.get("out_channels", 3), "height", "width")),),
             wrapper=VaeDecoderWrapper, method="decode", to_inputs=vae_decoder_inputs,
-            scale_factor=f, keep_fp32=upcast, config=vae,
+            scale_factor=f, keep_fp32=upcast, int8_activations=True, config=vae,
         ),
     ]
 

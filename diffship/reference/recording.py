@@ -56,8 +56,10 @@ def calibration_inputs(pipe: Any, specs: list[ComponentSpec], steps: int = 10,
     ``size`` (height, width; default the pipeline's).
 
     ``progress`` hears before each prompt how far it is and, after the first, about how long is left
-    (at full size this takes minutes)."""
+    (at full size this takes minutes). The runs stop at the latents unless a spec is not a denoiser (the
+    VAE decoder: then each run decodes its image, one decoder call per prompt)."""
     height, width = size or (None, None)
+    output = "latent" if all(s.denoiser for s in specs) else "np"
     start = time.perf_counter()
     with record_calls(pipe, specs, limit=10_000) as calls:
         for seed, prompt in enumerate(prompts):
@@ -65,6 +67,6 @@ def calibration_inputs(pipe: Any, specs: list[ComponentSpec], steps: int = 10,
                 done = time.perf_counter() - start
                 left = f", about {done / seed * (len(prompts) - seed):.0f} s left" if seed else ""
                 progress(f"recording calibration inputs: prompt {seed + 1} of {len(prompts)}{left}")
-            pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="latent",
+            pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type=output,
                  height=height, width=width)
     return calls

@@ -108,6 +108,8 @@ class ComponentSpec(IONames):
             weights; CLIP's few and the VAE's convolutions stay 8-bit, where 4 bits cost more than they save).
         packed: ``{dim: patch}``: dims counting the image's patches of ``patch`` x ``patch`` latent pixels
             (Flux packs 2x2 latent pixels into one token: ``image_sequence``).
+        int8_activations: ``full-int8`` quantizes its activations as well as the denoiser's, kept only where
+            its outputs pass (the VAE decoder: at small images one decode costs more than a denoiser call).
     """
 
     name: str
@@ -127,6 +129,7 @@ class ComponentSpec(IONames):
     default_dims: dict[str, int] = field(default_factory=dict)
     packed: dict[str, int] = field(default_factory=dict)
     low_bit_weights: bool = False
+    int8_activations: bool = False
     config: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def check_multiples(self, inputs: dict[str, torch.Tensor]) -> None:

@@ -22,6 +22,7 @@ from diffship import backends
 from diffship._files import atomic_folder, check_destination
 from diffship.backends import Backend
 from diffship.backends.manifest import ComponentEntry, Manifest, Shapes, library_versions
+from diffship.backends.quantized import FULL_INT8
 from diffship.errors import DiffshipError, ShapeError
 from diffship.exporters.base import ExportOptions
 from diffship.progress import Progress, silent, watch_folder
@@ -160,7 +161,10 @@ def _export_component(record: Backend, exporter: ModuleType, spec: ComponentSpec
     A streamed component (``stored``) is probed where it fits in memory: in torch at fp16 on its weights
     read into a module (bf16 has fp32's range), and by running its export."""
     make = _modules(spec, eager, stored, options)
-    if options.precision != "fp32" and spec.keep_fp32:
+    # force_upcast guards against fp16's range; full-int8's VAE decoder dequantizes its 8-bit products to
+    # fp32, and its outputs must reach a measured floor (else its activations stay float)
+    int8_decoder = options.precision == FULL_INT8 and spec.int8_activations
+    if options.precision != "fp32" and spec.keep_fp32 and not int8_decoder:
         module, opts = make("fp32")
         entry = exporter.export(spec, module, folder, replace(opts, precision="fp32"))
         return _with_fallback(entry, "kept in fp32: the VAE config sets force_upcast (diffusers runs it in fp32)")
@@ -276,7 +280,8 @@ def export_pipeline(
         from diffship.reference.recording import calibration_inputs
 
         size = calibration_size or _calibration_size(profile, record.calibration_side, multiple)
-        calibration = calibration_inputs(pipe, [s for s in specs if s.denoiser], progress=say, size=size)
+        recorded = [s for s in specs if s.denoiser or (precision == FULL_INT8 and s.int8_activations)]
+        calibration = calibration_inputs(pipe, recorded, progress=say, size=size)
     entries: dict[str, ComponentEntry] = {}
     with atomic_folder(out, overwrite=overwrite, replaceable=is_export, what="diffship export") as tmp:
         for spec in specs:

@@ -1,12 +1,13 @@
 """full-int8: the denoiser's convolutions and matrix products in 8 bits (weights and activations), with the
-layer groups whose quantization costs the most PSNR measured and kept float; ONNX Runtime QDQ and NNCF."""
+layer groups whose quantization costs the most PSNR measured and kept float; the VAE decoder's too where its
+outputs reach the floor; ONNX Runtime QDQ and NNCF."""
 
 from __future__ import annotations
 
 import pytest
 
 from diffship.backends.manifest import read_manifest
-from diffship.backends.quantized import GROUPS, kept_groups, normalize_keep_float
+from diffship.backends.quantized import GROUPS, MIN_PASSING_DB, kept_groups, normalize_keep_float
 from diffship.errors import DiffshipError, OptionError
 from diffship.exporters.quantization import MIN_GAIN_DB, QuantNode, choose, group_of, psnr, split_calls
 from diffship.parity.compare import ParitySettings, check_parity
@@ -22,12 +23,17 @@ def test_layer_groups_come_from_module_paths_and_ops():
     assert group_of(QuantNode("d", "matmul", ("down_blocks", "0", "resnets", "0", "time_emb_proj"))) == "time-embedding"
     assert group_of(QuantNode("e", "scores", ("mid_block", "attentions", "0", "attn1"))) == "attention-scores"
     assert group_of(QuantNode("f", "matmul", ("mid_block", "attentions", "0", "attn1", "to_q"))) is None
+    # the VAE decoder's layers sit below its `decoder` module; post_quant_conv comes first
+    assert group_of(QuantNode("g", "conv", ("decoder", "conv_in"))) == "ends"
+    assert group_of(QuantNode("h", "conv", ("post_quant_conv",))) == "ends"
+    assert group_of(QuantNode("i", "conv", ("decoder", "up_blocks", "0", "resnets", "0", "conv1"))) is None
 
 
 def test_keep_float_option_is_checked_and_normalized():
     assert normalize_keep_float("attention-scores, ends") == "ends,attention-scores"
     assert normalize_keep_float(["time-embedding"]) == "time-embedding"
     assert kept_groups("auto") is None and kept_groups("none") == () and kept_groups("ends") == ("ends",)
+    assert normalize_keep_float("vae-decoder,ends") == "ends,vae-decoder"
     with pytest.raises(OptionError, match="unknown keep_float group.*first-layer.*choose auto, none"):
         normalize_keep_float("first-layer")
 
@@ -51,6 +57,30 @@ def test_groups_are_kept_float_only_where_measured_to_gain():
     calls.clear()
     choice, names = choose(nodes, ("time-embedding", "attention-scores"), score)
     assert choice.kept == ("time-embedding", "attention-scores") and names == {"t", "s"} and not calls
+
+
+def test_a_floor_leaves_a_component_float_where_its_choice_falls_under_it():
+    nodes = [QuantNode("in", "conv", ("decoder", "conv_in")), QuantNode("s", "scores", ("decoder", "mid_block")),
+             QuantNode("x", "conv", ("decoder", "mid_block"))]
+    gain = {"in": 3.0, "s": 2.0}
+    calls = []
+
+    def score(names):
+        calls.append(set(names))
+        return 38.0 + sum(gain[n] for n in names)
+
+    # both groups gain: the pair is measured once more, and reaches 43 dB
+    choice, names = choose(nodes, None, score, floor=MIN_PASSING_DB)
+    assert choice.kept == ("ends", "attention-scores") and names == {"in", "s"}
+    assert calls[-1] == {"in", "s"} and len(calls) == 4 and choice.reached == 43.0 and choice.passed
+    gain["s"] = 0.0  # only ends gains: its own measurement decides, 41 dB
+    choice, _ = choose(nodes, None, score, floor=MIN_PASSING_DB)
+    assert choice.kept == ("ends",) and choice.reached == 41.0 and choice.passed
+    choice, _ = choose(nodes, None, score, floor=45.0)
+    assert not choice.passed and "reached 41.0 dB, under the 45 dB floor" in choice.refusal()
+    assert choice.describe().startswith(choice.refusal())
+    # asked for by name, or without a floor (the denoiser): always passes
+    assert choose(nodes, ("ends",), score, floor=99.0)[0].passed and choose(nodes, None, score)[0].passed
 
 
 def test_scored_calls_are_held_out_of_calibration():
@@ -106,12 +136,20 @@ def test_onnx_full_int8_quantizes_the_unet_and_passes_its_tolerances(export_dir)
     m = read_manifest(out)
     unet = m.components["unet"]
     assert m.precision == "full-int8" and unet.precision == "full-int8"
-    assert m.components["text_encoder"].precision == "fp32"  # only the denoiser is quantized
+    assert m.components["text_encoder"].precision == "fp32"  # the denoiser and the decoder are quantized
+    assert m.components["vae_encoder"].precision == "fp32"
     scores = unet.details.quantized_psnr
     assert set(scores) == {"all quantized", *GROUPS}
     assert set(unet.details.kept_float) == {g for g in GROUPS if scores[g] - scores["all quantized"] >= MIN_GAIN_DB}
     ops = [n.op_type for n in onnx.load(str(out / "unet" / "model.onnx"), load_external_data=False).graph.node]
     assert ops.count("QuantizeLinear") > 20 and ops.count("DequantizeLinear") > 20
+    # the VAE decoder passed its floor (tiny: ~45 dB) despite force_upcast, which guards fp16 only
+    decoder = m.components["vae_decoder"]
+    assert decoder.precision == "full-int8" and decoder.details.fp32_fallback is None
+    assert set(decoder.details.quantized_psnr) == {"all quantized", "ends", "attention-scores"}
+    assert decoder.details.float_activations is None
+    ops = [n.op_type for n in onnx.load(str(out / "vae_decoder" / "model.onnx")).graph.node]
+    assert ops.count("QuantizeLinear") > 5
     report = check_parity("tiny", out, settings=FAST)
     assert report.precision == "full-int8" and report.passed, report.failures()
 
@@ -139,6 +177,29 @@ def test_onnx_full_int8_keeps_the_groups_asked_for(tmp_path):
                         backend_options={"keep_float": "everything"})
 
 
+@pytest.mark.onnx
+def test_onnx_full_int8_leaves_the_decoder_float_under_its_floor_or_when_asked(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from diffship.workflows import export_pipeline
+
+    def quantize_ops(folder):
+        return [n.op_type for n in onnx.load(str(folder / "vae_decoder" / "model.onnx")).graph.node
+                if n.op_type == "QuantizeLinear"]
+
+    monkeypatch.setattr("diffship.backends.quantized.MIN_PASSING_DB", 200.0)  # no quantization reaches it
+    m = export_pipeline("tiny", tmp_path / "floor", backend="onnx", precision="full-int8", components=["vae_decoder"])
+    decoder = m.components["vae_decoder"]
+    assert decoder.precision == "fp32" and not quantize_ops(tmp_path / "floor")
+    assert "under the 200 dB floor" in decoder.details.float_activations and decoder.details.quantized_psnr
+    assert decoder.details.kept_float is None
+    m = export_pipeline("tiny", tmp_path / "kept", backend="onnx", precision="full-int8", components=["vae_decoder"],
+                        backend_options={"keep_float": "vae-decoder"})
+    decoder = m.components["vae_decoder"]
+    assert decoder.precision == "fp32" and decoder.details.quantized_psnr is None and not quantize_ops(tmp_path / "kept")
+
+
 @pytest.mark.openvino
 def test_openvino_full_int8_quantizes_the_unet_and_passes_its_tolerances(export_dir):
     pytest.importorskip("openvino")
@@ -154,5 +215,8 @@ def test_openvino_full_int8_quantizes_the_unet_and_passes_its_tolerances(export_
     assert set(unet.details.kept_float) == {g for g in GROUPS if scores[g] - scores["all quantized"] >= MIN_GAIN_DB}
     xml = (out / "unet" / "openvino_model.xml").read_text()
     assert xml.count('type="FakeQuantize"') > 20
+    decoder = m.components["vae_decoder"]  # passed its floor: one calibration call per prompt
+    assert decoder.details.activations.startswith("int8 on convolutions and matrix products, calibrated on 4 ")
+    assert (out / "vae_decoder" / "openvino_model.xml").read_text().count('type="FakeQuantize"') > 5
     report = check_parity("tiny", out, settings=FAST)
     assert report.precision == "full-int8" and report.passed, report.failures()

@@ -4,6 +4,7 @@ OpenVINO), and the ``keep_float`` export option both exporters take. What it doe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from diffship.configs.fields import comma_list, option
@@ -12,10 +13,13 @@ from diffship.errors import OptionError
 FULL_INT8 = "full-int8"
 #: ``keep_float``'s name for keeping the whole VAE decoder float (else quantized where it passes).
 DECODER = "vae-decoder"
-#: a component other than the denoiser keeps 8-bit activations only where its outputs reach this PSNR
-#: against the float graph's: an error of at most a third of what an image at 35 dB (``tune``'s default
-#: floor) may carry in all, leaving the rest to the denoiser.
+#: a component other than the denoiser (the VAE decoder) keeps 8-bit activations only where its images
+#: reach this PSNR against the float graph's: an error of at most a third of what an image at 35 dB
+#: (``tune``'s default floor) may carry in all, leaving the rest to the denoiser.
 MIN_PASSING_DB = 40.0
+#: the decoder's images are judged as the pipeline shows them: clipped to [-1, 1], peak 2 (the range),
+#: not by its raw outputs' range (toy VAEs' outputs span several units, and a 35 dB output was a 25 dB image).
+IMAGE_RANGE = (-1.0, 1.0)
 #: the layer groups measured for keeping float (see :mod:`diffship.exporters.quantization`).
 GROUPS = ("ends", "time-embedding", "attention-scores")
 #: what ``keep_float`` may name: the layer groups and the whole VAE decoder.
@@ -51,10 +55,24 @@ def quantizes(spec: Any, keep: tuple[str, ...] | None) -> bool:
     return spec.denoiser or (spec.int8_activations and DECODER not in (keep or ()))
 
 
-def floor_for(spec: Any, keep: tuple[str, ...] | None) -> float | None:
-    """The output PSNR ``spec``'s quantized component must reach, or None: the VAE decoder, where measured
-    (``keep_float=auto``); the denoiser never (see :mod:`diffship.exporters.quantization`)."""
-    return MIN_PASSING_DB if keep is None and not spec.denoiser else None
+@dataclass(frozen=True)
+class Floor:
+    """What a quantized component other than the denoiser must reach to keep its 8-bit activations.
+
+    Attributes:
+        db: the PSNR (dB) of its outputs against the float graph's.
+        value_range: the outputs are clipped to this range before comparing, and it is the peak.
+    """
+
+    db: float
+    value_range: tuple[float, float]
+
+
+def floor_for(spec: Any, keep: tuple[str, ...] | None) -> Floor | None:
+    """What ``spec``'s quantized component must reach, or None: the VAE decoder, where measured
+    (``keep_float=auto``; :data:`MIN_PASSING_DB` on its images); the denoiser never (see
+    :mod:`diffship.exporters.quantization`)."""
+    return Floor(MIN_PASSING_DB, IMAGE_RANGE) if keep is None and not spec.denoiser else None
 
 
 def keep_float_option() -> Any:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from diffship.backends.onnx import MODEL_FILE, ONNX
+from diffship.backends.quantized import Floor
 from diffship.errors import ExportError, first_line
 from diffship.exporters import quantization
 from diffship.exporters.base import quiet_export
@@ -87,7 +88,7 @@ def _feeds(graph, calibration: list[dict[str, Any]]) -> list[dict[str, np.ndarra
 
 
 def quantize(path: Path, calibration: list[dict[str, Any]], keep: tuple[str, ...] | None, external: bool,
-             progress: Callable[[str], None] | None = None, floor: float | None = None) -> quantization.Choice:
+             progress: Callable[[str], None] | None = None, floor: Floor | None = None) -> quantization.Choice:
     """Replace the ONNX graph at ``path`` (and its external data) by its full-int8 QDQ graph, unless the
     choice (:func:`~diffship.exporters.quantization.choose` with ``floor``) did not pass."""
     ONNX.require(runtime=True)
@@ -119,12 +120,13 @@ def quantize(path: Path, calibration: list[dict[str, Any]], keep: tuple[str, ...
 
     def score(float_nodes: set[str]) -> float:
         with tempfile.TemporaryDirectory(prefix="diffship-quantize-") as folder:
-            return quantization.psnr(expected, run(write(float_nodes, calibrate, Path(folder))))
+            return quantization.psnr(expected, run(write(float_nodes, calibrate, Path(folder))),
+                                     floor.value_range if floor else None)
 
     expected = run(path) if keep is None else []
     precise = precise_nodes(model)
     choice, float_nodes = quantization.choose(quant_nodes(model), keep, lambda names: score(names | precise), progress,
-                                              floor)
+                                              floor.db if floor else None)
     if not choice.passed:
         return choice
     float_nodes |= precise

@@ -144,11 +144,12 @@ def quant_nodes(model) -> list:
 
 
 def full_int8(model, calibration: list[dict], precise: set[str], keep: tuple[str, ...] | None, progress=None,
-              floor: float | None = None):
+              floor=None):
     """8-bit weights and activations on the convolutions and matrix products (NNCF's transformer preset,
     with SmoothQuant on matrix products), calibrated on recorded calls, with the layer groups that cost the
-    most PSNR left float (:func:`~diffship.exporters.quantization.choose`, with its ``floor``); returns
-    (model, choice), the model as given where the choice did not pass."""
+    most PSNR left float (:func:`~diffship.exporters.quantization.choose`), and with a ``floor``
+    (:class:`~diffship.backends.quantized.Floor`) only where it passes; returns (model, choice), the model as
+    given where the choice did not pass."""
     import openvino as ov
 
     from diffship.exporters import quantization
@@ -170,7 +171,8 @@ def full_int8(model, calibration: list[dict], precise: set[str], keep: tuple[str
                                  ignored_scope=_scope(nncf, float_nodes | precise))
 
     expected = run(model) if keep is None else []
+    value_range = floor.value_range if floor else None
     choice, float_nodes = quantization.choose(
-        quant_nodes(model), keep, lambda names: quantization.psnr(expected, run(quantize(names, calibrate))), progress,
-        floor)
+        quant_nodes(model), keep, lambda names: quantization.psnr(expected, run(quantize(names, calibrate)), value_range),
+        progress, floor.db if floor else None)
     return (quantize(float_nodes, samples) if choice.passed else model), choice

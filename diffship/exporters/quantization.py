@@ -10,8 +10,8 @@ float in the export. The groups (:data:`GROUPS`) are those the literature and th
 the first and last layers, the time (and added-condition) embedding, and the attention score products.
 
 The VAE decoder (a component with ``int8_activations``) is quantized the same way, with one more test:
-its quantized outputs on the held-out calls must reach :data:`~diffship.backends.quantized.MIN_PASSING_DB` against the float graph's,
-else its activations stay float. The denoiser has no such floor: quantizing it is what ``full-int8`` asks for.
+its images on the held-out calls (outputs clipped to [-1, 1]) must reach
+:data:`~diffship.backends.quantized.MIN_PASSING_DB` against the float graph's, else its activations stay float. The denoiser has no such floor: quantizing it is what ``full-int8`` asks for.
 
 A backend supplies the graph's nodes as :class:`QuantNode` records (its own node name, op kind, module
 path) and two functions -- quantize with some nodes left float, and run -- and this module does the rest.
@@ -107,14 +107,17 @@ def split_calls(calls: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list
     return rest[::step], scored
 
 
-def psnr(expected: list[np.ndarray], actual: list[np.ndarray]) -> float:
-    """PSNR (dB) of ``actual`` against ``expected`` over all outputs, peak = the expected range."""
+def psnr(expected: list[np.ndarray], actual: list[np.ndarray], value_range: tuple[float, float] | None = None) -> float:
+    """PSNR (dB) of ``actual`` against ``expected`` over all outputs, peak = the expected range; with
+    ``value_range`` (an image's), both clipped to it and peak = its width."""
     exp = np.concatenate([np.asarray(e, np.float64).ravel() for e in expected])
     act = np.concatenate([np.asarray(a, np.float64).ravel() for a in actual])
     if not np.all(np.isfinite(act)):
         return -math.inf
+    if value_range is not None:
+        exp, act = np.clip(exp, *value_range), np.clip(act, *value_range)
     mse = float(np.mean((exp - act) ** 2))
-    peak = float(exp.max() - exp.min()) or 1.0
+    peak = float(value_range[1] - value_range[0]) if value_range else float(exp.max() - exp.min()) or 1.0
     return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 

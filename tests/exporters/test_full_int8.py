@@ -4,6 +4,8 @@ outputs reach the floor; ONNX Runtime QDQ and NNCF."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from diffship.backends.manifest import read_manifest
@@ -92,6 +94,9 @@ def test_scored_calls_are_held_out_of_calibration():
     assert len(scored) == 8 and 8 <= len(calibrate) <= 16 and calibrate[0]["i"] == 0 and calibrate[-1]["i"] > 36
     assert psnr([[0.0, 1.0]], [[0.0, 1.0]]) == float("inf")
     assert psnr([[0.0, 1.0]], [[0.0, float("nan")]]) == float("-inf")  # never a good score
+    # an image's PSNR: clipped to its range, which is the peak (a toy decoder's outputs span [-4, 4])
+    assert psnr([[-4.0, 4.0, 0.0, 0.5]], [[-3.0, 3.0, 0.0, 0.6]]) == pytest.approx(10 * math.log10(64 / 0.5025), 1e-9)
+    assert psnr([[-4.0, 4.0, 0.0, 0.5]], [[-3.0, 3.0, 0.0, 0.6]], (-1.0, 1.0)) == pytest.approx(10 * math.log10(4 / 0.0025), 1e-9)
 
 
 def test_onnx_calibrates_at_a_bounded_size_unless_told():

@@ -30,6 +30,7 @@ from diffship._files import atomic_folder, atomic_write, check_destination
 from diffship.backends.manifest import MANIFEST, read_manifest
 from diffship.backends.quantized import FULL_INT8
 from diffship.bench.machine import bf16_native, machine_info
+from diffship.configs.bench_presets import TUNABLE
 from diffship.errors import DiffshipError, ParityFailure
 from diffship.parity.compare import ParitySettings, generate_images, synthetic_image
 from diffship.parity.metrics import image_metrics, tensor_metrics
@@ -63,7 +64,7 @@ def candidates(backend: str) -> list[Candidate]:
         computes = ("f32", "bf16") if bf16_native() else ("f32",)
         return [Candidate(f"{p}@{c}", p, {"inference_precision": c})
                 for p in ("fp32", "hybrid-int8", FULL_INT8) for c in computes]
-    raise DiffshipError(f"diffship tune takes --backend onnx or openvino, not {backend!r}")
+    raise DiffshipError(f"diffship tune takes --backend {' or '.join(TUNABLE)}, not {backend!r}")
 
 
 @dataclass

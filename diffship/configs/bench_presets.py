@@ -17,6 +17,8 @@ TORCH = "torch"
 AUTO = "auto"
 #: the precision of a ``BACKEND-tuned`` subject until ``diffship tune`` has chosen its mode.
 TUNED = "tuned"
+#: the backends ``diffship tune`` chooses a mode for (its candidates: :func:`diffship.bench.tune.candidates`).
+TUNABLE = ("onnx", "openvino")
 DEFAULT_SCHEDULER = "default"
 
 
@@ -100,8 +102,8 @@ class BenchSettings:
             problems.append(f"sizes must be positive multiples of 8, got {self.sizes}")
         if self.warmup < 0 or self.repeats < 1 or self.e2e_repeats < 1:
             problems.append("warmup must be >= 0, repeats and e2e_repeats >= 1")
-        if unknown := set(self.tune) - {"onnx", "openvino"}:
-            problems.append(f"tune takes onnx and openvino, not {', '.join(sorted(unknown))}")
+        if unknown := set(self.tune) - set(TUNABLE):
+            problems.append(f"tune takes {' and '.join(TUNABLE)}, not {', '.join(sorted(unknown))}")
         if self.tune and self.export_only:
             problems.append("tune runs the pipeline to choose a mode; it cannot be combined with export_only")
         if unknown := set(self.torch_precisions) - {"fp32", "fp16", "bf16"}:

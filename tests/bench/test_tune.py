@@ -11,6 +11,7 @@ import pytest
 from diffship.backends.manifest import MANIFEST, read_manifest
 from diffship.bench.machine import bf16_native
 from diffship.bench.tune import TABLE_JSON, TABLE_MD, candidates, tune
+from diffship.configs.bench_presets import TUNABLE
 from diffship.errors import DiffshipError, ParityFailure
 from diffship.parity.compare import ParitySettings, check_parity
 
@@ -92,6 +93,7 @@ def test_tune_writes_nothing_when_no_mode_meets_the_floor(tmp_path, shared_fp32_
 def test_tune_refuses_unknown_backends_and_candidates_before_work(tmp_path):
     with pytest.raises(DiffshipError, match="takes --backend onnx or openvino, not 'coreml'"):
         candidates("coreml")
+    assert all(candidates(b) for b in TUNABLE)  # what bench settings accept, tune takes
     with pytest.raises(DiffshipError, match="unknown candidate.*int2.*onnx here has: fp32, full-int8"):
         tune("tiny", tmp_path / "x", "onnx", only=["int2"])
     assert not (tmp_path / "x").exists()

@@ -122,3 +122,30 @@ def test_tune_measures_given_exports_as_they_are_and_copies_the_chosen_one(tmp_p
     assert read_manifest(out).runtime["inference_precision"] == "f32"  # verified: every file hashed
     with pytest.raises(DiffshipError, match="is a openvino fp32 export, not openvino int8"):
         tune("tiny", tmp_path / "x", "openvino", only=["fp32@f32"], exports={"int8": given}, **QUICK)
+
+
+def test_bench_reuses_a_tuned_export_without_tuning_again(export_dir, tmp_path, monkeypatch):
+    """``--reuse-exports``: a tuned folder of the same source and backend keeps the mode its tune.json chose."""
+    import diffship._isolate
+    from diffship.bench import plan
+    from diffship.bench.records import SubjectRecord
+    from diffship.bench.worker import Subject
+    from diffship.configs.bench_presets import TUNED, from_mapping
+
+    folder = tmp_path / "exports" / "onnx-tuned"
+    shutil.copytree(export_dir("onnx", "fp32"), folder)
+    (folder / TABLE_JSON).write_text(json.dumps({"chosen": "fp32"}))
+
+    def not_run(*args, **kwargs):
+        raise AssertionError("reused: nothing is tuned")
+
+    monkeypatch.setattr(diffship._isolate, "run_isolated", not_run)
+    settings = from_mapping({"backends": ["onnx"], "precisions": ["fp32"], "tune": ["onnx"]}, "test")
+    p = plan.Planned(Subject("onnx-tuned", "onnx", TUNED), SubjectRecord("onnx-tuned", "onnx", TUNED))
+    plan.tune_subject(p, settings, tmp_path / "exports", [p], reuse=True)
+    assert (p.entry.tuned, p.entry.precision, p.entry.folder) == ("fp32", "fp32", str(folder))
+    assert p.entry.size_bytes > 0 and p.entry.export is None  # no export figures: nothing was made
+    # another source's tuned folder is not reused
+    other = from_mapping({"source": "tiny-sdxl", "backends": ["onnx"], "precisions": ["fp32"], "tune": ["onnx"]}, "test")
+    with pytest.raises(AssertionError, match="nothing is tuned"):
+        plan.tune_subject(p, other, tmp_path / "exports", [p], reuse=True)

@@ -54,7 +54,8 @@ class TensorRTExportOptions:
 
     Attributes:
         profile: ``static``, a preset of ``configs/shape_profiles.toml`` (``dynamic``), or explicit ranges
-            ``{"batch": [min, opt, max], "height": [...], "width": [...]}`` (or a list of them).
+            ``{"batch": [min, opt, max], "height": [...], "width": [...]}``, plus ``"text_sequence"`` (T5
+            sequence lengths) for SD3 and Flux (or a list of them).
         flavour: ``tensorrt`` or ``tensorrt_rtx`` (default: whichever is installed, standard first).
         optimization_level: builder optimization level 0-5 (TensorRT's default 3).
         refit: build refittable engines.
@@ -147,7 +148,8 @@ class TensorRTDetails(Details):
 
 def engine_name(precision: str, ranges: list[ShapeRange], flavour: str, version: str, target: str) -> str:
     """File name recording what the engine is: precision, profiles, flavour-version, target GPUs."""
-    shapes = [f"b{span(r.batch)}_h{span(r.height)}_w{span(r.width)}" for r in ranges]
+    shapes = [f"b{span(r.batch)}_h{span(r.height)}_w{span(r.width)}"
+              + (f"_t{span(r.text_sequence)}" if r.text_sequence is not None else "") for r in ranges]
     tag = "+".join(shapes) if len(shapes) <= 2 else \
         f"{len(shapes)}profiles-{hashlib.sha256('+'.join(shapes).encode()).hexdigest()[:8]}"
     short = {"tensorrt": "trt", "tensorrt_rtx": "trt-rtx"}[flavour]

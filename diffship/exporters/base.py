@@ -42,6 +42,9 @@ class ExportOptions:
             factor times the UNet's latent multiple); backends that fix shape ranges validate with it.
         metadata: facts about the export for backends that embed metadata in their files: source
             (name), source_fingerprint, diffship_version, pipeline_class.
+        text_sequence: the pipeline's default T5 sequence length (its ``max_sequence_length``), or None for
+            a pipeline without T5 (its text sequence is CLIP's, fixed); backends that build shape ranges
+            take ranges of it around this.
         weights: for a streamed export, where each weight comes from: the module's parameters are then
             placeholders without storage (:func:`~diffship.reference.weights.streamed_copy`), and this maps
             each one's name in the module to a function returning its value (one tensor at a time); None
@@ -55,6 +58,7 @@ class ExportOptions:
     calibration: list[dict[str, Any]] | None = None
     size_multiple: int = 8
     metadata: dict[str, str] = field(default_factory=dict)
+    text_sequence: int | None = None
     weights: Mapping[str, Callable[[], Any]] | None = None
 
 

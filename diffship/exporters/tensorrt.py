@@ -20,7 +20,9 @@ facts, read back from the builder, so runtimes refuse a mismatched engine before
 Options (``-o KEY=VALUE``):
     profile: ``static`` (the export's size and batch), a preset from ``configs/shape_profiles.toml``
         (``dynamic``, the default unless ``--static``), or explicit ``{"batch": [min, opt, max],
-        "height": [...], "width": [...]}`` -- or a list of those for several optimization profiles.
+        "height": [...], "width": [...]}`` (and for SD3 and Flux ``"text_sequence": [...]``, the T5
+        sequence lengths, ``max_sequence_length``; otherwise the pipeline's default only) -- or a list of
+        those for several optimization profiles.
     flavour: ``tensorrt`` or ``tensorrt_rtx``.
     optimization_level: builder optimization level 0-5 (TensorRT's default 3).
     refit: build refittable engines (weights can be replaced without a rebuild). TensorRT-RTX 1.7
@@ -110,9 +112,9 @@ def resolve_profiles(value: Any, options: ExportOptions) -> list[ShapeRange]:
                              f"explicit ranges as JSON: {{\"batch\": [1, 1, 4], \"height\": [256, 512, 1024], ...}}")
         ranges = [_preset_range(presets[value], base, options.size_multiple)]
     elif isinstance(value, dict):
-        ranges = [_explicit_range(value, base)]
+        ranges = [_explicit_range(value, base, options.text_sequence)]
     elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        ranges = [_explicit_range(v, base) for v in value]
+        ranges = [_explicit_range(v, base, options.text_sequence) for v in value]
     else:
         raise ShapeError(f"profile must be a preset name, a JSON object or a list of them, got {value!r}")
     fixed = ShapeRange.fixed(base)
@@ -134,10 +136,13 @@ def _preset_range(preset: dict[str, list], base, multiple: int) -> ShapeRange:
                       sequence_length=base.sequence_length, guidance=base.guidance)
 
 
-def _explicit_range(data: dict[str, Any], base) -> ShapeRange:
-    unknown = sorted(set(data) - {"batch", "height", "width"})
+def _explicit_range(data: dict[str, Any], base, text_sequence: int | None) -> ShapeRange:
+    unknown = sorted(set(data) - {"batch", "height", "width", "text_sequence"})
     if unknown:
-        raise ShapeError(f"unknown profile key(s) {', '.join(unknown)}; use batch, height, width")
+        raise ShapeError(f"unknown profile key(s) {', '.join(unknown)}; use batch, height, width, text_sequence")
+    if "text_sequence" in data and text_sequence is None:
+        raise ShapeError(f"profile text_sequence: this pipeline has no T5 encoder (its text is CLIP's "
+                         f"{base.sequence_length} tokens, fixed); drop text_sequence from the profile")
 
     def triple(key: str, default: int) -> tuple[int, int, int]:
         value = data.get(key, default)
@@ -149,7 +154,8 @@ def _explicit_range(data: dict[str, Any], base) -> ShapeRange:
         raise ShapeError(f"profile {key} must be a whole number or [min, opt, max], got {value!r}")
 
     return ShapeRange(batch=triple("batch", base.batch_size), height=triple("height", base.height),
-                      width=triple("width", base.width), sequence_length=base.sequence_length, guidance=base.guidance)
+                      width=triple("width", base.width), sequence_length=base.sequence_length, guidance=base.guidance,
+                      text_sequence=triple("text_sequence", text_sequence) if "text_sequence" in data else None)
 
 
 def _check_targets(flavour: str, targets: tuple[str, ...]) -> None:

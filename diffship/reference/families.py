@@ -45,7 +45,8 @@ def _t5_spec(name: str, config: dict[str, Any], f: int, sequence: int) -> Compon
         outputs=(TensorSpec("last_hidden_state", FLOAT, ("batch", "t5_sequence", config["d_model"])),),
         wrapper=partial(TextEncoderWrapper, outputs=("last_hidden_state",)), method="forward",
         to_inputs=partial(text_encoder_inputs, vocab_size=config.get("vocab_size")),
-        scale_factor=f, static_batch=False, default_dims={"t5_sequence": sequence}, low_bit_weights=True, config=config,
+        scale_factor=f, static_batch=False, default_dims={"t5_sequence": sequence}, low_bit_weights=True,
+        text_sequence_dims={"t5_sequence": 0}, config=config,
     )
 
 
@@ -144,7 +145,8 @@ def stable_diffusion_3_specs(configs: dict[str, dict[str, Any]]) -> list[Compone
     f = vae_scale_factor(configs["vae"])
     clip = ("text_embeds", "last_hidden_state", PENULTIMATE)
     patch = tr.get("patch_size", 2)
-    sequence = configs["text_encoder"].get("max_position_embeddings", 77) + SD3_T5_SEQUENCE
+    clip_tokens = configs["text_encoder"].get("max_position_embeddings", 77)
+    sequence = clip_tokens + SD3_T5_SEQUENCE
     transformer = ComponentSpec(
         name="transformer", source="transformer",
         inputs=(TensorSpec("hidden_states", FLOAT, ("batch", tr["in_channels"], "latent_height", "latent_width")),
@@ -156,6 +158,7 @@ def stable_diffusion_3_specs(configs: dict[str, dict[str, Any]]) -> list[Compone
         wrapper=SD3TransformerWrapper, method="forward", to_inputs=sd3_transformer_inputs,
         scale_factor=f, batch_multiplier=2, denoiser=True, config=tr,
         multiples=dict.fromkeys(("latent_height", "latent_width"), patch), default_dims={"joint_sequence": sequence},
+        text_sequence_dims={"joint_sequence": clip_tokens},
         # torch.onnx's trace computes the positional-embedding crop from the traced size (another size then
         # fails inside the graph): the transformer takes its export's image size only.
         fixed_size=True,
@@ -196,6 +199,7 @@ def flux_specs(configs: dict[str, dict[str, Any]]) -> list[ComponentSpec]:
         to_inputs=partial(flux_transformer_inputs, guidance=bool(tr.get("guidance_embeds"))),
         scale_factor=f, denoiser=True, config=tr, packed={tokens[0]: 2},
         multiples=dict.fromkeys(("latent_height", "latent_width"), 2), default_dims={tokens[1]: FLUX_T5_SEQUENCE},
+        text_sequence_dims={tokens[1]: 0},
     )
     return [_text_encoder_spec("text_encoder", configs["text_encoder"], ("last_hidden_state", "pooler_output"), f),
             _t5_spec("text_encoder_2", configs["text_encoder_2"], f, FLUX_T5_SEQUENCE), transformer,

@@ -58,6 +58,9 @@ class ShapeProfile:
         }
 
 
+#: the longest T5 sequence diffusers' SD3 and Flux pipelines take (their ``max_sequence_length`` check).
+MAX_TEXT_SEQUENCE = 512
+
 #: (min, opt, max) of one request dimension.
 Range = tuple[int, int, int]
 
@@ -77,6 +80,8 @@ class ShapeRange:
         width: (min, opt, max) image width in pixels.
         sequence_length: token sequence length (fixed).
         guidance: whether requests use classifier-free guidance, which doubles the denoiser's batch.
+        text_sequence: (min, opt, max) T5 sequence length (the pipelines' ``max_sequence_length``) for
+            pipelines with a T5 encoder; None: the pipeline's default only.
     """
 
     batch: Range
@@ -84,6 +89,7 @@ class ShapeRange:
     width: Range
     sequence_length: int = 77
     guidance: bool = True
+    text_sequence: Range | None = None
 
     @classmethod
     def fixed(cls, profile: ShapeProfile) -> "ShapeRange":
@@ -98,11 +104,16 @@ class ShapeRange:
     def validate(self, size_multiple: int) -> None:
         """Raise :class:`ShapeError` unless min <= opt <= max, batches are >= 1 and sizes are multiples
         of ``size_multiple`` (the image sizes the exported UNet takes)."""
-        for name, r in (("batch", self.batch), ("height", self.height), ("width", self.width)):
+        ranges = (("batch", self.batch), ("height", self.height), ("width", self.width),
+                  *((("text_sequence", self.text_sequence),) if self.text_sequence is not None else ()))
+        for name, r in ranges:
             if len(r) != 3 or not r[0] <= r[1] <= r[2]:
                 raise ShapeError(f"profile {name} {list(r)} is not [min, opt, max] with min <= opt <= max")
             if r[0] < 1:
                 raise ShapeError(f"profile {name} {list(r)} must be at least 1")
+            if name == "text_sequence" and r[2] > MAX_TEXT_SEQUENCE:
+                raise ShapeError(f"profile text_sequence {list(r)}: diffusers' SD3 and Flux pipelines take at most "
+                                 f"{MAX_TEXT_SEQUENCE} T5 tokens (max_sequence_length)")
             if name != "batch" and any(v % size_multiple for v in r):
                 bad = next(v for v in r if v % size_multiple)
                 raise ShapeError(f"profile {name} {list(r)}: {bad} is not a multiple of {size_multiple}, the image "
@@ -110,4 +121,5 @@ class ShapeRange:
 
     def describe(self) -> str:
         """e.g. ``"1-4 images of 256-1024 x 256-1024 px"``."""
-        return f"{span(self.batch)} image(s) of {span(self.height)} x {span(self.width)} px"
+        text = f" with {span(self.text_sequence)} T5 tokens" if self.text_sequence is not None else ""
+        return f"{span(self.batch)} image(s) of {span(self.height)} x {span(self.width)} px{text}"

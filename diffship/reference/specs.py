@@ -108,6 +108,9 @@ class ComponentSpec(IONames):
             weights; CLIP's few and the VAE's convolutions stay 8-bit, where 4 bits cost more than they save).
         packed: ``{dim: patch}``: dims counting the image's patches of ``patch`` x ``patch`` latent pixels
             (Flux packs 2x2 latent pixels into one token: ``image_sequence``).
+        text_sequence_dims: ``{dim: offset}``: symbolic dims that are the T5 sequence length plus ``offset``
+            (T5's ``t5_sequence``; SD3's ``joint_sequence``: CLIP's 77 tokens first; Flux's ``text_sequence``):
+            what a range of T5 sequence lengths changes (TensorRT profiles).
         int8_activations: ``full-int8`` quantizes its activations as well as the denoiser's, kept only where
             its outputs pass (the VAE decoder: at small images one decode costs more than a denoiser call).
     """
@@ -130,6 +133,7 @@ class ComponentSpec(IONames):
     packed: dict[str, int] = field(default_factory=dict)
     low_bit_weights: bool = False
     int8_activations: bool = False
+    text_sequence_dims: dict[str, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def check_multiples(self, inputs: dict[str, torch.Tensor]) -> None:
@@ -166,6 +170,7 @@ class ComponentSpec(IONames):
         Guidance doubling: the denoiser's batch runs from ``batch[0]`` (a call without guidance) to twice
         ``batch[2]``, unless the range is fixed, when it is exactly what the requests give. Components
         diffusers calls once per prompt list or init image (``static_batch`` False) take 1 to ``batch[2]``.
+        A range of T5 sequence lengths sets the ``text_sequence_dims``.
         """
         points = [ShapeProfile(batch_size=shapes.batch[i], height=shapes.height[i], width=shapes.width[i],
                                sequence_length=shapes.sequence_length, guidance=shapes.guidance) for i in range(3)]
@@ -175,7 +180,15 @@ class ComponentSpec(IONames):
         if not self.static_batch:
             for d, b in zip(dims, (1, 1, shapes.batch[2])):
                 d["batch"] = b
+        if shapes.text_sequence is not None:
+            for d, length in zip(dims, shapes.text_sequence):
+                d.update({name: offset + length for name, offset in self.text_sequence_dims.items()})
         return {t.name: tuple(t.shape(d) for d in dims) for t in self.inputs}
+
+    def default_text_sequence(self) -> int | None:
+        """The T5 sequence length its default dims imply, or None where it has none."""
+        return next((self.default_dims[name] - offset for name, offset in self.text_sequence_dims.items()
+                     if name in self.default_dims), None)
 
     def example_inputs(self, profile: ShapeProfile, precision: str = "fp32", seed: int = 0) -> dict[str, torch.Tensor]:
         """Seeded example inputs of the right names, dtypes and shapes for ``profile``."""

@@ -261,6 +261,7 @@ def export_pipeline(
     configs = pipeline_configs(pipe)
     specs = family.specs(configs)
     multiple = size_multiple(specs)
+    text_sequence = next((n for n in (s.default_text_sequence() for s in specs) if n is not None), None)
     if components:
         unknown = sorted(set(components) - {s.name for s in specs})
         if unknown:
@@ -272,7 +273,7 @@ def export_pipeline(
     from diffship import __version__
 
     options = ExportOptions(precision=precision, profile=profile, static=static is not None, backend=parsed,
-                            size_multiple=multiple,
+                            size_multiple=multiple, text_sequence=text_sequence,
                             metadata={"source": info.name, "source_fingerprint": info.fingerprint,
                                       "diffship_version": __version__, "pipeline_class": type(pipe).__name__})
     calibration = {}

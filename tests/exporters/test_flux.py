@@ -154,9 +154,13 @@ def test_tensorrt_engines_build(tmp_path):
 
     if "tensorrt" not in backends.installed():
         pytest.skip("the tensorrt extra is not installed")
-    # the transformer's engine (what is new for Flux; the CLIP, T5 and VAE engines are built as SD3's are)
+    # the transformer's engine (what is new for Flux; the CLIP, T5 and VAE engines are built as SD3's are),
+    # with two profiles: the dynamic preset's sizes at the default T5 sequence, and a range of T5 sequences
     out = tmp_path / "out"
-    assert main(["export", "tiny-flux", str(out), "--backend", "tensorrt", "--component", "transformer"]) == 0
+    profiles = '[{"batch": [1, 1, 4], "height": [128, 256, 512], "width": [128, 256, 512]}, ' \
+               '{"height": [256, 256, 256], "width": [256, 256, 256], "text_sequence": [64, 128, 512]}]'
+    assert main(["export", "tiny-flux", str(out), "--backend", "tensorrt", "--component", "transformer",
+                 "-o", f"profile={profiles}"]) == 0
     manifest = read_manifest(out)
     transformer = manifest.components["transformer"]
     assert {t.name: t.dims for t in transformer.inputs}["img_ids"] == ["image_sequence", 3]
@@ -165,6 +169,23 @@ def test_tensorrt_engines_build(tmp_path):
     # the text tokens are the T5 sequence
     assert ranges["img_ids"].min == [32 * 32, 3] and ranges["img_ids"].max == [128 * 128, 3]
     assert ranges["txt_ids"].opt == [512, 3] and ranges["hidden_states"].max == [4, 128 * 128, 64]
+    second = transformer.details.profiles[1]  # as TensorRT read it back: the T5 range on the text tokens
+    assert second.request.text_sequence == (64, 128, 512) and "_t64-512." in transformer.details.engine
+    assert (second.inputs["txt_ids"].min, second.inputs["txt_ids"].max) == ([64, 3], [512, 3])
+    assert second.inputs["encoder_hidden_states"].opt[1] == 128 and second.inputs["img_ids"].min == [64 * 64, 3]
+    # the runner picks the profile by the call's shapes (no GPU needed to choose)
+    from diffship.errors import ShapeError
+    from diffship.runtimes.tensorrt import select_profile
+
+    def call(tokens):
+        shapes = {name: tuple(r.opt) for name, r in second.inputs.items()}
+        return {**shapes, "txt_ids": (tokens, 3), "encoder_hidden_states": (shapes["encoder_hidden_states"][0], tokens,
+                                                                            shapes["encoder_hidden_states"][2])}
+
+    assert select_profile(transformer.details.profiles, call(512), "transformer") == 0
+    assert select_profile(transformer.details.profiles, call(77), "transformer") == 1
+    with pytest.raises(ShapeError, match="with 64-512 T5 tokens"):
+        select_profile(transformer.details.profiles, call(32), "transformer")
 
 
 @pytest.fixture(scope="module")

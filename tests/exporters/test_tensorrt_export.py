@@ -144,13 +144,46 @@ def _options(**kwargs) -> ExportOptions:
     ({"height": [64, 32, 128]}, r"profile height \[64, 32, 128\] is not \[min, opt, max\]"),
     ({"width": [40, 64, 64]}, r"40 is not a multiple of 16, the image sizes this model's UNet takes \(e.g. 32\)"),
     ({"batch": [0, 1, 2]}, r"profile batch \[0, 1, 2\] must be at least 1"),
-    ({"depth": 3}, r"unknown profile key\(s\) depth"),
+    ({"depth": 3}, r"unknown profile key\(s\) depth; use batch, height, width, text_sequence"),
+    ({"text_sequence": [64, 77, 128]}, r"profile text_sequence: this pipeline has no T5 encoder \(its text is CLIP's "
+                                       r"77 tokens, fixed\)"),
     ({"height": "big"}, r"profile height must be a whole number or \[min, opt, max\]"),
     (7, r"profile must be a preset name"),
 ])
 def test_bad_profiles_are_refused_before_building(value, message):
     with pytest.raises(ShapeError, match=message):
         resolve_profiles(value, _options())
+
+
+def test_t5_sequence_ranges_for_pipelines_with_t5():
+    """SD3 and Flux: a profile may range over T5 sequence lengths (``max_sequence_length``); each component's
+    text dims follow (T5's own, SD3's joint sequence after CLIP's 77 tokens, Flux's text tokens)."""
+    from diffship.backends.tensorrt import engine_name
+    from diffship.reference import load
+    from diffship.reference.families import flux_specs, stable_diffusion_3_specs
+    from diffship.reference.pipelines import pipeline_configs
+
+    def preset_configs(name):
+        return pipeline_configs(load(name))
+
+    t5 = _options(text_sequence=256)
+    (r,) = resolve_profiles({"text_sequence": [32, 128, 512]}, t5)
+    assert r.text_sequence == (32, 128, 512) and r.describe().endswith("with 32-512 T5 tokens")
+    (default,) = resolve_profiles({"height": [32, 64, 128]}, t5)
+    assert default.text_sequence is None  # the pipeline's default only, as before
+    for value, message in (([32, 16, 512], r"text_sequence \[32, 16, 512\] is not \[min, opt, max\]"),
+                           ([64, 256, 1024], r"take at most 512 T5 tokens")):
+        with pytest.raises(ShapeError, match=message):
+            resolve_profiles({"text_sequence": value}, t5)
+    assert "_t32-512." in engine_name("fp32", [r], "tensorrt_rtx", "1.7", "portable")
+    sd3 = {s.name: s for s in stable_diffusion_3_specs(preset_configs("tiny-sd3"))}
+    flux = {s.name: s for s in flux_specs(preset_configs("tiny-flux"))}
+    assert sd3["text_encoder_3"].default_text_sequence() == 256 and flux["transformer"].default_text_sequence() == 512
+    ranges = sd3["transformer"].input_ranges(r)["encoder_hidden_states"]
+    assert [shape[1] for shape in ranges] == [77 + 32, 77 + 128, 77 + 512]
+    assert [shape[1] for shape in sd3["text_encoder_3"].input_ranges(r)["input_ids"]] == [32, 128, 512]
+    assert [shape[0] for shape in flux["transformer"].input_ranges(r)["txt_ids"]] == [32, 128, 512]
+    assert sd3["text_encoder"].input_ranges(r)["input_ids"][2][1] == 77  # CLIP's stays fixed
 
 
 def test_profile_presets_and_static_exports():

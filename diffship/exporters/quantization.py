@@ -152,8 +152,8 @@ class Choice:
 
     def refusal(self) -> str:
         """Why the activations stayed float (for a choice that did not pass)."""
-        return (f"8-bit activations left float: their outputs reached {self.reached:.1f} dB, under the "
-                f"{self.floor:.0f} dB floor")
+        return (f"8-bit activations left float: its outputs reached {self.reached:.1f} dB against the float "
+                f"graph's on a held-out call, under the {self.floor:.0f} dB floor")
 
 
 def choose(nodes: Sequence[QuantNode], keep: tuple[str, ...] | None,

@@ -21,6 +21,7 @@ from diffship.backends.quantized import FULL_INT8, floor_for, kept_groups, quant
 from diffship.errors import ExportError, first_line
 from diffship.exporters import onnx_quantize
 from diffship.exporters.base import ExportOptions, component_files, io_description, quiet_export, writing
+from diffship.exporters.quantization import recorded
 from diffship.reference.specs import ComponentSpec
 from diffship.reference.weights import converted, fake_mode, weight_bytes
 
@@ -91,13 +92,8 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     keep = kept_groups(onnx_options.keep_float)
     if precision == FULL_INT8 and options.calibration and quantizes(spec, keep):
         choice = onnx_quantize.quantize(path, options.calibration, keep, external, log.info, floor_for(spec, keep))
-        details.quantized_psnr = choice.scores or None
-        if choice.passed:
-            details.kept_float = list(choice.kept)
-        else:
-            details.float_activations = choice.refusal()
-            log.info("%s: %s", spec.name, choice.refusal())
-            precision = "fp32"
+        if not recorded(choice, details, spec.name):
+            precision = "fp32"  # under its floor: the graph was left as exported
     elif precision == FULL_INT8:
         precision = "fp32"  # full-int8 quantizes the denoiser and the VAE decoder; the others stay exact
     if onnx_options.check:

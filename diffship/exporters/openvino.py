@@ -31,6 +31,7 @@ from diffship.backends.quantized import FULL_INT8, floor_for, kept_groups, quant
 from diffship.errors import ExportError, first_line
 from diffship.exporters import ov_weights as weights
 from diffship.exporters.base import ExportOptions, component_files, io_description, quiet_export, writing
+from diffship.exporters.quantization import recorded
 from diffship.reference.shapes import ShapeProfile
 from diffship.reference.memory import fits
 from diffship.reference.specs import ComponentSpec
@@ -124,13 +125,9 @@ def _full_int8(spec: ComponentSpec, model, options: ExportOptions, precise: set[
     if not options.calibration or not quantizes(spec, keep):
         return None
     model, choice = weights.full_int8(model, options.calibration, precise, keep, log.info, floor_for(spec, keep))
-    details.quantized_psnr = choice.scores or None
-    if not choice.passed:
-        details.float_activations = choice.refusal()
-        log.info("%s: %s", spec.name, choice.refusal())
+    if not recorded(choice, details, spec.name):
         return None
     details.activations = f"int8 on convolutions and matrix products, calibrated on {len(options.calibration)} recorded calls"
-    details.kept_float = list(choice.kept)
     return model
 
 

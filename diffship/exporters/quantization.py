@@ -19,6 +19,7 @@ path) and two functions -- quantize with some nodes left float, and run -- and t
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -26,6 +27,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from diffship.backends.quantized import GROUPS
+
+log = logging.getLogger(__name__)
 
 #: a group is kept float when keeping it raises the denoiser's output PSNR by at least this much.
 MIN_GAIN_DB = 1.0
@@ -154,6 +157,19 @@ class Choice:
         """Why the activations stayed float (for a choice that did not pass)."""
         return (f"8-bit activations left float: its outputs reached {self.reached:.1f} dB against the float "
                 f"graph's on a held-out call, under the {self.floor:.0f} dB floor")
+
+
+def recorded(choice: Choice, details: Any, component: str) -> bool:
+    """Record ``choice`` in a manifest entry's ``details`` (a :class:`~diffship.backends.base.Details`) and
+    return whether the component keeps its 8-bit activations: the measured scores always; the kept groups
+    where it passed, else why its activations stay float (also logged)."""
+    details.quantized_psnr = choice.scores or None
+    if choice.passed:
+        details.kept_float = list(choice.kept)
+        return True
+    details.float_activations = choice.refusal()
+    log.info("%s: %s", component, details.float_activations)
+    return False
 
 
 def choose(nodes: Sequence[QuantNode], keep: tuple[str, ...] | None,

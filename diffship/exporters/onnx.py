@@ -44,6 +44,21 @@ def _dynamic_shapes(spec: ComponentSpec, static: bool) -> dict[str, dict[int, ob
     return {t.name: {i: dyn for i, d in enumerate(t.dims) if d in symbolic} for t in spec.inputs}
 
 
+def _exact_floor_division() -> dict:
+    """Python's ``//`` on symbolic sizes as a true floor division.
+
+    torch.onnx's default translation of ``operator.floordiv`` is ONNX ``Div``, which truncates: right for
+    the positive operands it assumes, wrong for the negative ones torch.export's shape algebra produces
+    (SD3's positional-embedding crop ends at ``16 + n + (-n) // 2``: one patch too long at odd patch
+    counts, and the graph fails at those sizes). torch_lib's ``aten::floor_divide`` floors signed integers.
+    """
+    import operator
+
+    from onnxscript.function_libs.torch_lib.ops.core import aten_floor_divide
+
+    return {operator.floordiv: aten_floor_divide}
+
+
 def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions) -> ComponentEntry:
     """Export ``module`` (the spec's wrapper, already in the target precision) to ``out_dir/model.onnx``.
 
@@ -69,7 +84,7 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
             program = torch.onnx.export(
                 module, example, input_names=spec.input_names, output_names=spec.output_names,
                 dynamic_shapes=_dynamic_shapes(spec, options.static), opset_version=onnx_options.opset,
-                dynamo=True, optimize=False,
+                dynamo=True, optimize=False, custom_translation_table=_exact_floor_division(),
             )
             if options.weights is not None:
                 _attach_weights(program.model.graph, options.weights, spec.name)

@@ -138,11 +138,10 @@ TRACE_SIDE = 128
 
 
 def trace_profile(spec: ComponentSpec, options: ExportOptions) -> ShapeProfile:
-    """The request shape ``spec`` is traced at: the export's own for static exports and for graphs that
-    take only the size they were traced at (``fixed_size``: SD3's transformer), else images of
+    """The request shape ``spec`` is traced at: the export's own for static exports, else images of
     :data:`TRACE_SIDE` pixels a side (never larger than the export's), in multiples the model takes."""
     profile = options.profile
-    if options.static or spec.fixed_size:
+    if options.static:
         return profile
     multiple = options.size_multiple
     side = -(-max(TRACE_SIDE, 2 * multiple) // multiple) * multiple

@@ -253,6 +253,11 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     _check_targets(flavour, opts.compute_capability)
     version = importlib.import_module(flavour).__version__
     ranges = resolve_profiles(opts.profile, options)
+    for r in ranges:
+        try:
+            spec.check_dims(spec.dims(replace(options.profile, height=r.height[2], width=r.width[2])))
+        except ShapeError as exc:
+            raise ShapeError(f"profile {r.describe()}: {exc}") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs, outputs = io_description(spec, options)

@@ -138,8 +138,8 @@ def stable_diffusion_3_specs(configs: dict[str, dict[str, Any]]) -> list[Compone
 
     The T5 encoder (``text_encoder_3``) is exported where the pipeline has one (diffusers allows it to be
     absent). The transformer's text sequence (``joint_sequence``) is CLIP's tokens followed by the T5
-    positions (zeros without T5); static exports fix it at the defaults (77 + 256). Its image size is
-    fixed at the export's (``fixed_size``): export with ``--static HxW`` for another.
+    positions (zeros without T5); static exports fix it at the defaults (77 + 256). Image sizes are dynamic
+    (even patches) up to what its positional embedding covers (``pos_embed_max_size`` patches a side).
     """
     tr = configs["transformer"]
     f = vae_scale_factor(configs["vae"])
@@ -159,9 +159,10 @@ def stable_diffusion_3_specs(configs: dict[str, dict[str, Any]]) -> list[Compone
         scale_factor=f, batch_multiplier=2, denoiser=True, config=tr,
         multiples=dict.fromkeys(("latent_height", "latent_width"), patch), default_dims={"joint_sequence": sequence},
         text_sequence_dims={"joint_sequence": clip_tokens},
-        # torch.onnx's trace computes the positional-embedding crop from the traced size (another size then
-        # fails inside the graph): the transformer takes its export's image size only.
-        fixed_size=True,
+        # the graph crops its positional embedding by the input's size; past the embedding's extent the crop
+        # comes out short and fails inside the runtime with a broadcast error, so it is refused before
+        max_dims=dict.fromkeys(("latent_height", "latent_width"), tr["pos_embed_max_size"] * patch)
+        if tr.get("pos_embed_max_size") else {},
     )
     t5 = [_t5_spec("text_encoder_3", configs["text_encoder_3"], f, SD3_T5_SEQUENCE)] if configs.get("text_encoder_3") else []
     return [_text_encoder_spec("text_encoder", configs["text_encoder"], clip, f),

@@ -99,9 +99,8 @@ class ComponentSpec(IONames):
         static_batch: whether a static export fixes the batch too. diffusers calls the text encoder
             once per prompt list and the VAE encoder once per init image, whatever the number of
             images, so their batch stays dynamic; the UNet and decoder batches are fixed.
-        fixed_size: the traced graph takes only the image size it was traced at, even in a dynamic
-            export (SD3's transformer crops its positional embedding by the traced size); its spatial
-            dims are then fixed, and other sizes are refused with the size it takes.
+        max_dims: the largest size of symbolic dims the model takes (SD3's transformer crops its positional
+            embedding from a ``pos_embed_max_size`` square of patches); larger requests are refused by name.
         default_dims: sizes of symbolic dims a request shape does not give, at the pipeline's defaults
             (SD3's joint text sequence: CLIP's 77 tokens + ``max_sequence_length`` T5 positions).
         low_bit_weights: 4-bit weight formats apply besides the denoiser (T5: billions of matrix-product
@@ -128,7 +127,7 @@ class ComponentSpec(IONames):
     denoiser: bool = False
     multiples: dict[str, int] = field(default_factory=dict)
     static_batch: bool = True
-    fixed_size: bool = False
+    max_dims: dict[str, int] = field(default_factory=dict)
     default_dims: dict[str, int] = field(default_factory=dict)
     packed: dict[str, int] = field(default_factory=dict)
     low_bit_weights: bool = False
@@ -136,8 +135,9 @@ class ComponentSpec(IONames):
     text_sequence_dims: dict[str, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict, compare=False)
 
-    def check_multiples(self, inputs: dict[str, torch.Tensor]) -> None:
-        """Raise :class:`ShapeError` for sizes the exported graph does not handle (see ``multiples``)."""
+    def check_sizes(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Raise :class:`ShapeError` for sizes the exported graph does not handle (see ``multiples`` and
+        ``max_dims``)."""
         for t in self.inputs:
             for dim, size in zip(t.dims, inputs[t.name].shape):
                 m = self.multiples.get(dim) if isinstance(dim, str) else None
@@ -147,12 +147,21 @@ class ComponentSpec(IONames):
                         f"that are multiples of {m * self.scale_factor} (e.g. {size // m * m * self.scale_factor} "
                         f"or {(size // m + 1) * m * self.scale_factor})"
                     )
+        self.check_dims({d: size for t in self.inputs for d, size in zip(t.dims, inputs[t.name].shape)
+                         if isinstance(d, str)})
+
+    def check_dims(self, dims: dict[str, int]) -> None:
+        """Raise :class:`ShapeError` where a dim is over its ``max_dims`` (named with the image size it means)."""
+        for dim, size in dims.items():
+            top = self.max_dims.get(dim)
+            if top is not None and size > top:
+                side = top * self.scale_factor if dim.startswith("latent_") else top
+                raise ShapeError(f"{self.name}: {dim} {size} is over {top}, the most this model takes (its "
+                                 f"positional embedding's extent); use images of at most {side} px a side")
 
     def symbolic_dims(self, static: bool) -> set[str]:
         """The dims left symbolic in an export: all of them, or when ``static`` only an unfixed batch."""
         names = {d for t in (*self.inputs, *self.outputs) for d in t.dims if isinstance(d, str)}
-        if self.fixed_size:
-            names -= {"height", "width", "latent_height", "latent_width", *self.packed}
         if static:
             return names & ({"batch"} if not self.static_batch else set())
         return names

@@ -59,7 +59,7 @@ class _Adapter(torch.nn.Module):
 
     def _run(self, spec: ComponentSpec, runner: Runner, method: Any, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
         inputs = spec.inputs_for_call(method, args, kwargs)
-        spec.check_multiples(inputs)
+        spec.check_sizes(inputs)
         where = self._where(inputs)
         if self.check_finite and (bad := _non_finite(inputs)):
             raise NonFiniteError(f"{spec.name}: its input {bad} holds NaN or Inf{where}; they were made before this "

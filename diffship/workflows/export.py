@@ -338,8 +338,10 @@ def _calibration_size(profile: ShapeProfile, side: int | None, multiple: int) ->
 
 def _check_static(profile: ShapeProfile, specs: list[ComponentSpec], multiple: int) -> None:
     """Refuse a static size the exported graphs could never run at: not a multiple of what the UNet
-    takes, or one whose largest single tensor exceeds this machine's available memory."""
+    takes, over what a model takes (SD3's positional embedding), or one whose largest single tensor exceeds this machine's available memory."""
     profile.validate(multiple)
+    for spec in specs:
+        spec.check_dims(spec.dims(profile))
     need, what = largest_tensor(specs, profile)
     available = available_memory_bytes()
     if available and need > available:

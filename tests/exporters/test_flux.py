@@ -49,7 +49,7 @@ def test_tiny_flux_specs(flux_pipe):
     dims = transformer.dims(ShapeProfile(height=256, width=192))
     assert (dims["image_sequence"], dims["text_sequence"]) == (64 * 48, 512)
     assert transformer.example_inputs(ShapeProfile(height=64, width=64))["img_ids"].shape == (256, 3)
-    assert not transformer.fixed_size and {"image_sequence", "text_sequence"} <= transformer.symbolic_dims(False)
+    assert {"image_sequence", "text_sequence"} <= transformer.symbolic_dims(False)
     assert specs["vae_decoder"].inputs[0].dims[1] == 16
     # FLUX.1-schnell: no guidance embedding, so no guidance input
     configs = pipeline_configs(flux_pipe)

@@ -183,22 +183,6 @@ def test_dynamic_exports_are_traced_small_and_run_at_every_size(tmp_path, monkey
     assert trace_profile(unet, static).height == 64  # a static export is traced at its own size
 
 
-def test_a_fixed_size_graph_is_traced_at_its_export_size(monkeypatch):
-    """A ``fixed_size`` spec takes only the size it was traced at (SD3's transformer, as torch.export
-    specialises its positional-embedding crop): traced smaller, it would declare one size and be built for
-    another."""
-    from diffship.exporters import openvino as exporter
-    from diffship.exporters.base import ExportOptions
-    from diffship.reference.shapes import ShapeProfile
-
-    monkeypatch.setattr(exporter, "TRACE_SIDE", 8)
-    specs = {s.name: s for s in specs_for_pipeline(load("tiny-sd3"))}
-    options = ExportOptions(profile=ShapeProfile(height=64, width=64), size_multiple=16)
-    assert specs["transformer"].fixed_size
-    assert exporter.trace_profile(specs["transformer"], options).height == 64
-    assert exporter.trace_profile(specs["vae_decoder"], options).height == 32
-
-
 def test_a_failed_write_is_one_export_error(tmp_path, monkeypatch):
     """OpenVINO reports a full disk as ``RuntimeError: basic_ios::clear``; the export says what failed and where
     (a bench subject then fails alone instead of ending the run as a bug), and leaves nothing behind."""

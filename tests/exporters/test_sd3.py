@@ -43,7 +43,8 @@ def test_tiny_sd3_specs(sd3_pipe):
     assert transformer.output_names == ["out_hidden_states"] and transformer.denoiser
     assert {t.name: t.dims for t in transformer.inputs}["encoder_hidden_states"] == ("batch", "joint_sequence", 64)
     assert transformer.default_dims == {"joint_sequence": 77 + 256} and transformer.multiples["latent_height"] == 2
-    assert transformer.fixed_size and transformer.symbolic_dims(False) == {"batch", "joint_sequence"}
+    assert transformer.symbolic_dims(False) == {"batch", "joint_sequence", "latent_height", "latent_width"}
+    assert transformer.max_dims == {"latent_height": 64, "latent_width": 64}  # pos_embed_max_size 32 x patch 2
     assert specs["vae_decoder"].inputs[0].dims[1] == 16  # 16 latent channels
     # without T5 (diffusers allows it to be absent) the transformer's text sequence keeps its size
     configs = {**pipeline_configs(sd3_pipe), "text_encoder_3": None}
@@ -64,6 +65,21 @@ def test_the_transformer_wrapper_computes_what_the_pipeline_uses(sd3_pipe):
         got = specs["transformer"].wrapper(sd3_pipe.transformer)(*call.values())
         want = sd3_pipe.transformer(**call, return_dict=False)[0]
     torch.testing.assert_close(got, want)
+
+
+def test_sizes_past_the_positional_embedding_are_refused_before_export(tmp_path):
+    """A static size or a TensorRT profile past the transformer's positional embedding (512 px for tiny-sd3)
+    is refused by name before any work, instead of a trace error or an engine that fails at its largest size."""
+    from diffship.errors import ShapeError
+    from diffship.workflows.export import export_pipeline
+
+    with pytest.raises(ShapeError, match=r"latent_width 72 is over 64.*at most 512 px a side"):
+        export_pipeline("tiny-sd3", tmp_path / "static", backend="onnx", static=(64, 576))
+    pytest.importorskip("tensorrt_rtx", reason="the tensorrt extra (TensorRT-RTX builds engines on a CPU) is not installed")
+    with pytest.raises(ShapeError, match=r"profile 1 image\(s\) of 64 x 64-1024 px: transformer: latent_width 128 is over 64"):
+        export_pipeline("tiny-sd3", tmp_path / "engines", backend="tensorrt", components=["transformer"],
+                        backend_options={"profile": {"width": [64, 64, 1024]}})
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("backend", CLI_BACKENDS)
@@ -93,9 +109,14 @@ def test_exported_sd3_pipeline_behaves_like_diffusers(sd3_export, sd3_pipe):
     want = eager(**kwargs, generator=[torch.Generator().manual_seed(s) for s in (1, 2)]).images
     assert np.ptp(want) > 1e-2
     np.testing.assert_allclose(got, want, atol=1e-4)
-    with pytest.raises(ShapeError, match=r"transformer: input hidden_states has shape \(2, 16, 10, 6\), but this export "
-                                         r"takes \(batch, 16, 8, 8\)"):
-        pipe("a cat", num_inference_steps=1, height=80, width=48)  # the transformer's size is fixed (see its spec)
+    # image sizes are dynamic (in even patches) up to the positional embedding's extent: 32 patches of 2x2
+    # latent pixels, 512 px; past it the graph's crop would come out short and fail inside the runtime
+    kwargs = dict(prompt="a cat", num_inference_steps=1, height=80, width=48, output_type="np")
+    np.testing.assert_allclose(pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images,
+                               eager(**kwargs, generator=torch.Generator().manual_seed(0)).images, atol=1e-4)
+    with pytest.raises(ShapeError, match=r"transformer: latent_height 72 is over 64, the most this model takes \(its "
+                                         r"positional embedding's extent\); use images of at most 512 px a side"):
+        pipe("a cat", num_inference_steps=1, height=576, width=64)
     with pytest.raises(ShapeError, match="skip-layer guidance"):
         pipe("a cat", num_inference_steps=10, skip_guidance_layers=[1])  # guidance skips layers at step 2
     img2img = load_pipeline(folder, task="img2img")
@@ -114,6 +135,7 @@ CALLS = {
     "output_latent": dict(output_type="latent"),
     "latents_in": dict(latents=torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(7))),
     "return_tuple": dict(return_dict=False),
+    "other_size": dict(height=32, width=96),
 }
 
 

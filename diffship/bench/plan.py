@@ -93,13 +93,15 @@ def compared(settings: BenchSettings, taken: set[str]) -> list[Planned]:
 
 def measured_export(source: str, folder: str, backend: str, precision: str, static: tuple[int, int] | None,
                     options: dict[str, Any], components: list[str] | None = None,
-                    calibration_size: tuple[int, int] | None = None) -> ExportFigures:
+                    calibration_size: tuple[int, int] | None = None,
+                    calibration_steps: int | None = None) -> ExportFigures:
     """Export in this (child) process and report its time, peak memory and size on disk."""
     from diffship.workflows import export_pipeline
 
     start = time.perf_counter()
     manifest = export_pipeline(source, folder, backend=backend, precision=precision, static=static, overwrite=True,
-                               backend_options=options, components=components, calibration_size=calibration_size)
+                               backend_options=options, components=components, calibration_size=calibration_size,
+                               calibration_steps=calibration_steps)
     return _figures(start, folder, manifest)
 
 
@@ -124,11 +126,11 @@ def export_subject(p: Planned, settings: BenchSettings, exports: Path, reuse: bo
             p.entry.size_bytes = folder_bytes(folder)
             return
     static = settings.size if backends.get(p.subject.backend).fixed_shapes else None
-    # calibrated precisions calibrate at the size the run measures (as tune does), not the pipeline's default
+    # calibrated precisions calibrate at the size and steps the run measures (as tune does), not the defaults
     figures = run_isolated(f"exporting {settings.source} to {p.subject.name}", measured_export, settings.source,
                            str(folder), p.subject.backend, p.subject.precision, static,
                            dict(settings.export_options.get(p.subject.backend, {})), list(settings.components) or None,
-                           settings.size)
+                           settings.size, settings.steps[0])
     p.entry.export = figures
     p.entry.size_bytes = figures.size_bytes
 

@@ -202,7 +202,8 @@ def tune(source: str, out: str | Path, backend: str, *, min_psnr: float = 35.0, 
                 if cand.precision not in folders:
                     start = time.perf_counter()
                     export_pipeline(source, work / cand.precision, backend=backend, precision=cand.precision,
-                                    runtime=cand.runtime, calibration_size=(profile.height, profile.width))
+                                    runtime=cand.runtime, calibration_size=(profile.height, profile.width),
+                                    calibration_steps=steps)
                     trial.export_seconds = time.perf_counter() - start
                     folders[cand.precision] = work / cand.precision
                 _measure(trial, folders[cand.precision], request, init, repeats, expected,

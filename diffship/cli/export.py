@@ -30,6 +30,9 @@ def export(
     calibration_size: Optional[str] = typer.Option(None, "--calibration-size", metavar="HxW",
                                                    help="Size of the eager runs calibrated precisions record "
                                                         "(default: the export's; onnx at most 256 a side)."),
+    calibration_steps: Optional[int] = typer.Option(None, "--calibration-steps", min=1,
+                                                    help="Denoising steps of those runs (default 10; give the "
+                                                         "steps you will run)."),
     guidance: bool = typer.Option(True, "--guidance/--no-guidance",
                                   help="Requests use classifier-free guidance (a static UNet then takes 2x the batch)."),
     component: Optional[list[str]] = typer.Option(None, "--component", help="Export only this component (repeatable)."),
@@ -51,7 +54,7 @@ def export(
             source, output, backend=backend, precision=quantize or precision, static=parse_size(static), batch_size=batch,
             guidance=guidance, backend_options=parse_options(option),
             overwrite=overwrite, config=config, allow_pickle=allow_pickle, components=component, progress=say,
-            stream=stream, calibration_size=parse_size(calibration_size),
+            stream=stream, calibration_size=parse_size(calibration_size), calibration_steps=calibration_steps,
         )
     table = Table("component", "precision", "inputs", "outputs", "size", title=f"{backend} export")
     for name, entry in manifest.components.items():

@@ -12,6 +12,11 @@ import torch
 from diffship.reference.specs import ComponentSpec
 
 #: prompts for calibration runs: varied subjects and styles, short and long.
+#: denoising steps of each calibration run by default. Fewer steps leave the final latents noisier (the VAE
+#: decoder then sees another range): calibrate at the steps the pipeline will run where known
+#: (``--calibration-steps``; bench and tune pass theirs).
+CALIBRATION_STEPS = 10
+
 CALIBRATION_PROMPTS = (
     "a photograph of an astronaut riding a horse",
     "a watercolor painting of a lighthouse at dawn, soft light",
@@ -48,7 +53,7 @@ def record_calls(pipe: Any, specs: list[ComponentSpec], limit: int) -> Iterator[
             delattr(module, name)
 
 
-def calibration_inputs(pipe: Any, specs: list[ComponentSpec], steps: int = 10,
+def calibration_inputs(pipe: Any, specs: list[ComponentSpec], steps: int = CALIBRATION_STEPS,
                        prompts: tuple[str, ...] = CALIBRATION_PROMPTS,
                        progress: Callable[[str], None] | None = None,
                        size: tuple[int, int] | None = None) -> dict[str, list[dict[str, torch.Tensor]]]:

@@ -211,6 +211,7 @@ def export_pipeline(
     stream: bool | None = None,
     runtime: dict[str, Any] | None = None,
     calibration_size: tuple[int, int] | None = None,
+    calibration_steps: int | None = None,
 ) -> Manifest:
     """Export every component of a diffusers pipeline to ``backend``.
 
@@ -236,6 +237,9 @@ def export_pipeline(
             where it cannot; False: load the whole pipeline first. The exported weights are the same.
         calibration_size: ``(height, width)`` of the eager runs calibrated precisions record (default: the
             export's size, at most the backend's ``calibration_side`` a side).
+        calibration_steps: denoising steps of each of those runs (default
+            :data:`~diffship.reference.recording.CALIBRATION_STEPS`): the steps the pipeline will run, where
+            known, give the UNet those timesteps and the VAE decoder latents as noisy as it will see.
         runtime: runtime options the export records as the ones it runs with (``load_pipeline``'s defaults
             for it; the caller's options still win); the backend's defaults fill in the rest.
 
@@ -282,7 +286,8 @@ def export_pipeline(
 
         size = calibration_size or _calibration_size(profile, record.calibration_side, multiple)
         recorded = [s for s in specs if s.denoiser or (precision == FULL_INT8 and s.int8_activations)]
-        calibration = calibration_inputs(pipe, recorded, progress=say, size=size)
+        calibration = calibration_inputs(pipe, recorded, progress=say, size=size,
+                                         **({"steps": calibration_steps} if calibration_steps else {}))
     entries: dict[str, ComponentEntry] = {}
     with atomic_folder(out, overwrite=overwrite, replaceable=is_export, what="diffship export") as tmp:
         for spec in specs:

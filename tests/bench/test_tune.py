@@ -28,6 +28,7 @@ def shared_fp32_export(export_dir, monkeypatch):
 
     def copied(source, out, *, backend, precision, **kwargs):
         assert (backend, precision) == ("openvino", "fp32") and kwargs["calibration_size"] == (64, 64)
+        assert kwargs["calibration_steps"] == QUICK["steps"]  # calibrated at the steps it measures
         shutil.copytree(export_dir("openvino"), out)
 
     monkeypatch.setattr(workflow, "export_pipeline", copied)
@@ -64,6 +65,7 @@ def test_tune_onnx_through_the_cli(tmp_path, capsys, export_dir, monkeypatch):
         """The session's full-int8 export (calibrated at tiny's 64x64 too), copied: the suite exports it once
         per worker (tests/exporters/test_full_int8.py checks that export itself)."""
         assert (backend, precision) == ("onnx", "full-int8") and kwargs["calibration_size"] == (64, 64)
+        assert kwargs["calibration_steps"] == 2
         shutil.copytree(export_dir("onnx", "full-int8"), out)
 
     monkeypatch.setattr(workflow, "export_pipeline", copied)
@@ -149,3 +151,28 @@ def test_bench_reuses_a_tuned_export_without_tuning_again(export_dir, tmp_path, 
     other = from_mapping({"source": "tiny-sdxl", "backends": ["onnx"], "precisions": ["fp32"], "tune": ["onnx"]}, "test")
     with pytest.raises(AssertionError, match="nothing is tuned"):
         plan.tune_subject(p, other, tmp_path / "exports", [p], reuse=True)
+
+
+def test_bench_exports_calibrate_at_the_runs_size_and_steps(tmp_path, monkeypatch):
+    """A calibrated bench subject records its calibration runs at the size and steps the bench measures (the
+    VAE decoder calibrated on 10-step latents lost ~3 dB more on 4-step images than its own check predicted)."""
+    import diffship._isolate
+    from diffship.bench import plan
+    from diffship.bench.records import SubjectRecord
+    from diffship.bench.worker import Subject
+    from diffship.configs.bench_presets import from_mapping
+
+    seen = {}
+
+    def isolated(what, fn, *args):
+        seen.update(size=args[-2], steps=args[-1])
+        raise AssertionError("not exported here")
+
+    monkeypatch.setattr(diffship._isolate, "run_isolated", isolated)
+    settings = from_mapping({"backends": ["openvino"], "precisions": ["full-int8"], "sizes": ["96x64"],
+                             "steps": [3, 8]}, "test")
+    p = plan.Planned(Subject("openvino-full-int8", "openvino", "full-int8"),
+                     SubjectRecord("openvino-full-int8", "openvino", "full-int8"))
+    with pytest.raises(AssertionError, match="not exported here"):
+        plan.export_subject(p, settings, tmp_path, reuse=False)
+    assert seen == {"size": (96, 64), "steps": 3}

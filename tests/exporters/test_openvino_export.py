@@ -123,11 +123,11 @@ def test_bad_device_and_options_are_one_error(export_dir, tmp_path):
 def test_hybrid_int8_quantizes_unet_activations_on_calibration_data(tmp_path, optimum_layout):
     out = tmp_path / "hybrid"
     m = export_pipeline("tiny", out, backend="openvino", precision="hybrid-int8",
-                        components=["text_encoder", "unet", "vae_decoder"])
+                        components=["text_encoder", "unet", "vae_decoder"], calibration_steps=3)
     unet = m.components["unet"]
     assert unet.precision == "hybrid-int8" and unet.details.weights == "int8"
-    # 4 calibration prompts x (10 steps + PNDM's extra first step), one UNet call per step.
-    assert unet.details.activations == "int8, calibrated on 44 recorded calls"
+    # 4 calibration prompts x (3 steps, as asked, + PNDM's extra first step), one UNet call per step.
+    assert unet.details.activations == "int8, calibrated on 16 recorded calls"
     assert m.components["text_encoder"].details.activations is None  # weights only
     xml = (out / "unet" / "openvino_model.xml").read_text()
     assert xml.count('type="FakeQuantize"') > 0  # activation quantizers are in the graph

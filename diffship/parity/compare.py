@@ -12,6 +12,7 @@ Two checks, both from one seeded run of each pipeline:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -121,7 +122,9 @@ def generate_images(pipe: Any, settings: ParitySettings, task: str, init_image: 
     elif task == "inpaint":
         mask = Image.fromarray((center_mask(settings.height, settings.width) * 255).astype(np.uint8))
         kwargs.update(image=image, mask_image=mask)
-    return np.asarray(pipe(**kwargs).images)
+    # what the class does not take goes (FluxFillPipeline has no negative prompt); the same for both sides
+    taken = inspect.signature(pipe.__call__).parameters
+    return np.asarray(pipe(**{k: v for k, v in kwargs.items() if k in taken}).images)
 
 
 def check_parity(

@@ -242,13 +242,13 @@ class Family:
 
         A need is met by an exported component or a module the pipeline has (kept in torch by a
         ``--component`` export); the SDXL refiner has no first text encoder, so it cannot do
-        text-to-image. A UNet with more input than output channels takes the masked image as extra
-        channels: it is an inpainting model and can only inpaint.
+        text-to-image. A denoiser (UNet, Flux Fill's transformer) with more input than output channels takes
+        the masked image as extra channels: it is an inpainting model and can only inpaint.
         """
         tasks = [t for t in self.pipelines
                  if all(c in components or c in configs for c in self.task_needs.get(t, ()))]
-        unet = configs.get("unet", {})
-        if unet.get("in_channels", 0) > unet.get("out_channels", 0):
+        denoiser = configs.get("unet") or configs.get("transformer") or {}
+        if denoiser.get("in_channels", 0) > (denoiser.get("out_channels") or denoiser.get("in_channels", 0)):
             tasks = [t for t in tasks if t in self.extra_channel_tasks]
         return tasks
 
@@ -307,6 +307,13 @@ _CLIP = ("transformers", "CLIPTextModel")
 _UNET_VAE = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL")}
 _CLIP_PROJECTION = ("transformers", "CLIPTextModelWithProjection")
 
+#: what the Flux families share: their modules, specs and library classes.
+_FLUX_PARTS = dict(
+    modules={"text_encoder": _CLIP, "text_encoder_2": ("transformers", "T5EncoderModel"),
+             "transformer": ("diffusers", "FluxTransformer2DModel"), "vae": ("diffusers", "AutoencoderKL")},
+    specs=flux_specs, library={**_LIBRARY, "tokenizer_2": _TOKENIZER},
+)
+
 FAMILIES: tuple[Family, ...] = (
     Family(
         name="stable-diffusion",
@@ -352,17 +359,15 @@ FAMILIES: tuple[Family, ...] = (
         extra_channel_tasks=("inpaint",),
     ),
     # FLUX.1 dev and schnell (guidance-distilled: no classifier-free guidance batch), flow matching with
-    # the resolution-dependent shift. Fill (extra mask channels) and Kontext (reference-image tokens) are
-    # other pipeline classes: refused by family_of until they are families of their own.
-    Family(
-        name="flux",
-        pipelines={"text2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"},
-        modules={"text_encoder": _CLIP, "text_encoder_2": ("transformers", "T5EncoderModel"),
-                 "transformer": ("diffusers", "FluxTransformer2DModel"), "vae": ("diffusers", "AutoencoderKL")},
-        specs=flux_specs,
-        library={**_LIBRARY, "tokenizer_2": _TOKENIZER},
-        task_needs={"img2img": ("vae_encoder",), "inpaint": ("vae_encoder",)},
-    ),
+    # the resolution-dependent shift. Kontext (reference-image tokens) is another pipeline class: refused
+    # by family_of until it is a family of its own.
+    Family(name="flux", **_FLUX_PARTS,
+           pipelines={"text2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"},
+           task_needs={"img2img": ("vae_encoder",), "inpaint": ("vae_encoder",)}),
+    # FLUX.1 Fill: the same transformer export with the masked image's latents and the mask packed into
+    # extra input channels (384 in, 64 out for FLUX.1-Fill-dev): it only inpaints (and outpaints).
+    Family(name="flux-fill", **_FLUX_PARTS, pipelines={"inpaint": "FluxFillPipeline"},
+           task_needs={"inpaint": ("vae_encoder",)}, extra_channel_tasks=("inpaint",)),
 )
 
 

@@ -4,8 +4,9 @@
   BPE tokenizer (vocabulary bundled, see ``data/README.md``), a cross-attention
   ``UNet2DConditionModel``, an ``AutoencoderKL`` with the SD scale factor of 8 and SD 1.5's PNDM
   scheduler. Tests and the demo use it.
-* ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``: SDXL, SD3.5 and FLUX.1-dev at toy width (tiny-flux's T5
-  tokenizer is a Unigram model over single characters and CLIP's whole words, built offline).
+* ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-flux-fill``: SDXL, SD3.5, FLUX.1-dev and FLUX.1 Fill at
+  toy width (tiny-flux's T5 tokenizer is a Unigram model over single characters and CLIP's whole words,
+  built offline).
 * ``sd15-arch``, ``sdxl-arch``, ``sd3-arch``: the full Stable Diffusion 1.5, SDXL and SD3.5-medium
   architectures (SD 1.5: 860M-parameter UNet, CLIP ViT-L/14 text encoder, SD VAE) with seeded random
   weights, so benchmarks measure real compute without downloads.
@@ -20,7 +21,7 @@ import os
 
 import gzip
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,32 @@ _FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting
                        base_image_seq_len=256, max_image_seq_len=4096)
 _VIT_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
 
+# FLUX.1-dev at toy width: CLIP-L (pooled output), a T5 encoder, the Flux transformer (double- and
+# single-stream blocks, 3-axis RoPE, guidance embedding), the 16-channel VAE. Its VAE has two levels
+# (scale 2) and no mid-block attention: diffusers' Flux pipelines default to 128 latent pixels a side,
+# which this keeps at 256 px without a 16384-token attention.
+_TINY_FLUX = Recipe(
+    name="tiny-flux", version=1, pipeline="FluxPipeline", scheduler_class="FlowMatchEulerDiscreteScheduler",
+    scheduler=_FLUX_SCHEDULER,
+    text_encoder=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                      projection_dim=32, hidden_act="gelu"),
+    t5=dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True),
+    unet=None, transformer_class="FluxTransformer2DModel",
+    transformer=dict(patch_size=1, in_channels=64, out_channels=None, num_layers=1, num_single_layers=2,
+                     attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                     guidance_embeds=True, axes_dims_rope=(2, 2, 4)),
+    vae=dict(_FLUX_VAE, layers_per_block=1, sample_size=64, block_out_channels=(32, 32), mid_block_add_attention=False,
+             norm_num_groups=8,
+             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+)
+
+# FLUX.1-Fill-dev at the same toy width: its transformer takes the packed latents, the packed masked-image
+# latents and the packed mask (64 + 64 + 4 x 2 x 2 channels with tiny-flux's scale-2 VAE) and returns 64.
+_TINY_FLUX_FILL = replace(_TINY_FLUX, name="tiny-flux-fill", pipeline="FluxFillPipeline",
+                          transformer={**_TINY_FLUX.transformer, "in_channels": 144, "out_channels": 64})
+
+
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe(
         name="tiny", version=2,
@@ -238,25 +265,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                          pooled_projection_dim=64, pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,)),
         vae=dict(_SD3_VAE, layers_per_block=1, sample_size=64, block_out_channels=(32, 32, 64, 64)),
     ),
-    # FLUX.1-dev at toy width: CLIP-L (pooled output), a T5 encoder, the Flux transformer (double- and
-    # single-stream blocks, 3-axis RoPE, guidance embedding), the 16-channel VAE. Its VAE has two levels
-    # (scale 2) and no mid-block attention: diffusers' Flux pipelines default to 128 latent pixels a side,
-    # which this keeps at 256 px without a 16384-token attention.
-    Recipe(
-        name="tiny-flux", version=1, pipeline="FluxPipeline", scheduler_class="FlowMatchEulerDiscreteScheduler",
-        scheduler=_FLUX_SCHEDULER,
-        text_encoder=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                          projection_dim=32, hidden_act="gelu"),
-        t5=dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True),
-        unet=None, transformer_class="FluxTransformer2DModel",
-        transformer=dict(patch_size=1, in_channels=64, out_channels=None, num_layers=1, num_single_layers=2,
-                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                         guidance_embeds=True, axes_dims_rope=(2, 2, 4)),
-        vae=dict(_FLUX_VAE, layers_per_block=1, sample_size=64, block_out_channels=(32, 32), mid_block_add_attention=False,
-                 norm_num_groups=8,
-                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
-    ),
+    _TINY_FLUX,
+    _TINY_FLUX_FILL,
     # stabilityai/stable-diffusion-xl-base-1.0's configs: CLIP ViT-L and OpenCLIP bigG text towers, the
     # 2.6B-parameter UNet, the SDXL VAE.
     Recipe(

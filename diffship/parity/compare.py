@@ -116,12 +116,17 @@ def generate_images(pipe: Any, settings: ParitySettings, task: str, init_image: 
         num_images_per_prompt=batch, output_type="np", height=settings.height, width=settings.width,
     )
     image = Image.fromarray((init_image * 255).round().astype(np.uint8))
-    if task == "img2img":
+    # FLUX.1 Kontext's text-to-image takes a reference image (its only text2img class with an `image`), at the
+    # size given: it would resize the reference to ~1 MP and the output to max_area otherwise
+    kontext = dict(max_area=settings.height * settings.width, _auto_resize=False)
+    if task == "text2img":
+        kwargs.update(image=image, **kontext)
+    elif task == "img2img":
         kwargs.update(image=image, strength=settings.strength)
         del kwargs["height"], kwargs["width"]
     elif task == "inpaint":
         mask = Image.fromarray((center_mask(settings.height, settings.width) * 255).astype(np.uint8))
-        kwargs.update(image=image, mask_image=mask)
+        kwargs.update(image=image, mask_image=mask, **kontext)
     # what the class does not take goes (FluxFillPipeline has no negative prompt); the same for both sides
     taken = inspect.signature(pipe.__call__).parameters
     return np.asarray(pipe(**{k: v for k, v in kwargs.items() if k in taken}).images)

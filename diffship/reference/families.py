@@ -359,8 +359,7 @@ FAMILIES: tuple[Family, ...] = (
         extra_channel_tasks=("inpaint",),
     ),
     # FLUX.1 dev and schnell (guidance-distilled: no classifier-free guidance batch), flow matching with
-    # the resolution-dependent shift. Kontext (reference-image tokens) is another pipeline class: refused
-    # by family_of until it is a family of its own.
+    # the resolution-dependent shift.
     Family(name="flux", **_FLUX_PARTS,
            pipelines={"text2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"},
            task_needs={"img2img": ("vae_encoder",), "inpaint": ("vae_encoder",)}),
@@ -368,6 +367,12 @@ FAMILIES: tuple[Family, ...] = (
     # extra input channels (384 in, 64 out for FLUX.1-Fill-dev): it only inpaints (and outpaints).
     Family(name="flux-fill", **_FLUX_PARTS, pipelines={"inpaint": "FluxFillPipeline"},
            task_needs={"inpaint": ("vae_encoder",)}, extra_channel_tasks=("inpaint",)),
+    # FLUX.1 Kontext: the same transformer export; a reference image's packed latents follow the image tokens
+    # in ``image_sequence`` (their ids in ``img_ids``), so dynamic-shape exports take it as they are, and a
+    # fixed-shape export (Core ML, a TensorRT profile) takes requests without one.
+    Family(name="flux-kontext", **_FLUX_PARTS,
+           pipelines={"text2img": "FluxKontextPipeline", "inpaint": "FluxKontextInpaintPipeline"},
+           task_needs={"inpaint": ("vae_encoder",)}),
 )
 
 

@@ -4,8 +4,8 @@
   BPE tokenizer (vocabulary bundled, see ``data/README.md``), a cross-attention
   ``UNet2DConditionModel``, an ``AutoencoderKL`` with the SD scale factor of 8 and SD 1.5's PNDM
   scheduler. Tests and the demo use it.
-* ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-flux-fill``: SDXL, SD3.5, FLUX.1-dev and FLUX.1 Fill at
-  toy width (tiny-flux's T5 tokenizer is a Unigram model over single characters and CLIP's whole words,
+* ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-flux-fill``, ``tiny-flux-kontext``: SDXL, SD3.5,
+  FLUX.1-dev, FLUX.1 Fill and FLUX.1 Kontext at toy width (tiny-flux's T5 tokenizer is a Unigram model over single characters and CLIP's whole words,
   built offline).
 * ``sd15-arch``, ``sdxl-arch``, ``sd3-arch``: the full Stable Diffusion 1.5, SDXL and SD3.5-medium
   architectures (SD 1.5: 860M-parameter UNet, CLIP ViT-L/14 text encoder, SD VAE) with seeded random
@@ -205,6 +205,8 @@ _TINY_FLUX = Recipe(
 # latents and the packed mask (64 + 64 + 4 x 2 x 2 channels with tiny-flux's scale-2 VAE) and returns 64.
 _TINY_FLUX_FILL = replace(_TINY_FLUX, name="tiny-flux-fill", pipeline="FluxFillPipeline",
                           transformer={**_TINY_FLUX.transformer, "in_channels": 144, "out_channels": 64})
+# FLUX.1 Kontext-dev's architecture is FLUX.1-dev's: only the pipeline class differs.
+_TINY_FLUX_KONTEXT = replace(_TINY_FLUX, name="tiny-flux-kontext", pipeline="FluxKontextPipeline")
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
@@ -267,6 +269,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     ),
     _TINY_FLUX,
     _TINY_FLUX_FILL,
+    _TINY_FLUX_KONTEXT,
     # stabilityai/stable-diffusion-xl-base-1.0's configs: CLIP ViT-L and OpenCLIP bigG text towers, the
     # 2.6B-parameter UNet, the SDXL VAE.
     Recipe(

@@ -108,31 +108,6 @@ def test_export_and_parity_cli(backend, tmp_path, cli_export):
                components={"text_encoder", "text_encoder_2", "transformer", "vae_encoder", "vae_decoder"})
 
 
-@pytest.mark.parametrize("backend", CLI_BACKENDS)
-def test_flux_fill_transformer_exports_and_inpaints(backend, tmp_path):
-    """FLUX.1 Fill (family ``flux-fill``): the same transformer spec with the masked image and mask packed into
-    extra input channels (144 in, 64 out at tiny width): it exports to every backend and inpaints."""
-    import json
-
-    from diffship import backends
-    from diffship.reference import load
-    from diffship.reference.families import family_of
-
-    if backend not in backends.installed():
-        pytest.skip(f"the {backend} extra is not installed")
-    pipe = load("tiny-flux-fill")
-    assert type(pipe).__name__ == "FluxFillPipeline" and pipe.transformer.config.in_channels == 144
-    assert family_of("FluxFillPipeline").tasks_for({"vae_encoder"}, {"transformer": dict(pipe.transformer.config)}) == ["inpaint"]
-    out, report = tmp_path / "fill", tmp_path / "report"
-    assert main(["export", "tiny-flux-fill", str(out), "--backend", backend]) == 0
-    assert json.loads((out / "diffship.json").read_text())["tasks"] == ["inpaint"]
-    assert main(["parity", "tiny-flux-fill", str(out), "--steps", "2", "--report", str(report)]) == 0
-    result = json.loads((report / "report.json").read_text())
-    assert {c["component"] for c in result["components"]} == {"text_encoder", "text_encoder_2", "transformer",
-                                                              "vae_encoder", "vae_decoder"}
-    assert [i["task"] for i in result["images"]] == ["inpaint"] and result["images"][0]["metrics"]["psnr"] >= 60
-
-
 def test_a_static_size_whose_attention_cannot_fit_is_refused_before_exporting(tmp_path, capsys):
     # 4096 x 4096 px: 2048^2 latent pixels, 1024^2 image tokens + 512 text tokens, two heads: ~8.8 TB of scores
     assert main(["export", "tiny-flux", str(tmp_path / "out"), "--static", "4096x4096"]) == 2

@@ -5,8 +5,8 @@
   ``UNet2DConditionModel``, an ``AutoencoderKL`` with the SD scale factor of 8 and SD 1.5's PNDM
   scheduler. Tests and the demo use it.
 * ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-flux-fill``, ``tiny-flux-kontext``: SDXL, SD3.5,
-  FLUX.1-dev, FLUX.1 Fill and FLUX.1 Kontext at toy width (tiny-flux's T5 tokenizer is a Unigram model over single characters and CLIP's whole words,
-  built offline).
+  FLUX.1-dev, FLUX.1 Fill and FLUX.1 Kontext at toy width (tiny-flux's T5 tokenizer is a Unigram model
+  over single characters and CLIP's whole words, built offline).
 * ``sd15-arch``, ``sdxl-arch``, ``sd3-arch``: the full Stable Diffusion 1.5, SDXL and SD3.5-medium
   architectures (SD 1.5: 860M-parameter UNet, CLIP ViT-L/14 text encoder, SD VAE) with seeded random
   weights, so benchmarks measure real compute without downloads.

@@ -11,12 +11,12 @@ import torch
 
 from diffship.reference.specs import ComponentSpec
 
-#: prompts for calibration runs: varied subjects and styles, short and long.
 #: denoising steps of each calibration run by default. Fewer steps leave the final latents noisier (the VAE
 #: decoder then sees another range): calibrate at the steps the pipeline will run where known
 #: (``--calibration-steps``; bench and tune pass theirs).
 CALIBRATION_STEPS = 10
 
+#: prompts for calibration runs: varied subjects and styles, short and long.
 CALIBRATION_PROMPTS = (
     "a photograph of an astronaut riding a horse",
     "a watercolor painting of a lighthouse at dawn, soft light",

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffship import backends
 from diffship.backends.manifest import Manifest, read_manifest
 from diffship.configs import between, load_tolerances
 from diffship.errors import DiffshipError
@@ -107,7 +108,10 @@ def center_mask(height: int, width: int) -> np.ndarray:
     return mask
 
 
-def generate_images(pipe: Any, settings: ParitySettings, task: str, init_image: np.ndarray, batch: int) -> np.ndarray:
+def generate_images(pipe: Any, settings: ParitySettings, task: str, init_image: np.ndarray, batch: int,
+                    reference: bool = True) -> np.ndarray:
+    """One request of ``task`` (its init image ``init_image``) through ``pipe``; ``reference``: a pipeline that
+    takes a reference image for text-to-image (FLUX.1 Kontext) gets one (its tokens need a dynamic-shape export)."""
     from PIL import Image
 
     kwargs: dict[str, Any] = dict(
@@ -119,8 +123,10 @@ def generate_images(pipe: Any, settings: ParitySettings, task: str, init_image: 
     # FLUX.1 Kontext's text-to-image takes a reference image (its only text2img class with an `image`), at the
     # size given: it would resize the reference to ~1 MP and the output to max_area otherwise
     kontext = dict(max_area=settings.height * settings.width, _auto_resize=False)
-    if task == "text2img":
+    if task == "text2img" and reference:
         kwargs.update(image=image, **kontext)
+    elif task == "text2img":
+        kwargs.update(kontext)
     elif task == "img2img":
         kwargs.update(image=image, strength=settings.strength)
         del kwargs["height"], kwargs["width"]
@@ -196,6 +202,9 @@ def check_parity(
         family = family_of(manifest.pipeline_class)
         specs = [s for s in specs_for_pipeline(eager) if all(s.name in o.manifest.components for o in opened)]
         tasks = [t for t in settings.tasks if all(t in o.manifest.tasks for o in opened)]
+        # fixed-shape exports take no reference-image tokens beside the image's (Kontext)
+        reference_image = not any(o.manifest.shapes.static or backends.get(o.manifest.backend).fixed_shapes
+                                  for o in opened)
 
         images: list[ImageResult] = []
         init_image = synthetic_image(settings.height, settings.width)
@@ -209,10 +218,10 @@ def check_parity(
                         for p in (eager, *(o.pipeline for o in reversed(opened)))]
                 for p in pair:
                     p.set_progress_bar_config(disable=True)
-                want = generate_images(pair[0], settings, task, init_image, batch)  # records the calls
+                want = generate_images(pair[0], settings, task, init_image, batch, reference_image)  # records the calls
                 if against is not None:
-                    want = generate_images(pair[1], settings, task, init_image, batch)
-                got = generate_images(pair[-1], settings, task, init_image, batch)
+                    want = generate_images(pair[1], settings, task, init_image, batch, reference_image)
+                got = generate_images(pair[-1], settings, task, init_image, batch, reference_image)
                 images += [ImageResult.evaluate(task, i, e, g, tolerance.image) for i, (e, g) in enumerate(zip(want, got))]
                 if task == "text2img":
                     init_image = want[0]

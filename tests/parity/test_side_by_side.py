@@ -66,3 +66,35 @@ def test_reduced_weights_computed_in_bf16_are_judged_by_both_tolerances():
     assert both.image.psnr_min < alone.image.psnr_min and both.component.max_abs > alone.component.max_abs
     assert judged_by(loaded("fp32", "bf16")).precision == "bf16"  # fp32 weights: the compute's own
     assert judged_by(loaded("int8", None)).precision == "int8"
+
+
+def test_requests_pass_what_each_pipeline_class_takes():
+    """One parity request for every class: arguments a class does not take are dropped (FluxFillPipeline has
+    no negative prompt), and FLUX.1 Kontext's text-to-image gets the reference image at the requested size
+    unless the export has fixed shapes (its tokens follow the image's: a fixed-shape export cannot take them)."""
+    import numpy as np
+
+    from diffship.parity.compare import ParitySettings, generate_images
+
+    class Kontext:
+        def __call__(self, prompt, image=None, height=None, width=None, max_area=None, _auto_resize=True, **kwargs):
+            self.got = dict(prompt=prompt, image=image, height=height, width=width, max_area=max_area,
+                            _auto_resize=_auto_resize, **kwargs)
+            return type("Out", (), {"images": np.zeros((1, 8, 8, 3))})()
+
+    class Fill:
+        def __call__(self, prompt, image, mask_image, height=None, width=None, num_inference_steps=2, generator=None,
+                     guidance_scale=1.0, num_images_per_prompt=1, output_type="np"):
+            self.got = dict(image=image, mask_image=mask_image)
+            return type("Out", (), {"images": np.zeros((1, 8, 8, 3))})()
+
+    settings = ParitySettings(height=64, width=96, steps=2)
+    init = np.zeros((64, 96, 3))
+    pipe = Kontext()
+    generate_images(pipe, settings, "text2img", init, 1)
+    assert pipe.got["image"].size == (96, 64) and pipe.got["max_area"] == 64 * 96 and not pipe.got["_auto_resize"]
+    generate_images(pipe, settings, "text2img", init, 1, reference=False)
+    assert pipe.got["image"] is None and (pipe.got["height"], pipe.got["width"]) == (64, 96)
+    fill = Fill()
+    generate_images(fill, settings, "inpaint", init, 1)  # no negative_prompt, max_area...: a TypeError if passed
+    assert fill.got["mask_image"].size == (96, 64)

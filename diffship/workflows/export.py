@@ -22,7 +22,7 @@ from diffship import backends
 from diffship._files import atomic_folder, check_destination
 from diffship.backends import Backend
 from diffship.backends.manifest import ComponentEntry, Manifest, Shapes, library_versions
-from diffship.backends.quantized import FULL_INT8
+from diffship.backends.quantized import FULL_INT8, kept_groups, quantizes
 from diffship.errors import DiffshipError, ShapeError
 from diffship.exporters.base import ExportOptions
 from diffship.progress import Progress, silent, watch_folder
@@ -281,11 +281,14 @@ def export_pipeline(
                             metadata={"source": info.name, "source_fingerprint": info.fingerprint,
                                       "diffship_version": __version__, "pipeline_class": type(pipe).__name__})
     calibration = {}
-    if precision in record.calibrated:
+    # the denoiser's calls; with full-int8, the VAE decoder's too unless -o keep_float keeps it float (its
+    # calls are decodes): no eager run where no exported component needs them
+    keep = kept_groups(getattr(parsed, "keep_float", "auto"))
+    recorded = [s for s in specs if s.denoiser or (precision == FULL_INT8 and quantizes(s, keep))]
+    if precision in record.calibrated and recorded:
         from diffship.reference.recording import calibration_inputs
 
         size = calibration_size or _calibration_size(profile, record.calibration_side, multiple)
-        recorded = [s for s in specs if s.denoiser or (precision == FULL_INT8 and s.int8_activations)]
         calibration = calibration_inputs(pipe, recorded, progress=say, size=size,
                                          **({"steps": calibration_steps} if calibration_steps else {}))
     entries: dict[str, ComponentEntry] = {}

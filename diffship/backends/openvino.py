@@ -15,13 +15,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from diffship.backends.base import Backend, Details
-from diffship.backends.quantized import FULL_INT8, keep_float_option
+from diffship.backends.quantized import FULL_INT8, GROUPS, keep_float_option, normalize_groups
 from diffship.configs.fields import option
 
 MODEL_FILE = "openvino_model.xml"
 #: OpenVINO's CPU plugin computes in bf16 on CPUs that have it (max error ~3e-2 on the UNet); parity
 #: and the default pipeline ask for f32. ``inference_precision="bf16"`` is the speed mode.
 DEFAULT_PRECISION = "f32"
+
+
+def normalize_f32_groups(value: Any) -> str:
+    """``-o f32_groups=`` as ``none`` or a comma list of :data:`GROUPS`."""
+    return normalize_groups(value, "f32_groups", GROUPS, ("none",))
 
 
 @dataclass(frozen=True)
@@ -33,9 +38,13 @@ class OpenVINOExportOptions:
             ``auto`` (measured: those whose quantization costs the most PSNR; the decoder stays float
             where its outputs fall under 40 dB), ``none``, or a comma list of ``ends``, ``time-embedding``,
             ``attention-scores`` and ``vae-decoder`` (the whole decoder).
+        f32_groups: layer groups (``ends``, ``time-embedding``, ``attention-scores``; default ``none``) whose
+            convolutions and matrix products keep computing in f32 where the runtime computes in bf16
+            (``inference_precision=bf16``): the IR marks them precise, which OpenVINO's CPU plugin honours.
     """
 
     keep_float: str = keep_float_option()
+    f32_groups: str = option("none", normalize=normalize_f32_groups)
 
 
 @dataclass(frozen=True)
@@ -67,11 +76,13 @@ class OpenVINODetails(Details):
         weights: the weight format (``fp32``, ``fp16``, ``int8``, ``int4``).
         activations: how activations are quantized (hybrid int8's denoiser), or None (float).
         int4: for 4-bit weights, how many weights NNCF made 4-bit and how many it kept 8-bit.
+        f32_nodes: the nodes marked to compute f32 under bf16 inference (``-o f32_groups``), or None.
     """
 
     weights: str
     activations: str | None = None
     int4: str | None = None
+    f32_nodes: str | None = None
 
 
 OPENVINO = Backend(

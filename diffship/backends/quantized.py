@@ -26,22 +26,28 @@ GROUPS = ("ends", "time-embedding", "attention-scores")
 KEEP_FLOAT = (*GROUPS, DECODER)
 
 
-def normalize_keep_float(value: Any) -> str:
-    """``-o keep_float=`` as ``auto`` (measure), ``none`` (quantize every group) or a comma list of
-    :data:`KEEP_FLOAT`, in that order.
+def normalize_groups(value: Any, name: str, allowed: tuple[str, ...], words: tuple[str, ...]) -> str:
+    """An option naming layer groups (``-o NAME=``) as one of ``words`` (``auto``, ``none``) or a comma list
+    of ``allowed``, in that order.
 
     Raises:
-        OptionError: an unknown group, or ``auto``/``none`` mixed with groups.
+        OptionError: an unknown group, or a word mixed with groups.
     """
     names = comma_list(value)
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise OptionError(f"keep_float must be auto, none or a comma list of: {', '.join(KEEP_FLOAT)}; got {value!r}")
-    if names in (["auto"], ["none"]):
+        raise OptionError(f"{name} must be {', '.join(words)} or a comma list of: {', '.join(allowed)}; got {value!r}")
+    if len(names) == 1 and names[0] in words:
         return names[0]
-    if unknown := [n for n in names if n not in KEEP_FLOAT]:
-        raise OptionError(f"unknown keep_float group(s) {', '.join(unknown)}; choose auto, none or from: "
-                          f"{', '.join(KEEP_FLOAT)}")
-    return ",".join(g for g in KEEP_FLOAT if g in names) or "none"
+    if unknown := [n for n in names if n not in allowed]:
+        raise OptionError(f"unknown {name} group(s) {', '.join(unknown)}; choose {', '.join(words)} or from: "
+                          f"{', '.join(allowed)}")
+    return ",".join(g for g in allowed if g in names) or "none"
+
+
+def normalize_keep_float(value: Any) -> str:
+    """``-o keep_float=`` as ``auto`` (measure), ``none`` (quantize every group) or a comma list of
+    :data:`KEEP_FLOAT` (see :func:`normalize_groups`)."""
+    return normalize_groups(value, "keep_float", KEEP_FLOAT, ("auto", "none"))
 
 
 def kept_groups(value: str) -> tuple[str, ...] | None:

@@ -112,6 +112,9 @@ def _finish(spec: ComponentSpec, model, out_dir: Path, options: ExportOptions, i
         model, details.int4 = weights.compress_int4(model, precise)
     elif precision == "fp16":
         weights.compress_fp16(model, precise)
+    f32 = kept_groups((options.backend or OpenVINOExportOptions()).f32_groups)
+    if f32:
+        details.f32_nodes = weights.keep_f32(model, f32)
     with writing(spec, out_dir):
         ov.save_model(model, out_dir / MODEL_FILE, compress_to_fp16=False)  # fp16: compressed above, all but `precise`
     return ComponentEntry(component=spec.name, source=spec.source, files=component_files(out_dir),

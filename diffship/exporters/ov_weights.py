@@ -37,6 +37,24 @@ def precise_nodes(model) -> set[str]:
                     lambda node: node.get_friendly_name(), sources)
 
 
+def keep_f32(model, groups: tuple[str, ...]) -> str:
+    """Mark the convolutions and matrix products of the layer ``groups`` (and the softmax of
+    ``attention-scores``) to compute in f32 where the runtime computes in bf16 or f16; returns what was marked.
+
+    OpenVINO's CPU plugin leaves nodes whose precision conversion is disabled at their own precision when it
+    lowers the rest to ``INFERENCE_PRECISION_HINT``. The legacy ``precise_0`` mark (what
+    ``disable_fp16_compression`` sets) becomes that attribute when the IR is saved; compiled from memory
+    without saving, it is ignored (OpenVINO 2026.4). Saved exports are what runs, so the mark is what holds.
+    """
+    from diffship.exporters.quantization import group_of
+
+    marked = {n.name for n in quant_nodes(model) if group_of(n) in groups}
+    for op in model.get_ops():
+        if op.get_friendly_name() in marked:
+            op.get_rt_info()["precise_0"] = ""
+    return f"{len(marked)} nodes of {', '.join(groups)} compute f32 under bf16 inference"
+
+
 def compress_fp16(model, precise: set[str]) -> None:
     """Store the float32 constants with more than one element as fp16 (decompressed to f32 on load, as
     ``save_model(compress_to_fp16=True)`` stores them), except the ``precise`` ones; scalars stay exact."""

@@ -75,6 +75,30 @@ def test_bf16_speed_mode_is_judged_by_its_own_tolerance(export_dir):
     assert report.passed, report.failures()
 
 
+def test_f32_groups_keep_their_nodes_f32_under_bf16_inference(tmp_path):
+    """``-o f32_groups``: the named layer groups' convolutions and matrix products are marked precise in the IR,
+    and OpenVINO's CPU plugin computes them in f32 while the rest runs bf16 (where the CPU has bf16)."""
+    import openvino as ov
+
+    from diffship.bench.machine import bf16_native
+    from diffship.errors import OptionError
+
+    out = tmp_path / "marked"
+    m = export_pipeline("tiny", out, backend="openvino", components=["unet"], backend_options={"f32_groups": "ends"})
+    assert m.components["unet"].details.f32_nodes == "2 nodes of ends compute f32 under bf16 inference"  # conv_in, conv_out
+    with pytest.raises(OptionError, match="unknown f32_groups group"):
+        export_pipeline("tiny", tmp_path / "bad", backend="openvino", backend_options={"f32_groups": "vae-decoder"})
+    if not bf16_native():
+        pytest.skip("this CPU has no native bf16: OpenVINO computes f32 throughout, marked or not")
+    compiled = ov.Core().compile_model(ov.Core().read_model(out / "unet" / "openvino_model.xml"), "CPU",
+                                       {"INFERENCE_PRECISION_HINT": "bf16"})
+    convs = {op.get_friendly_name(): op.get_rt_info()["runtimePrecision"].astype(str)
+             for op in compiled.get_runtime_model().get_ops() if op.get_rt_info()["layerType"].astype(str) == "Convolution"}
+    ends = {name: p for name, p in convs.items() if "conv_in" in name or "conv_out" in name}
+    assert len(ends) == 2 and set(ends.values()) == {"f32"}
+    assert "bf16" in {p for name, p in convs.items() if name not in ends}  # the rest lowered as asked
+
+
 def test_static_shapes_compile_once_per_shape(export_dir):
     loaded = open_export(export_dir("openvino"))
     pipe, unet = loaded.pipeline, loaded.runners["unet"]

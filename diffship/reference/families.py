@@ -227,6 +227,8 @@ class Family:
             nothing else named in an export's ``model_index.json`` is ever imported.
         task_needs: components (or pipeline modules) a task needs beyond the others (an export may omit them).
         extra_channel_tasks: the only tasks of a UNet that takes extra (mask) input channels.
+        dynamic_tasks: tasks whose requests add reference-image tokens beside the image's (FLUX.1 Kontext's
+            inpainting uses the image itself as its reference): a fixed-shape export cannot run them.
     """
 
     name: str
@@ -236,20 +238,24 @@ class Family:
     library: dict[str, tuple[str, str]] = field(default_factory=dict)
     task_needs: dict[str, tuple[str, ...]] = field(default_factory=dict)
     extra_channel_tasks: tuple[str, ...] = ()
+    dynamic_tasks: tuple[str, ...] = ()
 
-    def tasks_for(self, components: Any, configs: dict[str, dict[str, Any]]) -> list[str]:
+    def tasks_for(self, components: Any, configs: dict[str, dict[str, Any]], fixed_shapes: bool = False) -> list[str]:
         """The tasks an export holding ``components`` of a pipeline with ``configs`` can run.
 
         A need is met by an exported component or a module the pipeline has (kept in torch by a
         ``--component`` export); the SDXL refiner has no first text encoder, so it cannot do
         text-to-image. A denoiser (UNet, Flux Fill's transformer) with more input than output channels takes
-        the masked image as extra channels: it is an inpainting model and can only inpaint.
+        the masked image as extra channels: it is an inpainting model and can only inpaint. An export
+        with ``fixed_shapes`` runs none of the ``dynamic_tasks``.
         """
         tasks = [t for t in self.pipelines
                  if all(c in components or c in configs for c in self.task_needs.get(t, ()))]
         denoiser = configs.get("unet") or configs.get("transformer") or {}
         if denoiser.get("in_channels", 0) > (denoiser.get("out_channels") or denoiser.get("in_channels", 0)):
             tasks = [t for t in tasks if t in self.extra_channel_tasks]
+        if fixed_shapes:
+            tasks = [t for t in tasks if t not in self.dynamic_tasks]
         return tasks
 
     def component_class(self, name: str, entry: Any) -> type:
@@ -369,10 +375,11 @@ FAMILIES: tuple[Family, ...] = (
            task_needs={"inpaint": ("vae_encoder",)}, extra_channel_tasks=("inpaint",)),
     # FLUX.1 Kontext: the same transformer export; a reference image's packed latents follow the image tokens
     # in ``image_sequence`` (their ids in ``img_ids``), so dynamic-shape exports take it as they are, and a
-    # fixed-shape export (Core ML, a TensorRT profile) takes requests without one.
+    # fixed-shape export (Core ML, --static) takes text-to-image requests without one, and no inpainting (whose
+    # reference is the image itself).
     Family(name="flux-kontext", **_FLUX_PARTS,
            pipelines={"text2img": "FluxKontextPipeline", "inpaint": "FluxKontextInpaintPipeline"},
-           task_needs={"inpaint": ("vae_encoder",)}),
+           task_needs={"inpaint": ("vae_encoder",)}, dynamic_tasks=("inpaint",)),
 )
 
 

@@ -307,7 +307,7 @@ def export_pipeline(
                              Path(info.path) if streaming else None)
         manifest = Manifest(
             backend=backend, precision=precision, family=family.name, pipeline_class=type(pipe).__name__,
-            tasks=family.tasks_for(entries, configs), source=info,
+            tasks=family.tasks_for(entries, configs, static is not None or record.fixed_shapes), source=info,
             shapes=Shapes(static=static is not None, profile=profile), components=entries,
             versions=library_versions(record.versions()), runtime=record.runtime_settings(runtime),
         ).write(tmp)

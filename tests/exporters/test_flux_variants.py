@@ -44,8 +44,13 @@ def test_flux_kontext_takes_a_reference_image(backend, tmp_path):
     inpainting); the exported pipeline then matches eager diffusers with and without one."""
     from diffship import backends
     from diffship.reference import load
+    from diffship.reference.families import family_of
     from diffship.runtimes.pipeline import load_pipeline
 
+    # Kontext's inpainting takes the image itself as its reference: a fixed-shape export (Core ML) leaves it out
+    kontext = family_of("FluxKontextPipeline")
+    assert kontext.tasks_for({"vae_encoder"}, {}, fixed_shapes=True) == ["text2img"]
+    assert kontext.tasks_for({"vae_encoder"}, {}) == ["text2img", "inpaint"]
     if backend not in backends.installed():
         pytest.skip(f"the {backend} extra is not installed")
     out, report = tmp_path / "kontext", tmp_path / "report"

@@ -125,7 +125,7 @@ def test_generate_writes_images(cli_export, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["export", "/no/such/folder", "OUT"], "/no/such/folder: no such file or folder, and not a built-in preset (tiny, sd15-arch, tiny-sdxl, tiny-sd3, tiny-flux, sdxl-arch, sd3-arch, flux-arch)"),
+    (["export", "/no/such/folder", "OUT"], "/no/such/folder: no such file or folder, and not a built-in preset (tiny, sd15-arch, tiny-sdxl, tiny-sd3, tiny-flux, tiny-flux-fill, tiny-flux-kontext, sdxl-arch, sd3-arch, flux-arch)"),
     (["export", "tiny", "OUT", "--backend", "nope"], "unknown backend 'nope'; choose one of:"),
     (["export", "tiny", "OUT", "--static", "100x64"], "height 100 is not a positive multiple of 8"),
     (["export", "tiny", "OUT", "--precision", "int3"], "unknown precision 'int3'"),
@@ -151,11 +151,11 @@ def test_not_a_diffusers_folder(tmp_path, capsys):
 def test_unsupported_pipeline_class_names_supported_ones(tmp_path, capsys):
     src = tmp_path / "flux"
     src.mkdir()
-    (src / "model_index.json").write_text(json.dumps({"_class_name": "FluxFillPipeline"}))
+    (src / "model_index.json").write_text(json.dumps({"_class_name": "FluxControlPipeline"}))
     code, _, err = run(capsys, "export", src, tmp_path / "out")
     assert code == 2
     line = one_error_line(err)
-    assert "'FluxFillPipeline' is not supported" in line and "StableDiffusionPipeline" in line
+    assert "'FluxControlPipeline' is not supported" in line and "StableDiffusionPipeline" in line
 
 
 def test_pickle_weights_need_the_flag(tmp_path, tiny_dir, capsys):

@@ -55,7 +55,7 @@ def test_tiny_flux_specs(flux_pipe):
     configs = pipeline_configs(flux_pipe)
     schnell = {**configs, "transformer": {**configs["transformer"], "guidance_embeds": False}}
     assert "guidance" not in family_of("FluxPipeline").specs(schnell)[2].input_names
-    for other in ("FluxFillPipeline", "FluxKontextPipeline"):
+    for other in ("FluxControlPipeline", "Flux2Pipeline"):
         with pytest.raises(UnsupportedPipelineError, match=f"{other}' is not supported; diffship exports: .*FluxPipeline"):
             family_of(other)
 

@@ -79,7 +79,7 @@ def test_load_errors(tmp_path):
         load(tmp_path / "empty")
     bad = tmp_path / "flux"
     bad.mkdir()
-    (bad / "model_index.json").write_text(json.dumps({"_class_name": "FluxFillPipeline"}))
+    (bad / "model_index.json").write_text(json.dumps({"_class_name": "FluxControlPipeline"}))
     with pytest.raises(UnsupportedPipelineError, match="StableDiffusionPipeline, StableDiffusionImg2ImgPipeline"):
         load(bad)
     (tmp_path / "broken").mkdir()

@@ -52,7 +52,7 @@ def keep_f32(model, groups: tuple[str, ...]) -> str:
     for op in model.get_ops():
         if op.get_friendly_name() in marked:
             op.get_rt_info()["precise_0"] = ""
-    return f"{len(marked)} nodes of {', '.join(groups)} compute f32 under bf16 inference"
+    return f"{len(marked)} node{'' if len(marked) == 1 else 's'} of {', '.join(groups)} compute f32 under bf16 inference"
 
 
 def compress_fp16(model, precise: set[str]) -> None:

@@ -286,11 +286,11 @@ def export_pipeline(
     keep = kept_groups(getattr(parsed, "keep_float", "auto"))
     recorded = [s for s in specs if s.denoiser or (precision == FULL_INT8 and quantizes(s, keep))]
     if precision in record.calibrated and recorded:
-        from diffship.reference.recording import calibration_inputs
+        from diffship.reference.recording import CALIBRATION_STEPS, calibration_inputs
 
         size = calibration_size or _calibration_size(profile, record.calibration_side, multiple)
-        calibration = calibration_inputs(pipe, recorded, progress=say, size=size,
-                                         **({"steps": calibration_steps} if calibration_steps else {}))
+        calibration = calibration_inputs(pipe, recorded, steps=calibration_steps or CALIBRATION_STEPS,
+                                         progress=say, size=size)
     entries: dict[str, ComponentEntry] = {}
     with atomic_folder(out, overwrite=overwrite, replaceable=is_export, what="diffship export") as tmp:
         for spec in specs:
@@ -346,7 +346,8 @@ def _calibration_size(profile: ShapeProfile, side: int | None, multiple: int) ->
 
 def _check_static(profile: ShapeProfile, specs: list[ComponentSpec], multiple: int) -> None:
     """Refuse a static size the exported graphs could never run at: not a multiple of what the UNet
-    takes, over what a model takes (SD3's positional embedding), or one whose largest single tensor exceeds this machine's available memory."""
+    takes, over what a model takes (SD3's positional embedding), or one whose largest single tensor exceeds
+    this machine's available memory."""
     profile.validate(multiple)
     for spec in specs:
         spec.check_dims(spec.dims(profile))

@@ -17,7 +17,7 @@ from rich.table import Table
 from diffship.cli import app
 from diffship.backends.base import describe_settings
 from diffship.cli._common import out, parse_size, runtime_options, steps
-from diffship.errors import ParityFailure
+from diffship.errors import DiffshipError, ParityFailure
 
 
 @app.command()
@@ -40,9 +40,14 @@ def parity(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Runtime threads."),
     option: Optional[list[str]] = typer.Option(None, "--option", "-o", metavar="KEY=VALUE",
                                                help="Backend-specific runtime option (repeatable; JSON values)."),
+    component: Optional[str] = typer.Option(None, "--component", metavar="NAME",
+                                            help="Check only NAME, on one call of seeded inputs, eager reading its "
+                                                 "weights layer by layer (for models larger than memory)."),
 ) -> None:
     """Compare an export with eager PyTorch: every component on recorded inputs, and the final images."""
     options = runtime_options(device, threads, option)
+    if component and other is not None:
+        raise DiffshipError("--component compares one export with eager PyTorch; give one export, not OTHER")
     runs = [("", exported, None)] if other is None else [("a", exported, None), ("b", other, None),
                                                           ("b-vs-a", other, exported)]
     failed = []
@@ -50,7 +55,7 @@ def parity(
         result = run_parity(source, folder, reference=reference, steps_=steps_, prompt=prompt, seed=seed,
                             scheduler=scheduler, size=size, junit=_labelled(junit, label, file=True),
                             report=_labelled(report, label), tolerances=tolerances, config=config,
-                            allow_pickle=allow_pickle, options=options)
+                            allow_pickle=allow_pickle, options=options, component=component)
         failed += [f"{label + ': ' if label else ''}{f}" for f in result.failures()]
     if failed:
         raise ParityFailure(f"parity failed: {len(failed)} check(s) outside tolerance, first: {failed[0]}")
@@ -64,8 +69,10 @@ def _labelled(path: Optional[Path], label: str, file: bool = False) -> Optional[
 
 
 def run_parity(source, exported, *, reference=None, steps_=10, prompt=None, seed=0, scheduler=None, size=None,
-               junit=None, report=None, tolerances=None, config=None, allow_pickle=False, options=None):
-    """Run the checks, print the summary and write the requested reports (shared with ``demo``)."""
+               junit=None, report=None, tolerances=None, config=None, allow_pickle=False, options=None,
+               component=None):
+    """Run the checks (of one ``component`` on one call, where given), print the summary and write the
+    requested reports (shared with ``demo``)."""
     from dataclasses import replace
 
     from diffship._files import check_writable
@@ -84,9 +91,15 @@ def run_parity(source, exported, *, reference=None, steps_=10, prompt=None, seed
     if hw := parse_size(size):
         settings = replace(settings, height=hw[0], width=hw[1])
     with steps(f"parity {exported}") as say:
-        result = check_parity(source, exported, reference=reference, settings=settings, tolerances_file=tolerances,
-                              config=config,
-                              allow_pickle=allow_pickle, runtime_options=options, progress=say)
+        if component:
+            from diffship.parity.one_call import check_one_call
+
+            hw = parse_size(size) or (None, None)
+            result = check_one_call(source, exported, component, height=hw[0], width=hw[1], seed=seed,
+                                    tolerances_file=tolerances, runtime_options=options, progress=say)
+        else:
+            result = check_parity(source, exported, reference=reference, settings=settings, tolerances_file=tolerances,
+                                  config=config, allow_pickle=allow_pickle, runtime_options=options, progress=say)
     print_summary(result)
     if report:
         paths = write_report(result, report)

@@ -12,8 +12,9 @@ activations (their integer kernels run), the layer groups that cost the most PSN
 components 8-bit weights. ``int4``: the denoiser and T5 get group-wise 4-bit weights on their matrix products (NNCF; convolutions, embeddings and the last layer stay 8-bit, as NNCF keeps them); CLIP and the VAE get
 8-bit weights (measured on tiny: 4-bit CLIP falls to cosine 0.977, below the int8 bar).
 
-A streamed export (``options.weights``) reads the component's weights into memory here, one component at
-a time: OpenVINO's converters take a module that holds them.
+A streamed export (``options.weights``) at fp32, fp16 or int8 writes the IR's weights one at a time
+(:mod:`diffship.exporters.ov_stream`); at int4 (NNCF's group-wise choice needs the whole model) it reads
+the component into memory, one component at a time.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from diffship.backends.manifest import ComponentEntry
 from diffship.backends.openvino import MODEL_FILE, OPENVINO, OpenVINODetails, OpenVINOExportOptions
 from diffship.backends.quantized import FULL_INT8, floor_for, kept_groups, quantizes
 from diffship.errors import ExportError, first_line
-from diffship.exporters import ov_weights as weights
+from diffship.exporters import ov_stream, ov_weights as weights
 from diffship.exporters.base import ExportOptions, component_files, io_description, quiet_export, writing
 from diffship.exporters.quantization import recorded
 from diffship.reference.shapes import ShapeProfile
@@ -38,6 +39,8 @@ from diffship.reference.specs import ComponentSpec
 from diffship.reference.weights import copied_bytes, materialized
 
 log = logging.getLogger(__name__)
+#: the precisions a streamed export writes weight by weight (the others read the component into memory)
+STREAMED = ("fp32", "fp16", "int8")
 
 
 def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions) -> ComponentEntry:
@@ -50,8 +53,17 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     OPENVINO.require()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    inputs, outputs = io_description(spec, options)
+    inputs, outputs = (tuple(replace(d, dtype="float32") if d.dtype == "float16" else d for d in io)
+                       for io in (inputs, outputs))
+    if options.weights is not None and options.precision in STREAMED:
+        fed, placeholders, names = ov_stream.traceable(module, len(inputs))
+        model = _converted(spec, fed, options, inputs, placeholders)
+        ov_stream.plain_names(model)
+        streamed = ov_stream.weight_inputs(model, names, len(inputs))
+        return _finish(spec, model, out_dir, options, inputs, outputs, streamed)
     if options.weights is not None:
-        # streamed: this component alone is read into memory (weights stored in fp32 map from their file,
+        # streamed at int4: this component alone is read into memory (weights stored in fp32 map from their file,
         # others are converted copies), the pipeline's other parts stay unread
         held = copied_bytes(options.weights, torch.float32)
         if not fits(held, copies=1.25):  # and OpenVINO's own working memory
@@ -60,19 +72,18 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
                               f"it to ONNX, which streams its weights, or use a larger machine")
         module = materialized(module, options.weights)
     module = module.float()  # fp16 is a weight format here: trace in fp32, compress on save
-    inputs, outputs = io_description(spec, options)
-    inputs, outputs = (tuple(replace(d, dtype="float32") if d.dtype == "float16" else d for d in io)
-                       for io in (inputs, outputs))
     return _finish(spec, _converted(spec, module, options, inputs), out_dir, options, inputs, outputs)
 
 
-def _converted(spec: ComponentSpec, module: nn.Module, options: ExportOptions, inputs):
-    """The OpenVINO model of ``module`` (fp32), traced with TorchScript at :func:`trace_profile`'s size."""
+def _converted(spec: ComponentSpec, module: nn.Module, options: ExportOptions, inputs, weights=()):
+    """The OpenVINO model of ``module`` (fp32), traced with TorchScript at :func:`trace_profile`'s size;
+    ``weights``: placeholders of the weights a streamed module takes after its inputs."""
     import openvino as ov
 
-    example = tuple(spec.example_inputs(trace_profile(spec, options), "fp32").values())
+    example = tuple(spec.example_inputs(trace_profile(spec, options), "fp32").values()) + tuple(weights)
     shapes = [(ov.PartialShape([-1 if isinstance(d, str) else d for d in desc.dims]),
                ov.Type.i64 if desc.dtype == "int64" else ov.Type.f32) for desc in inputs]
+    shapes += [(ov.PartialShape(list(w.shape)), ov.Type.f32) for w in weights]
     try:
         with quiet_export(), torch.no_grad():
             from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
@@ -87,8 +98,10 @@ def _converted(spec: ComponentSpec, module: nn.Module, options: ExportOptions, i
                           f"re-run with --debug") from exc
 
 
-def _finish(spec: ComponentSpec, model, out_dir: Path, options: ExportOptions, inputs, outputs) -> ComponentEntry:
-    """Name the model's IO as the spec does, apply the weight format, save the IR."""
+def _finish(spec: ComponentSpec, model, out_dir: Path, options: ExportOptions, inputs, outputs,
+            streamed: list[ov_stream.Weight] | None = None) -> ComponentEntry:
+    """Name the model's IO as the spec does, apply the weight format, save the IR; ``streamed``: the
+    model's weights are inputs, written from ``options.weights`` once it is saved."""
     import openvino as ov
 
     for port, name in zip(model.inputs, spec.input_names):
@@ -101,7 +114,9 @@ def _finish(spec: ComponentSpec, model, out_dir: Path, options: ExportOptions, i
     details = OpenVINODetails(weights="int8" if precision in ("hybrid-int8", FULL_INT8) else precision)
     precise = weights.precise_nodes(model)
     quantized = _full_int8(spec, model, options, precise, details) if precision == FULL_INT8 else None
-    if quantized is not None:
+    if streamed is not None:
+        ov_stream.apply_format(model, streamed, precision, precise)
+    elif quantized is not None:
         model = quantized
     elif precision == "hybrid-int8" and options.calibration:
         model = weights.hybrid_int8(model, options.calibration, precise)
@@ -117,6 +132,8 @@ def _finish(spec: ComponentSpec, model, out_dir: Path, options: ExportOptions, i
         details.f32_nodes = weights.keep_f32(model, f32)
     with writing(spec, out_dir):
         ov.save_model(model, out_dir / MODEL_FILE, compress_to_fp16=False)  # fp16: compressed above, all but `precise`
+        if streamed is not None:
+            ov_stream.write_weights(out_dir / MODEL_FILE, streamed, options.weights)
     return ComponentEntry(component=spec.name, source=spec.source, files=component_files(out_dir),
                           precision=precision, inputs=inputs, outputs=outputs, details=details)
 

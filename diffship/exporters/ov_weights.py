@@ -16,6 +16,7 @@ import logging
 from diffship.backends.openvino import OPENVINO
 from diffship.errors import ExportError, MissingBackendError
 from diffship.exporters.base import quiet_export
+from diffship.exporters.ov_stream import streamed_weight
 
 #: ops whose inputs are phases: everything they are computed from stays as the source computes it.
 _PHASE_OPS = ("Sin", "Cos")
@@ -140,6 +141,12 @@ def hybrid_int8(model, calibration: list[dict], precise: set[str]):
         )
 
 
+def is_weight(output) -> bool:
+    """Whether a node output is a weight: a constant, its decompression, or a streamed export's weight input."""
+    kind = output.get_node().get_type_name()
+    return kind in ("Constant", "Convert") or (kind == "Parameter" and streamed_weight(output))
+
+
 def quant_nodes(model) -> list:
     """The model's quantizable nodes as :class:`~diffship.exporters.quantization.QuantNode` records; the
     module path comes from the TorchScript frontend's names (``__module.unet.conv_in/aten::...``)."""
@@ -152,8 +159,7 @@ def quant_nodes(model) -> list:
         kind = kinds.get(op.get_type_name())
         if kind is None:
             continue
-        if kind == "matmul" and not any(src.get_node().get_type_name() in ("Constant", "Convert")
-                                        for src in (i.get_source_output() for i in op.inputs())):
+        if kind == "matmul" and not any(is_weight(i.get_source_output()) for i in op.inputs()):
             kind = "scores"
         name = op.get_friendly_name()
         path = name.split("/", 1)[0].removeprefix("__module.").split(".")[1:]

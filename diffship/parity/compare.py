@@ -178,11 +178,7 @@ def check_parity(
     say(f"loading {source}")
     eager, info = load_with_info(source, config=config, allow_pickle=allow_pickle)
     for folder, m in zip(folders, manifests):
-        if m.source.fingerprint and info.fingerprint != m.source.fingerprint:
-            raise DiffshipError(
-                f"{folder} was exported from {m.source.name!r} (fingerprint {m.source.fingerprint[:12]}), not "
-                f"from {source!r} ({info.fingerprint[:12]}); compare an export with its own source"
-            )
+        check_source(folder, m, source, info)
     with contextlib.ExitStack() as stack:
         opened = []
         for folder in folders:
@@ -245,12 +241,24 @@ def check_parity(
         )
 
 
+def check_source(folder: Path, manifest: Manifest, source: str | Path, info: Any) -> None:
+    """Refuse to compare an export with a source it was not made from (their fingerprints differ)."""
+    if manifest.source.fingerprint and info.fingerprint != manifest.source.fingerprint:
+        raise DiffshipError(
+            f"{folder} was exported from {manifest.source.name!r} (fingerprint {manifest.source.fingerprint[:12]}), "
+            f"not from {source!r} ({info.fingerprint[:12]}); compare an export with its own source")
+
+
 def judged_by(loaded: Any, tolerances_file: str | Path | None = None):
     """The tolerances of an opened export: of the precision its runners compute in (OpenVINO computing
     in bf16 is judged by bf16 tolerances), else of its manifest's; reduced weights computed in another
     reduced precision (hybrid int8 in bf16) by both errors added (:func:`~diffship.configs.between`)."""
-    manifest = loaded.manifest
-    compute = {r.compute_precision for r in loaded.runners.values()} - {None}
+    return tolerances_for(loaded.manifest, loaded.runners.values(), tolerances_file)
+
+
+def tolerances_for(manifest: Manifest, runners: Any, tolerances_file: str | Path | None = None):
+    """:func:`judged_by` for an export's ``manifest`` and the ``runners`` opened of it."""
+    compute = {r.compute_precision for r in runners} - {None}
     precision = compute.pop() if len(compute) == 1 else manifest.precision
     tolerances = load_tolerances(manifest.backend, precision, tolerances_file)
     if precision == manifest.precision or manifest.precision == "fp32":

@@ -83,7 +83,7 @@ def _converted(spec: ComponentSpec, module: nn.Module, options: ExportOptions, i
     example = tuple(spec.example_inputs(trace_profile(spec, options), "fp32").values()) + tuple(weights)
     shapes = [(ov.PartialShape([-1 if isinstance(d, str) else d for d in desc.dims]),
                ov.Type.i64 if desc.dtype == "int64" else ov.Type.f32) for desc in inputs]
-    shapes += [(ov.PartialShape(list(w.shape)), ov.Type.f32) for w in weights]
+    shapes += [(ov.PartialShape(list(w.shape)), ov.Type.f32 if w.is_floating_point() else ov.Type.i64) for w in weights]
     try:
         with quiet_export(), torch.no_grad():
             from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder

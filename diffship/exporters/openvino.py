@@ -12,9 +12,8 @@ activations (their integer kernels run), the layer groups that cost the most PSN
 components 8-bit weights. ``int4``: the denoiser and T5 get group-wise 4-bit weights on their matrix products (NNCF; convolutions, embeddings and the last layer stay 8-bit, as NNCF keeps them); CLIP and the VAE get
 8-bit weights (measured on tiny: 4-bit CLIP falls to cosine 0.977, below the int8 bar).
 
-A streamed export (``options.weights``) at fp32, fp16 or int8 writes the IR's weights one at a time
-(:mod:`diffship.exporters.ov_stream`); at int4 (NNCF's group-wise choice needs the whole model) it reads
-the component into memory, one component at a time.
+A streamed export (``options.weights``: every weight format but the calibrated ones) writes the IR's
+weights one at a time (:mod:`diffship.exporters.ov_stream`).
 """
 
 from __future__ import annotations
@@ -34,13 +33,11 @@ from diffship.exporters import ov_stream, ov_weights as weights
 from diffship.exporters.base import ExportOptions, component_files, io_description, quiet_export, writing
 from diffship.exporters.quantization import recorded
 from diffship.reference.shapes import ShapeProfile
-from diffship.reference.memory import fits
 from diffship.reference.specs import ComponentSpec
-from diffship.reference.weights import copied_bytes, materialized
 
 log = logging.getLogger(__name__)
-#: the precisions a streamed export writes weight by weight (the others read the component into memory)
-STREAMED = ("fp32", "fp16", "int8")
+#: the precisions a streamed export writes weight by weight (hybrid-int8 and full-int8 calibrate on the loaded pipeline)
+STREAMED = ("fp32", "fp16", "int8", "int4")
 
 
 def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: ExportOptions) -> ComponentEntry:
@@ -56,21 +53,15 @@ def export(spec: ComponentSpec, module: nn.Module, out_dir: Path, options: Expor
     inputs, outputs = io_description(spec, options)
     inputs, outputs = (tuple(replace(d, dtype="float32") if d.dtype == "float16" else d for d in io)
                        for io in (inputs, outputs))
-    if options.weights is not None and options.precision in STREAMED:
+    if options.weights is not None:
+        if options.precision not in STREAMED:  # the workflow streams no calibrated precision
+            raise ExportError(f"{spec.name}: a streamed OpenVINO export writes {', '.join(STREAMED)} weights, "
+                              f"not {options.precision}; export with --no-stream")
         fed, placeholders, names = ov_stream.traceable(module, len(inputs))
         model = _converted(spec, fed, options, inputs, placeholders)
         ov_stream.plain_names(model)
         streamed = ov_stream.weight_inputs(model, names, len(inputs))
         return _finish(spec, model, out_dir, options, inputs, outputs, streamed)
-    if options.weights is not None:
-        # streamed at int4: this component alone is read into memory (weights stored in fp32 map from their file,
-        # others are converted copies), the pipeline's other parts stay unread
-        held = copied_bytes(options.weights, torch.float32)
-        if not fits(held, copies=1.25):  # and OpenVINO's own working memory
-            raise ExportError(f"{spec.name}: OpenVINO converts a module held in memory, and its weights converted "
-                              f"to fp32 take {held / 1e9:.1f} GB, more than this machine has available; export "
-                              f"it to ONNX, which streams its weights, or use a larger machine")
-        module = materialized(module, options.weights)
     module = module.float()  # fp16 is a weight format here: trace in fp32, compress on save
     return _finish(spec, _converted(spec, module, options, inputs), out_dir, options, inputs, outputs)
 
@@ -115,7 +106,7 @@ def _finish(spec: ComponentSpec, model, out_dir: Path, options: ExportOptions, i
     precise = weights.precise_nodes(model)
     quantized = _full_int8(spec, model, options, precise, details) if precision == FULL_INT8 else None
     if streamed is not None:
-        ov_stream.apply_format(model, streamed, precision, precise)
+        details.int4 = ov_stream.apply_format(model, streamed, precision, precise)
     elif quantized is not None:
         model = quantized
     elif precision == "hybrid-int8" and options.calibration:

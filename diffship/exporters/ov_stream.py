@@ -95,16 +95,18 @@ class Weight:
 
     Attributes:
         name: the parameter's name in the module.
-        format: ``f32``, ``f16`` or ``int8`` (NNCF's asymmetric 8-bit weights: ``tensor``, ``zero_point``,
-            ``scale`` inputs, reduced over ``axes``).
-        tensors: the model's input tensor name per part written (``value``, or the three int8 parts).
-        axes: the axes int8 scales reduce over (the input channels).
+        format: ``f32``, ``f16``, ``int8`` or ``int4`` (NNCF's asymmetric weights: ``tensor``, ``zero_point``
+            and ``scale`` inputs, the scales reduced over ``axes``; int4 in groups of ``group`` input channels).
+        tensors: the model's input tensor name per part written (``value``, or the three integer parts).
+        axes: the axes integer scales reduce over (the input channels).
+        group: int4's input channels per scale.
     """
 
     name: str
     format: str = "f32"
     tensors: dict[str, str] = field(default_factory=dict)
     axes: tuple[int, ...] = ()
+    group: int = -1
 
 
 def streamed_weight(output) -> bool:
@@ -124,60 +126,104 @@ def weight_inputs(model, names: list[str], count: int) -> list[Weight]:
     return weights
 
 
-def apply_format(model, weights: list[Weight], precision: str, precise: set[str]) -> str:
-    """Give the weight inputs of ``model`` the weight format of ``precision`` (``fp32``, ``fp16``,
-    ``int8``) as the normal exporter gives its constants: fp16 to every weight of more than one element,
-    int8 (NNCF's data-free asymmetric mode) to the weights of matrix products, convolutions and embeddings;
-    none to a weight a ``precise`` node (sines and cosines) reads. Returns the precision written."""
+def apply_format(model, weights: list[Weight], precision: str, precise: set[str]) -> str | None:
+    """Give the weight inputs of ``model`` the weight format of ``precision`` (``fp32``, ``fp16``, ``int8``,
+    ``int4``) as the normal exporter gives its constants: fp16 to every weight of more than one element;
+    8 bits (NNCF's data-free asymmetric mode) to the weights of matrix products, convolutions and
+    embeddings; 4 bits to the matrix products NNCF gives them (:func:`_choose_int4`); none to a weight a
+    ``precise`` node (sines and cosines) reads. Returns, for int4, how many weights got 4 and 8 bits."""
+    params = {p.get_friendly_name(): p for p in model.get_parameters()}
+    consumers = {}
+    for weight in weights:
+        targets = list(params[f"self.{weight.name}"].output(0).get_target_inputs())
+        if any(t.get_node().get_friendly_name() in precise for t in targets):
+            continue
+        shape = list(params[f"self.{weight.name}"].get_output_shape(0))
+        axes = _reduction_axes(targets, len(shape)) if precision in ("int8", "int4") else None
+        if axes is not None:
+            weight.format, weight.axes = "int8", axes
+            consumers[weight.name] = targets[0].get_node()
+        elif precision == "fp16" and int(np.prod(shape)) > 1:
+            weight.format = "f16"
+    if precision == "int4":
+        _choose_int4(model, [w for w in weights if w.format == "int8"], consumers, params)
+    for weight in weights:
+        if weight.format != "f32":
+            _decompressed(model, params[f"self.{weight.name}"], weight)
+    model.validate_nodes_and_infer_types()
+    if precision != "int4":
+        return None
+    from diffship.exporters.ov_weights import INT4_GROUP
+
+    counts = [sum(w.format == kind for w in weights) for kind in ("int4", "int8")]
+    return f"{counts[0]} weights 4-bit (groups of up to {INT4_GROUP}), {counts[1]} 8-bit"
+
+
+def _choose_int4(model, weights: list[Weight], consumers: dict, params: dict) -> None:
+    """NNCF's choice of 4-bit weights at ratio 1 (``compress_weights(mode=INT4_ASYM, ratio=1.0)``): every
+    matrix product's weight but the last one's in graph order; in groups of ``INT4_GROUP`` input channels,
+    or, where that does not divide them, the largest power of two that does (NNCF's ADJUST), down to 32.
+    Convolutions, embeddings, the last matrix product and weights no group fits stay 8-bit."""
+    from diffship.exporters.ov_weights import INT4_GROUP, MIN_INT4_GROUP
+
+    order = {op.get_friendly_name(): i for i, op in enumerate(model.get_ordered_ops())}
+    products = sorted((w for w in weights if consumers[w.name].get_type_name() == "MatMul"),
+                      key=lambda w: order[consumers[w.name].get_friendly_name()])
+    for weight in products[:-1]:
+        channels = params[f"self.{weight.name}"].get_output_shape(0)[weight.axes[0]]
+        group = INT4_GROUP if channels % INT4_GROUP == 0 else channels & -channels
+        if group >= MIN_INT4_GROUP:
+            weight.format, weight.group = "int4", group
+
+
+def _decompressed(model, param, weight: Weight) -> None:
+    """Replace the weight input ``param`` by inputs in ``weight``'s format and the ops that make the float32
+    weight of them (NNCF's decompression subgraph for the integer formats, named as NNCF names it)."""
     import openvino as ov
     import openvino.opset13 as ops
 
-    params = {p.get_friendly_name(): p for p in model.get_parameters()}
-    for weight in weights:
-        param = params[f"self.{weight.name}"]
-        targets = list(param.output(0).get_target_inputs())
-        if any(t.get_node().get_friendly_name() in precise for t in targets):
-            continue
-        shape = list(param.get_output_shape(0))
-        if precision == "int8" and (axes := _reduction_axes(targets, len(shape))) is not None:
-            weight.format, weight.axes = "int8", axes
-            reduced = [1 if i in axes else d for i, d in enumerate(shape)]
-            parts = {"tensor": (ov.Type.u8, shape), "zero_point": (ov.Type.u8, reduced),
-                     "scale": (ov.Type.f16, reduced)}
-            inputs = {part: ops.parameter(dims, kind, name=_node_name(weight, part)) for part, (kind, dims) in parts.items()}
-            values = ops.subtract(ops.convert(inputs["tensor"], ov.Type.f16), ops.convert(inputs["zero_point"], ov.Type.f16),
-                                  name=f"self.{weight.name}/zero_point/subtract")
-            values = ops.multiply(values, inputs["scale"], name=f"self.{weight.name}/fq_weights_{_port(targets)}")
-            values = ops.convert(values, ov.Type.f32, name=f"self.{weight.name}/fq_weights_{_port(targets)}/convert")
-        elif precision == "fp16" and int(np.prod(shape)) > 1:
-            weight.format = "f16"
-            inputs = {"value": ops.parameter(shape, ov.Type.f16, name=f"self.{weight.name}")}
-            values = ops.convert(inputs["value"], ov.Type.f32)
-        else:
-            continue
-        weight.tensors = {}
-        for part, node in inputs.items():
-            weight.tensors[part] = f"{_MARK}{weight.name}:{part}"
-            node.get_output_tensor(0).set_names({weight.tensors[part]})
-        for target in targets:
-            target.replace_source_output(values.output(0))
-        model.replace_parameter(model.get_parameters().index(param), inputs.popitem()[1])
-        model.add_parameters(list(inputs.values()))
-    model.validate_nodes_and_infer_types()
-    return precision
+    targets = list(param.output(0).get_target_inputs())
+    shape = list(param.get_output_shape(0))
+    own = f"self.{weight.name}"
+    if weight.format == "f16":
+        inputs = {"value": ops.parameter(shape, ov.Type.f16, name=own)}
+        values = ops.convert(inputs["value"], ov.Type.f32)
+    else:
+        stored, reduced = _integer_shapes(shape, weight)
+        kind = ov.Type.u4 if weight.format == "int4" else ov.Type.u8
+        inputs = {"tensor": ops.parameter(stored, kind, name=own),
+                  "zero_point": ops.parameter(reduced, kind, name=f"{own}/zero_point"),
+                  "scale": ops.parameter(reduced, ov.Type.f16, name=f"{own}/scale")}
+        values = ops.subtract(ops.convert(inputs["tensor"], ov.Type.f16), ops.convert(inputs["zero_point"], ov.Type.f16),
+                              name=f"{own}/zero_point/subtract")
+        port = targets[0].get_index()
+        values = ops.multiply(values, inputs["scale"], name=f"{own}/fq_weights_{port}")
+        if weight.group > 0:
+            values = ops.reshape(values, ops.constant(np.array(shape, dtype=np.int64)), special_zero=False)
+        values = ops.convert(values, ov.Type.f32, name=f"{own}/fq_weights_{port}/convert")
+    weight.tensors = {}
+    for part, node in inputs.items():
+        weight.tensors[part] = f"{_MARK}{weight.name}:{part}"
+        node.get_output_tensor(0).set_names({weight.tensors[part]})
+    for target in targets:
+        target.replace_source_output(values.output(0))
+    model.replace_parameter(model.get_parameters().index(param), inputs.popitem()[1])
+    model.add_parameters(list(inputs.values()))
 
 
-def _node_name(weight: Weight, part: str) -> str:
-    return f"self.{weight.name}" if part == "tensor" else f"self.{weight.name}/{part}"
-
-
-def _port(targets) -> int:
-    return targets[0].get_index()
+def _integer_shapes(shape: list[int], weight: Weight) -> tuple[list[int], list[int]]:
+    """The stored integer weight's shape (int4: the reduced axis split into groups, as NNCF stores it) and its
+    scales' and zero points' (one per output channel, or per group)."""
+    if weight.group > 0:
+        axis = weight.axes[0]
+        shape = shape[:axis] + [shape[axis] // weight.group, weight.group] + shape[axis + 1:]
+        return shape, [1 if i == axis + 1 else d for i, d in enumerate(shape)]
+    return shape, [1 if i in weight.axes else d for i, d in enumerate(shape)]
 
 
 def _reduction_axes(targets, rank: int) -> tuple[int, ...] | None:
-    """The axes NNCF reduces a weight's 8-bit scales over (its input channels), or None where NNCF does
-    not compress it (another consumer, another port, a weight of one dimension)."""
+    """The axes NNCF reduces a weight's scales over (its input channels), or None where NNCF does not
+    compress it (another consumer, another port, a weight of one dimension)."""
     if len(targets) != 1 or rank < 2:
         return None
     node, port = targets[0].get_node(), targets[0].get_index()
@@ -192,22 +238,34 @@ def _reduction_axes(targets, rank: int) -> tuple[int, ...] | None:
     return tuple(range(1, rank))  # a convolution's weight: [out, in, kernel...]
 
 
-def _values(weight: Weight, read: Callable[[], torch.Tensor]) -> dict[str, np.ndarray]:
-    """The arrays written for ``weight``, by part, from its float32 value."""
+def _values(weight: Weight, read: Callable[[], torch.Tensor]) -> dict[str, tuple[np.ndarray, tuple[int, ...]]]:
+    """The bytes written for ``weight`` and the shape they hold, by part, from its float32 value (integer
+    parts computed by NNCF's own quantizer; 4-bit values packed two to a byte, the first in the low half)."""
     value = read().detach().to(torch.float32).contiguous().numpy()
     if weight.format == "f16":
-        return {"value": value.astype(np.float16)}
-    if weight.format == "int8":
-        from nncf.quantization.algorithms.weight_compression.config import WeightCompressionConfig
-        from nncf.quantization.algorithms.weight_compression.weight_lowering import compress_weight
-        from nncf.parameters import CompressWeightsMode
-        from nncf.tensor import Tensor
+        value = value.astype(np.float16)
+    if weight.format not in ("int8", "int4"):
+        return {"value": (value, value.shape)}
+    from nncf.parameters import CompressWeightsMode
+    from nncf.quantization.algorithms.weight_compression.config import WeightCompressionConfig
+    from nncf.quantization.algorithms.weight_compression.weight_lowering import compress_weight
+    from nncf.tensor import Tensor
 
-        packed = compress_weight(Tensor(value), weight.axes, WeightCompressionConfig(mode=CompressWeightsMode.INT8_ASYM))
-        return {"tensor": np.asarray(packed.tensor.data, dtype=np.uint8),
-                "zero_point": np.asarray(packed.zero_point.data, dtype=np.uint8),
-                "scale": np.asarray(packed.scale.data, dtype=np.float32).astype(np.float16)}
-    return {"value": value}
+    mode = CompressWeightsMode.INT4_ASYM if weight.format == "int4" else CompressWeightsMode.INT8_ASYM
+    packed = compress_weight(Tensor(value), weight.axes, WeightCompressionConfig(mode=mode, group_size=weight.group))
+    parts = {"tensor": np.asarray(packed.tensor.data, dtype=np.uint8),
+             "zero_point": np.asarray(packed.zero_point.data, dtype=np.uint8),
+             "scale": np.asarray(packed.scale.data, dtype=np.float32).astype(np.float16)}
+    return {part: (_nibbles(a) if weight.format == "int4" and part != "scale" else a, a.shape)
+            for part, a in parts.items()}
+
+
+def _nibbles(values: np.ndarray) -> np.ndarray:
+    """4-bit values as OpenVINO stores ``u4``: two to a byte, the first in the low four bits."""
+    flat = values.ravel()
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] & 0x0F) | (flat[1::2] << 4)
 
 
 def write_weights(xml: Path, weights: list[Weight], read: Mapping[str, Callable[[], torch.Tensor]]) -> None:
@@ -224,12 +282,11 @@ def write_weights(xml: Path, weights: list[Weight], read: Mapping[str, Callable[
                     layers[name] = layer
     with open(xml.with_suffix(".bin"), "ab") as out:
         for weight in weights:
-            for part, array in _values(weight, read[weight.name]).items():
+            for part, (array, shape) in _values(weight, read[weight.name]).items():
                 layer = layers[weight.tensors[part]]
                 data = layer.find("data")
-                if tuple(int(d) for d in data.get("shape").split(",") if d) != array.shape:
-                    raise RuntimeError(f"{weight.name}: stored shape {array.shape} is not the traced "
-                                       f"{data.get('shape')}")
+                if tuple(int(d) for d in data.get("shape").split(",") if d) != shape:
+                    raise RuntimeError(f"{weight.name}: stored shape {shape} is not the traced {data.get('shape')}")
                 out.write(b"\0" * (-out.tell() % _ALIGN))
                 offset = out.tell()
                 out.write(memoryview(np.ascontiguousarray(array)).cast("B"))

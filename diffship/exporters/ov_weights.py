@@ -21,8 +21,10 @@ from diffship.exporters.ov_stream import streamed_weight
 #: ops whose inputs are phases: everything they are computed from stays as the source computes it.
 _PHASE_OPS = ("Sin", "Cos")
 #: 4-bit weights in groups of this many input channels (NNCF's and optimum-intel's default); a layer
-#: whose width it does not divide gets the largest divisor down to 32 (NNCF's ADJUST), else 8 bits.
+#: whose width it does not divide gets the largest power of two dividing it, down to 32 (NNCF's ADJUST), else 8 bits.
 INT4_GROUP = 128
+#: the smallest group ADJUST takes (NNCF's ``min_adjusted_group_size``)
+MIN_INT4_GROUP = 32
 _WEIGHTED = ("Convolution", "GroupConvolution", "MatMul")
 
 
@@ -108,8 +110,8 @@ def compress_int4(model, precise: set[str]):
             ignored_scope=_scope(nncf, precise),
             advanced_parameters=AdvancedCompressionParameters(group_size_fallback_mode=GroupSizeFallbackMode.ADJUST))
     counts = {"4-bit": 0, "8-bit": 0}
-    for op in model.get_ops():
-        if op.get_type_name() == "Constant":
+    for op in model.get_ops():  # the weights, not their zero points (of the same type)
+        if op.get_type_name() == "Constant" and not op.get_friendly_name().endswith("/zero_point"):
             kind = op.get_output_element_type(0).get_type_name()
             if kind in ("u4", "i4"):
                 counts["4-bit"] += 1

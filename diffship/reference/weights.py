@@ -275,19 +275,3 @@ def materialized(module: Any, weights: dict[str, Any]) -> Any:
     memo = {id(p): torch.nn.Parameter(weights[name](), requires_grad=False) for name, p in module.named_parameters()}
     # (named_parameters gives a tied weight once: it stays tied in the copy)
     return copy.deepcopy(module, memo)
-
-
-
-def copied_bytes(weights: dict[str, WeightRef], dtype) -> int:
-    """Bytes the weights of a :func:`streamed_copy` take in memory once read as ``dtype``: those stored in
-    another dtype are converted copies; those stored in ``dtype`` map from their file (pages the kernel can
-    drop and read again) and count nothing."""
-    import torch
-
-    stored = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    copies = {}
-    for ref in weights.values():
-        where = ref.stored.tensors[ref.name]
-        if stored.get(where.dtype) != dtype:
-            copies[where.file, where.key] = int(torch.Size(where.shape).numel()) * dtype.itemsize
-    return sum(copies.values())

@@ -87,7 +87,7 @@ def writing(spec: ComponentSpec, out_dir: Path):
 
     try:
         yield
-    except ExportError:
+    except (ExportError, AssertionError):  # an AssertionError is a bug of ours (exit 3), not the disk
         raise
     except Exception as exc:
         raise ExportError(f"writing {spec.name} into {out_dir} failed ({type(exc).__name__}: {first_line(exc)}); "

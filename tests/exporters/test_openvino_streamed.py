@@ -49,7 +49,9 @@ def assert_streamed_weights_written_as_loaded(streamed, loaded) -> int:
 
 @pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
 def test_streamed_openvino_exports_of_tiny_write_the_loaded_exports_weights(export_dir, precision):
-    streamed, loaded = export_dir("openvino", precision), export_dir("openvino", precision, stream=False)
+    """The same weights, so one parity run (of the streamed export) stands for both; int4 on the UNet only."""
+    kwargs = {"components": ("unet",)} if precision == "int4" else {}
+    streamed, loaded = export_dir("openvino", precision, **kwargs), export_dir("openvino", precision, stream=False, **kwargs)
     assert read_manifest(streamed).components.keys() == read_manifest(loaded).components.keys()
     assert assert_streamed_weights_written_as_loaded(streamed, loaded) > 100
     if precision != "fp32":  # NNCF's choice of 8- and 4-bit weights: the same layers, the same bytes
@@ -58,11 +60,8 @@ def test_streamed_openvino_exports_of_tiny_write_the_loaded_exports_weights(expo
         assert kinds[0] == kinds[1] and kinds[0]
         details = [read_manifest(x).components["unet"].details.int4 for x in (streamed, loaded)]
         assert details[0] == details[1]
-    a, b = (check_parity("tiny", x, settings=FAST) for x in (streamed, loaded))
-    assert a.passed and b.passed
-    for c, d in zip(a.components, b.components):
-        for o, p in zip(c.outputs, d.outputs):  # the same weights; the runtime may fold them in another order
-            assert o.metrics.max_abs == pytest.approx(p.metrics.max_abs, rel=0.05, abs=1e-6), (c.component, o.name)
+    report = check_parity("tiny", streamed, settings=FAST)
+    assert report.passed, report.failures()
 
 
 def test_streamed_openvino_fp16_of_tiny_sdxl_writes_the_loaded_exports_weights(tmp_path):
@@ -98,3 +97,16 @@ def test_each_weight_is_read_once_as_it_is_written_and_released(tmp_path, monkey
     assert reads and all(writing for _, writing in reads)
     assert len({name for name, _ in reads}) == len(reads)
     assert most[0] == 1
+
+
+def test_a_weight_that_does_not_fit_its_traced_input_is_a_bug_not_a_disk_error(tmp_path, monkeypatch):
+    """The IR rewrite checks each weight against the input it replaces; a mismatch surfaces as an internal
+    error (exit 3), not as the "check the free disk space" a failed write gets."""
+    from diffship.exporters import ov_stream
+
+    values = ov_stream._values
+    monkeypatch.setattr(ov_stream, "_values", lambda weight, read: {
+        part: (array, shape + (1,)) for part, (array, shape) in values(weight, read).items()})
+    with pytest.raises(AssertionError, match="stored shape .* is not the traced"):
+        export_pipeline("tiny", tmp_path / "out", backend="openvino", components=["vae_decoder"])
+    assert not (tmp_path / "out").exists()

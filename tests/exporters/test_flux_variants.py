@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CLI_BACKENDS
 from diffship.cli import main
 
 
-@pytest.mark.parametrize("backend", CLI_BACKENDS)
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=getattr(pytest.mark, b)) for b in ("onnx", "openvino")])
 def test_flux_fill_transformer_exports_and_inpaints(backend, tmp_path):
     """FLUX.1 Fill (family ``flux-fill``): the same transformer spec with the masked image and mask packed into
-    extra input channels (144 in, 64 out at tiny width): it exports to every backend and inpaints."""
+    extra input channels (144 in, 64 out at tiny width): it exports and inpaints. (Core ML converts the same
+    transformer spec as test_flux's Core ML case; its Fill export passed parity by hand and was left out of CI
+    for time: 45-75 s here.)"""
     from diffship import backends
     from diffship.reference import load
     from diffship.reference.families import family_of

@@ -96,8 +96,10 @@ def measured_export(source: str, folder: str, backend: str, precision: str, stat
                     calibration_size: tuple[int, int] | None = None,
                     calibration_steps: int | None = None) -> ExportFigures:
     """Export in this (child) process and report its time, peak memory and size on disk."""
+    from diffship.reference.memory import return_large_frees
     from diffship.workflows import export_pipeline
 
+    return_large_frees()  # as `diffship export` does: this child only exports
     start = time.perf_counter()
     manifest = export_pipeline(source, folder, backend=backend, precision=precision, static=static, overwrite=True,
                                backend_options=options, components=components, calibration_size=calibration_size,

@@ -46,8 +46,10 @@ def export(
                                                help="Backend-specific export option (repeatable; JSON values)."),
 ) -> None:
     """Export every component of a pipeline to BACKEND, with a manifest of sha256 hashes."""
+    from diffship.reference.memory import return_large_frees
     from diffship.workflows import export_pipeline
 
+    return_large_frees()  # a process that exports: weights read and dropped one after another
     start = time.perf_counter()
     with steps(f"exporting {source}") as say:
         manifest = export_pipeline(

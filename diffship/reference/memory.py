@@ -40,7 +40,9 @@ RETURNED_FROM = 1 << 20
 
 def return_large_frees() -> bool:
     """Make freed large blocks go back to the OS at once, for a process that reads, converts and drops one
-    weight after another (a streamed export); returns whether it could (glibc only).
+    weight after another (a streamed export); returns whether it could (glibc only). It lasts for the rest of
+    the process (every block from 1 MiB is then mapped and unmapped), so the processes that only export call
+    it (``diffship export``, bench's export children), not the library's ``export_pipeline``.
 
     glibc serves a large allocation from its own mapping, but after freeing one it raises its threshold for
     that to the freed size (up to 32 MB) and keeps later blocks below it in its heap, which grows and is

@@ -260,8 +260,6 @@ def export_pipeline(
     say(f"loading {source}" + (" (weights streamed from its files)" if streaming else ""))
     pipe, info = load_with_info(source, config=config, allow_pickle=allow_pickle, stream=streaming)
     stored = stored_weights(pipe, info) if streaming else {}
-    if streaming:
-        memory.return_large_frees()
     profile = default_profile(pipe, batch_size, static, guidance)
     family = family_of(type(pipe).__name__)
     configs = pipeline_configs(pipe)

@@ -33,3 +33,18 @@ def test_weights_dropped_one_after_another_go_back_to_the_os():
         freed[mode] = int(out)
     assert freed["fixed"] > 700  # MB: the dropped blocks left the process
     assert freed["default"] < 100  # without it, glibc kept them in its heap
+
+
+@pytest.mark.onnx
+def test_processes_that_only_export_return_freed_blocks_and_the_library_leaves_the_allocator(monkeypatch, tmp_path):
+    """``diffship export`` sets it for its process; ``export_pipeline`` alone (a user's process) does not."""
+    from diffship.cli import main
+    from diffship.reference import memory
+    from diffship.workflows import export_pipeline
+
+    calls = []
+    monkeypatch.setattr(memory, "return_large_frees", lambda: calls.append(1) or True)
+    export_pipeline("tiny", tmp_path / "library", backend="onnx", components=["vae_decoder"])
+    assert calls == []
+    assert main(["export", "tiny", str(tmp_path / "cli"), "--backend", "onnx", "--component", "vae_decoder"]) == 0
+    assert calls == [1]

@@ -130,9 +130,7 @@ def hybrid_int8(model, calibration: list[dict], precise: set[str]):
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
 
     weighted = {op.get_friendly_name() for op in model.get_ordered_ops()
-                if op.get_type_name() in _WEIGHTED and any(
-                    src.get_node().get_type_name() in ("Constant", "Convert")
-                    for src in (i.get_source_output() for i in op.inputs()))}
+                if op.get_type_name() in _WEIGHTED and any(is_weight(i.get_source_output()) for i in op.inputs())}
     model = compress_int8(model, precise)
     samples = [{k: v.numpy() for k, v in call.items()} for call in calibration]
     with quiet_export():

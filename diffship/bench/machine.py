@@ -45,6 +45,11 @@ def physical_cores() -> int | None:
     return len(cores) or None
 
 
+def usable_cpus() -> int | None:
+    """Logical CPUs this process may run on (its affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def _memory_bytes() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -58,13 +63,12 @@ def machine_info(versions: dict[str, str] | None = None) -> dict[str, Any]:
 
     cpu = _cpuinfo()
     flags = _flags(cpu)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info: dict[str, Any] = {
         "cpu": cpu.get("model name") or platform.processor() or platform.machine(),
         "architecture": platform.machine(),
         "logical_cores": os.cpu_count(),
         "physical_cores": physical_cores(),
-        "usable_cores": usable,
+        "usable_cores": usable_cpus(),
         "isa": sorted(f for f in flags if f.startswith(_ISA_PREFIXES)),
         "memory_bytes": _memory_bytes(),
         "os": platform.platform(),

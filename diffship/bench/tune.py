@@ -3,7 +3,9 @@
 Every candidate mode (an export precision with runtime settings: OpenVINO's inference precision, the
 8-bit modes) is exported, run end to end at the requested size and steps and timed (median after a
 warm-up), and its image compared with eager fp32's (PSNR), with its denoiser's outputs compared on the
-calls eager made. The fastest candidate whose image meets the PSNR floor is written to ``out`` with its
+calls eager made. The fastest mode meeting the floor is then measured again under other runtime settings
+(:func:`setting_variants`: one dynamic model instead of static ones, a thread per logical CPU). The fastest
+candidate whose image meets the PSNR floor is written to ``out`` with its
 runtime settings recorded in the manifest (``load_pipeline(out)`` runs it that way; options still
 override) and the table beside it (``tune.json``, ``tune.md``). Candidates share one export per precision;
 calibrated precisions calibrate on eager runs at the size tuned for. Existing exports of a precision
@@ -29,7 +31,7 @@ from diffship import backends
 from diffship._files import atomic_folder, atomic_write, check_destination
 from diffship.backends.manifest import MANIFEST, read_manifest
 from diffship.backends.quantized import FULL_INT8
-from diffship.bench.machine import bf16_native, machine_info
+from diffship.bench.machine import bf16_native, machine_info, physical_cores, usable_cpus
 from diffship.configs.bench_presets import TUNABLE
 from diffship.errors import DiffshipError, ParityFailure
 from diffship.parity.compare import ParitySettings, generate_images, synthetic_image
@@ -65,6 +67,23 @@ def candidates(backend: str) -> list[Candidate]:
         return [Candidate(f"{p}@{c}", p, {"inference_precision": c})
                 for p in ("fp32", "hybrid-int8", FULL_INT8) for c in computes]
     raise DiffshipError(f"diffship tune takes --backend {' or '.join(TUNABLE)}, not {backend!r}")
+
+
+def setting_variants(backend: str, mode: Candidate) -> list[Candidate]:
+    """Runtime settings tried on the fastest mode that met the floor, each measured like a mode.
+
+    OpenVINO compiles a static model per request shape by default; one dynamic model is the other way.
+    Both runtimes compute with one thread per core by default; where the machine has more logical CPUs
+    than cores (SMT), a thread on each is tried too.
+    """
+    variants = []
+    if backend == "openvino":
+        variants.append(Candidate(f"{mode.name} dynamic-shapes", mode.precision,
+                                  {**mode.runtime, "static_shapes": False}))
+    logical, cores = usable_cpus(), physical_cores()
+    if logical and cores and logical > cores:
+        variants.append(Candidate(f"{mode.name} threads={logical}", mode.precision, {**mode.runtime, "threads": logical}))
+    return variants
 
 
 @dataclass
@@ -192,26 +211,39 @@ def tune(source: str, out: str | Path, backend: str, *, min_psnr: float = 35.0, 
     trials: list[Trial] = []
     folders: dict[str, Path] = dict(given)
     started = time.perf_counter()
+
+    def trial_of(cand: Candidate) -> Trial:
+        trial = Trial(cand)
+        trials.append(trial)
+        try:
+            if cand.precision not in folders:
+                start = time.perf_counter()
+                export_pipeline(source, work / cand.precision, backend=backend, precision=cand.precision,
+                                runtime=cand.runtime, calibration_size=(profile.height, profile.width),
+                                calibration_steps=steps)
+                trial.export_seconds = time.perf_counter() - start
+                folders[cand.precision] = work / cand.precision
+            _measure(trial, folders[cand.precision], request, init, repeats, expected,
+                     denoiser, calls[denoiser.name], eager_outputs)
+        except DiffshipError as exc:
+            trial.error = str(exc)
+        return trial
+
+    def fastest() -> Trial | None:
+        passing = [t for t in trials if t.meets(min_psnr)]
+        return min(passing, key=lambda t: t.seconds) if passing else None
+
     try:
         for i, cand in enumerate(tried):
             left = "" if not i else f", about {(time.perf_counter() - started) / i * (len(tried) - i):.0f} s left"
             say(f"candidate {i + 1} of {len(tried)}: {cand.name}{left}")
-            trial = Trial(cand)
-            trials.append(trial)
-            try:
-                if cand.precision not in folders:
-                    start = time.perf_counter()
-                    export_pipeline(source, work / cand.precision, backend=backend, precision=cand.precision,
-                                    runtime=cand.runtime, calibration_size=(profile.height, profile.width),
-                                    calibration_steps=steps)
-                    trial.export_seconds = time.perf_counter() - start
-                    folders[cand.precision] = work / cand.precision
-                _measure(trial, folders[cand.precision], request, init, repeats, expected,
-                         denoiser, calls[denoiser.name], eager_outputs)
-            except DiffshipError as exc:
-                trial.error = str(exc)
-        passing = [t for t in trials if t.meets(min_psnr)]
-        best = min(passing, key=lambda t: t.seconds) if passing else None
+            trial_of(cand)
+        mode = fastest()
+        variants = setting_variants(backend, mode.candidate) if mode else []
+        for i, cand in enumerate(variants):
+            say(f"runtime settings {i + 1} of {len(variants)}: {cand.name}, about {mode.seconds * (repeats + 1):.0f} s")
+            trial_of(cand)
+        best = fastest()
         result = TuneResult(backend=backend, source=str(source), min_psnr=min_psnr,
                             settings={"height": profile.height, "width": profile.width, "steps": steps,
                                       "repeats": repeats, "prompt": request.prompt, "seed": request.seed,

@@ -10,7 +10,7 @@ import pytest
 
 from diffship.backends.manifest import MANIFEST, read_manifest
 from diffship.bench.machine import bf16_native
-from diffship.bench.tune import TABLE_JSON, TABLE_MD, candidates, tune
+from diffship.bench.tune import TABLE_JSON, TABLE_MD, Candidate, candidates, setting_variants, tune
 from diffship.configs.bench_presets import TUNABLE
 from diffship.errors import DiffshipError, ParityFailure
 from diffship.parity.compare import ParitySettings, check_parity
@@ -40,13 +40,19 @@ def test_tune_openvino_writes_the_fastest_mode_meeting_the_floor(tmp_path, share
     names = ["fp32@f32", "fp32@bf16"] if bf16_native() else ["fp32@f32"]
     out = tmp_path / "tuned"
     result = tune("tiny", out, "openvino", only=names, **QUICK)
+    modes, settings = result.trials[:len(names)], result.trials[len(names):]
+    assert [t.candidate.name for t in modes] == names and all(t.meets(35.0) for t in result.trials)
+    # the fastest mode is measured again under other runtime settings: one dynamic model at least
+    fastest = min(modes, key=lambda t: t.seconds).candidate
+    assert [t.candidate for t in settings] == setting_variants("openvino", fastest)
+    assert settings[0].candidate.runtime == {**fastest.runtime, "static_shapes": False}
     trials = {t.candidate.name: t for t in result.trials}
-    assert set(trials) == set(names) and all(t.meets(35.0) for t in trials.values())
     assert result.chosen == min(trials.values(), key=lambda t: t.seconds).candidate.name
     m = read_manifest(out)  # the tune table is part of the export: hashed like every file
     assert {TABLE_JSON, TABLE_MD} <= set(m.files)
     chosen = trials[result.chosen].candidate
     assert m.runtime["inference_precision"] == chosen.runtime["inference_precision"]
+    assert m.runtime["static_shapes"] == chosen.runtime.get("static_shapes", True)  # load_pipeline runs it so
     table = json.loads((out / TABLE_JSON).read_text())
     assert table["chosen"] == result.chosen and table["eager_seconds"] > 0
     assert "| eager fp32 (PyTorch) |" in (out / TABLE_MD).read_text()
@@ -92,6 +98,21 @@ def test_tune_writes_nothing_when_no_mode_meets_the_floor(tmp_path, shared_fp32_
     assert not out.exists() and not list(tmp_path.iterdir())  # no candidate folders left behind
 
 
+def test_setting_variants_add_a_thread_per_logical_cpu_only_where_there_are_more_than_cores(monkeypatch):
+    import diffship.bench.tune as tune_module
+
+    mode = Candidate("full-int8@bf16", "full-int8", {"inference_precision": "bf16"})
+    monkeypatch.setattr(tune_module, "physical_cores", lambda: 2)
+    monkeypatch.setattr(tune_module, "usable_cpus", lambda: 2)
+    assert setting_variants("onnx", mode) == []
+    assert [v.runtime for v in setting_variants("openvino", mode)] == [
+        {"inference_precision": "bf16", "static_shapes": False}]
+    monkeypatch.setattr(tune_module, "usable_cpus", lambda: 4)  # SMT: two threads per core
+    assert [(v.name, v.runtime) for v in setting_variants("onnx", Candidate("fp32", "fp32"))] == [
+        ("fp32 threads=4", {"threads": 4})]
+    assert setting_variants("openvino", mode)[-1].runtime == {"inference_precision": "bf16", "threads": 4}
+
+
 def test_tune_refuses_unknown_backends_and_candidates_before_work(tmp_path):
     with pytest.raises(DiffshipError, match="takes --backend onnx or openvino, not 'coreml'"):
         candidates("coreml")
@@ -117,7 +138,7 @@ def test_tune_measures_given_exports_as_they_are_and_copies_the_chosen_one(tmp_p
     before = (given / MANIFEST).read_bytes()
     out = tmp_path / "tuned"
     result = tune("tiny", out, "openvino", only=["fp32@f32"], exports={"fp32": given}, **QUICK)
-    assert result.chosen == "fp32@f32" and result.trials[0].export_seconds is None
+    assert result.chosen.startswith("fp32@f32") and result.trials[0].export_seconds is None
     assert (given / MANIFEST).read_bytes() == before and not (given / TABLE_JSON).exists()
     weights = out / "unet" / "openvino_model.bin"
     assert weights.stat().st_ino == (given / "unet" / "openvino_model.bin").stat().st_ino  # linked, not written

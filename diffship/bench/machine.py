@@ -83,21 +83,31 @@ def machine_info(versions: dict[str, str] | None = None) -> dict[str, Any]:
 
 def matmul_peak_gflops(side: int = 2048, repeats: int = 5) -> dict[str, float]:
     """The machine's measured peak: the best rate of a square ``side`` matmul in eager PyTorch (its CPU
-    kernels: oneDNN/MKL), per dtype -- fp32, and bf16 where it is native. Achieved GFLOP/s are reported
-    against it, so the distance to the limit is visible; about a second."""
+    kernels: oneDNN/MKL), per dtype -- fp32, bf16 where it is native, and int8 (``torch._int_mm``: 8-bit
+    operands, 32-bit sums; operations per second) where PyTorch has it here. Achieved GFLOP/s are reported
+    against the peak of what a subject computes in, so the distance to the limit is visible; about a second."""
     import time
 
     import torch
 
-    dtypes = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if bf16_native() else {})}
+    def rand(dtype):
+        if dtype == torch.int8:
+            return torch.randint(-128, 128, (side, side), dtype=dtype)
+        return torch.randn(side, side, dtype=dtype)
+
+    dtypes = {"fp32": (torch.float32, torch.mm), **({"bf16": (torch.bfloat16, torch.mm)} if bf16_native() else {}),
+              "int8": (torch.int8, getattr(torch, "_int_mm", None))}
     peaks = {}
-    for name, dtype in dtypes.items():
-        a, b = torch.randn(side, side, dtype=dtype), torch.randn(side, side, dtype=dtype)
-        torch.mm(a, b)  # first call: kernel selection, allocation
+    for name, (dtype, mm) in dtypes.items():
+        a, b = rand(dtype), rand(dtype)
+        try:
+            mm(a, b)  # first call: kernel selection, allocation
+        except (TypeError, RuntimeError, NotImplementedError):  # no such kernel in this PyTorch build
+            continue
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            torch.mm(a, b)
+            mm(a, b)
             times.append(time.perf_counter() - start)
         peaks[name] = round(2 * side**3 / min(times) / 1e9, 1)
     return peaks

@@ -94,7 +94,7 @@ def summary_rows(doc: BenchResults) -> tuple[list[str], list[list[str]]]:
     """One row per subject at the default request: export, memory, denoiser and end-to-end speed, parity."""
     p = doc.default_point()
     denoiser, label = doc.denoiser()
-    mc_peak = doc.machine.get("matmul_peak_gflops", {}).get("fp32")
+    peaks = doc.machine.get("matmul_peak_gflops", {})
     rows = []
     for s in doc.subjects:
         unet = next(iter(doc.find(kind="component", subject=s.name, component=denoiser, batch=p["batch"],
@@ -108,7 +108,7 @@ def summary_rows(doc: BenchResults) -> tuple[list[str], list[list[str]]]:
             _gb(max(export.peak_rss_bytes, export.child_peak_rss_bytes) or None) if export else "",
             _gb(s.size_bytes), f"{s.load.seconds:.1f} s" if s.load else "",
             _gb(s.memory.peak_rss_bytes if s.memory else None),
-            _ms(unet.latency_ms) if unet else "", _rate(unet.gflops_per_s if unet else None, mc_peak),
+            _ms(unet.latency_ms) if unet else "", _rate(unet.gflops_per_s if unet else None, peaks, s.compute),
             f"{e2e.latency_ms.median / 1e3:.2f} s" if e2e and e2e.latency_ms else "",
             f"{e2e.steps_per_s:.2f}" if e2e and e2e.steps_per_s else "",
             (_psnr(e2e.parity) if e2e else "") or ("reference" if s.name == doc.reference else ""),
@@ -119,11 +119,14 @@ def summary_rows(doc: BenchResults) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _rate(gflops: float | None, peak: float | None) -> str:
-    """Achieved GFLOP/s, with its share of the measured fp32 matmul peak where there is one."""
+def _rate(gflops: float | None, peaks: dict[str, float], compute: str | None) -> str:
+    """Achieved GFLOP/s, with its share of the measured matmul peak of what the subject computes in (the
+    fp32 peak where that one was not measured), where there is one."""
     if not gflops:
         return ""
-    return f"{gflops:.0f} ({100 * gflops / peak:.0f}% of fp32 peak)" if peak else f"{gflops:.0f}"
+    dtype = compute if compute in peaks else "fp32"
+    peak = peaks.get(dtype)
+    return f"{gflops:.0f} ({100 * gflops / peak:.0f}% of {dtype} peak)" if peak else f"{gflops:.0f}"
 
 
 def to_markdown(doc: BenchResults) -> str:

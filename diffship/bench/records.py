@@ -116,6 +116,8 @@ class SubjectRecord:
         size_bytes: its weights on disk.
         tuned: for a ``BACKEND-tuned`` subject, the mode ``diffship tune`` chose (``full-int8@bf16``); its
             ``export`` figures are the whole tune's (its own exports and trials).
+        compute: what its denoiser computes its products in (``fp32``, ``bf16``, ``int8``...): its rate is
+            shown against that dtype's measured peak.
     """
 
     name: str
@@ -132,6 +134,7 @@ class SubjectRecord:
     size_bytes: int | None = None
     memory: MemoryFigures | None = None
     tuned: str | None = None
+    compute: str | None = None
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,7 @@ class _Run:
         if record:
             p.entry.runs = True
             p.entry.runtime = value["runtime"]
+            p.entry.compute = value["compute"]
             p.entry.load = LoadFigures(seconds=value["load_seconds"], rss_bytes=value["rss_bytes"])
             if p.subject.backend == TORCH:
                 p.entry.size_bytes = source_bytes

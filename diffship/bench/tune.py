@@ -241,7 +241,8 @@ def tune(source: str, out: str | Path, backend: str, *, min_psnr: float = 35.0, 
         mode = fastest()
         variants = setting_variants(backend, mode.candidate) if mode else []
         for i, cand in enumerate(variants):
-            say(f"runtime settings {i + 1} of {len(variants)}: {cand.name}, about {mode.seconds * (repeats + 1):.0f} s")
+            say(f"runtime settings {i + 1} of {len(variants)}: {cand.name}, about "
+                f"{max(1, round(mode.seconds * (repeats + 1) * (len(variants) - i)))} s left")
             trial_of(cand)
         best = fastest()
         result = TuneResult(backend=backend, source=str(source), min_psnr=min_psnr,

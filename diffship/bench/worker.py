@@ -59,6 +59,7 @@ class _State:
             self.pipe.to(self.device, self.dtype)
             self.source = info.to_dict()
             self.runtime = f"PyTorch {torch.__version__} eager ({self.device.type}, {subject.precision})"
+            self.compute = subject.precision
         else:
             from diffship.runtimes.pipeline import open_export
 
@@ -70,6 +71,7 @@ class _State:
             self.source = loaded.manifest.source.to_dict()
             # e.g. "onnxruntime 1.32 (CPUExecutionProvider)", "MIL reference (Linux)" for Core ML here
             self.runtime = f"{loaded.unet_runner().describe()}; {loaded.describe_settings()}"
+            self.compute = _compute(loaded)
         self.pipe.set_progress_bar_config(disable=True)
         self.load_seconds = time.perf_counter() - start
         self.specs = {s.name: s for s in specs_for_pipeline(self.pipe)}
@@ -172,6 +174,19 @@ class _State:
         return {"peak_rss_bytes": peak_rss_bytes(), "rss_bytes": current_rss_bytes(), "peak_gpu_bytes": gpu}
 
 
+def _compute(loaded: Any) -> str:
+    """What an export's denoiser computes its products in (``int8`` for full int8, whose activations are
+    8-bit too; else the runner's reduced compute, or the export's weight format's), so its rate is put
+    against that dtype's measured peak."""
+    from diffship import backends
+    from diffship.backends.quantized import FULL_INT8
+
+    manifest = loaded.manifest
+    if manifest.precision == FULL_INT8:
+        return "int8"
+    return loaded.unet_runner().compute_precision or backends.get(manifest.backend).compute_precision(manifest.precision)
+
+
 def serve(conn: Any, subject: Subject, settings: dict[str, Any]) -> None:
     """Worker main loop: load, report, then answer requests until told to stop.
 
@@ -197,7 +212,8 @@ def serve(conn: Any, subject: Subject, settings: dict[str, Any]) -> None:
     from diffship.bench.machine import current_rss_bytes
 
     conn.send((0, "ok", {"load_seconds": state.load_seconds, "rss_bytes": current_rss_bytes(),
-                         "source": state.source, "components": list(state.specs), "runtime": state.runtime}))
+                         "source": state.source, "components": list(state.specs), "runtime": state.runtime,
+                         "compute": state.compute}))
     while True:
         number, kind, *args = conn.recv()
         if kind == "stop":

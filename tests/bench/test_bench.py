@@ -244,9 +244,37 @@ def test_machine_info_has_the_facts():
     assert info["cpu"] and info["logical_cores"] >= 1 and info["memory_bytes"] > 0
     # the measured matmul peak that achieved GFLOP/s are set against (bf16 only where it is native)
     peaks = info["matmul_peak_gflops"]
-    assert peaks["fp32"] > 1 and set(peaks) <= {"fp32", "bf16"}
+    assert peaks["fp32"] > 1 and set(peaks) <= {"fp32", "bf16", "int8"}
+    assert peaks.get("int8", 2) > 1  # torch._int_mm's 8-bit products, where this PyTorch has them
     assert peak_rss_bytes() > 10e6
     assert BenchSettings().validate() is not None
+
+
+def test_rates_are_shown_against_the_peak_of_what_the_subject_computes_in():
+    from diffship.bench.output import _rate
+
+    peaks = {"fp32": 200.0, "bf16": 400.0, "int8": 800.0}
+    assert _rate(600, peaks, "int8") == "600 (75% of int8 peak)"
+    assert _rate(300, peaks, "bf16") == "300 (75% of bf16 peak)"
+    assert _rate(150, peaks, None) == "150 (75% of fp32 peak)"  # records written before the field
+    assert _rate(150, {"fp32": 200.0}, "fp16") == "150 (75% of fp32 peak)"  # no fp16 probe: the fp32 one
+    assert _rate(150, {}, "fp32") == "150" and _rate(None, peaks, "fp32") == ""
+
+
+@pytest.mark.onnx
+@pytest.mark.openvino
+def test_a_subject_computes_in_int8_for_full_int8_else_in_its_runtimes_precision(export_dir):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    from diffship.bench.worker import _compute
+    from diffship.runtimes.pipeline import open_export
+
+    with open_export(export_dir("onnx", "full-int8")) as loaded:
+        assert _compute(loaded) == "int8"
+    with open_export(export_dir("openvino"), inference_precision="bf16") as loaded:
+        assert _compute(loaded) == "bf16"
+    with open_export(export_dir("openvino")) as loaded:
+        assert _compute(loaded) == "fp32"
 
 
 def test_memory_groups_put_the_reference_in_every_group(monkeypatch):

@@ -14,13 +14,14 @@ from typing import Any
 from diffship._files import atomic_write
 from diffship.configs.fields import to_data
 from diffship.bench.analysis import CONVERGED_PSNR
-from diffship.bench.records import KEY_FIELDS, BenchResults, ComponentMeasurement, ImageParity, Stats, TensorParity
+from diffship.bench.records import (KEY_FIELDS, BenchResults, ComponentMeasurement, ImageParity, PipelineMeasurement,
+                                    Stats, TensorParity)
 
 CSV_FIELDS = (
     "kind", "subject", "backend", "precision", "component", "batch", "height", "width", "steps", "scheduler",
     "median_ms", "p10_ms", "p90_ms", "mean_ms", "n", "first_call_ms", "step_median_ms", "steps_per_s",
     "unet_calls", "flops", "gflops_per_s", "psnr_db", "ssim", "max_abs", "seconds", "peak_rss_bytes",
-    "child_peak_rss_bytes", "size_bytes", "skipped",
+    "child_peak_rss_bytes", "size_bytes", "skipped", "component_ms",
 )
 
 
@@ -51,7 +52,7 @@ def csv_rows(doc: BenchResults) -> list[dict[str, Any]]:
             row.update(first_call_ms=m.first_call_ms, flops=m.flops, gflops_per_s=m.gflops_per_s)
         else:
             row.update(steps_per_s=m.steps_per_s, step_median_ms=m.step_ms.median if m.step_ms else None,
-                       unet_calls=m.unet_calls)
+                       unet_calls=m.unet_calls, component_ms=json.dumps(m.component_ms) if m.component_ms else None)
         rows.append(row)
     return rows
 
@@ -119,6 +120,14 @@ def summary_rows(doc: BenchResults) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _split(m: PipelineMeasurement) -> str:
+    """The run's time by component, then the rest (the pipeline's own work: scheduler, pre/post-processing)."""
+    if not m.component_ms or not m.latency_ms:
+        return ""
+    rest = m.latency_ms.median - sum(m.component_ms.values())
+    return ", ".join([f"{k} {v:.0f}" for k, v in m.component_ms.items()] + [f"rest {rest:.0f}"])
+
+
 def _rate(gflops: float | None, peaks: dict[str, float], compute: str | None) -> str:
     """Achieved GFLOP/s, with its share of the measured matmul peak of what the subject computes in (the
     fp32 peak where that one was not measured), where there is one."""
@@ -169,10 +178,10 @@ def to_markdown(doc: BenchResults) -> str:
     rows = [[m.subject, m.scheduler, m.steps, m.batch, f"{m.height}x{m.width}",
              m.skipped and f"skipped: {m.skipped}" or _ms(m.latency_ms),
              _ms(m.step_ms), f"{m.steps_per_s:.2f}" if m.steps_per_s else "",
-             _psnr(m.parity), f"{m.parity.ssim:.4f}" if m.parity else ""]
+             _split(m), _psnr(m.parity), f"{m.parity.ssim:.4f}" if m.parity else ""]
             for m in doc.find(kind="pipeline")]
     lines += [_table(["subject", "scheduler", "steps", "batch", "size", "ms median (p10-p90)",
-                      "ms per iteration", "steps/s", "image PSNR", "SSIM"], rows), ""]
+                      "ms per iteration", "steps/s", "time split (ms)", "image PSNR", "SSIM"], rows), ""]
     if doc.schedulers:
         lines += ["## Schedulers", "",
                   f"steps needed: the fewest measured step counts whose image is within {CONVERGED_PSNR:.0f} dB "

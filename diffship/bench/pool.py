@@ -71,10 +71,11 @@ def rounds(workers: list[Worker], repeats: int) -> Iterator[tuple[int, Worker]]:
 
 def series(workers: list[Worker], message: Callable[[bool], tuple], warmup: int, repeats: int,
            dead: Callable[[Worker, str], None]) -> dict[str, dict[str, Any]]:
-    """Warm-up calls, then ``repeats`` interleaved timed calls; per worker its times, the last call's
-    kept values, and a skip reason if it cannot take the request."""
-    found: dict[str, dict[str, Any]] = {w.name: {"seconds": [], "first": None, "kept": None, "skipped": None}
-                                        for w in workers}
+    """Warm-up calls, then ``repeats`` interleaved timed calls; per worker its times, each timed call's
+    per-component split where it reports one (``parts``), the last call's kept values, and a skip reason if
+    it cannot take the request."""
+    found: dict[str, dict[str, Any]] = {w.name: {"seconds": [], "first": None, "kept": None, "skipped": None,
+                                                 "parts": []} for w in workers}
     active = list(workers)
 
     def call(w: Worker, keep: bool) -> dict[str, Any] | None:
@@ -102,6 +103,8 @@ def series(workers: list[Worker], message: Callable[[bool], tuple], warmup: int,
         value = call(w, r == repeats - 1)
         if value is not None:
             found[w.name]["seconds"] += _seconds(value)
+            if "component_seconds" in value:
+                found[w.name]["parts"].append(value["component_seconds"])
             if r == repeats - 1:
                 found[w.name]["kept"] = value
             if found[w.name]["first"] is None:

@@ -190,6 +190,8 @@ class PipelineMeasurement:
     Attributes:
         steps / scheduler: as requested (``default`` is the pipeline's own scheduler); scheduler_class: what ran.
         latency_ms: the whole call; step_ms: per denoising-loop iteration; unet_calls: iterations of the loop.
+        component_ms: the run's time split by component: each one's calls during the generation together
+            (median over the timed runs, ms); the rest of ``latency_ms`` is the pipeline's own work.
         steps_per_s: steps over the median latency.
         parity: the first image against the reference subject's.
         skipped: why the subject could not take this setting, instead of figures.
@@ -208,6 +210,7 @@ class PipelineMeasurement:
     steps_per_s: float | None
     parity: ImageParity | None
     skipped: str | None = None
+    component_ms: dict[str, float] | None = None
     component: None = None
     kind: Literal["pipeline"] = "pipeline"
 

@@ -273,10 +273,20 @@ class _Run:
             doc.measurements.append(PipelineMeasurement(
                 subject=subject, **point, skipped=s["skipped"] if not s["seconds"] else None, latency_ms=latency,
                 scheduler_class=kept.get("scheduler_class"), step_ms=stats_ms(kept.get("step_seconds", [])),
-                unet_calls=kept.get("unet_calls"),
+                unet_calls=kept.get("unet_calls"), component_ms=_split_ms(s["parts"]),
                 steps_per_s=point["steps"] / (latency.median / 1e3) if latency else None, parity=parity,
             ))
         self.save()
+
+
+def _split_ms(parts: list[dict[str, float]]) -> dict[str, float] | None:
+    """Each component's median milliseconds over the timed runs (the components every run used)."""
+    import statistics
+
+    if not parts:
+        return None
+    names = [name for name in parts[0] if all(name in p for p in parts)]
+    return {name: round(statistics.median(p[name] for p in parts) * 1e3, 1) for name in names} or None
 
 
 def _save_image(out: Path, subject: str, point: dict[str, Any], image: Any) -> None:

@@ -8,9 +8,11 @@ machine conditions (interleaved repetitions); all timing happens inside the subj
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -127,6 +129,34 @@ class _State:
             result["outputs"] = {k: v.float().cpu().numpy() for k, v in outputs.items()}
         return result
 
+    @contextlib.contextmanager
+    def _timing(self, spent: dict[str, float]) -> Iterator[None]:
+        """Adds each component's call times to ``spent`` during the block: an export's runners (whose
+        adapters the pipeline calls) or the eager modules' methods, shadowed on the instances."""
+        from diffship.reference.recording import shadowing
+
+        def timing(name: str, original: Callable) -> Callable:
+            @functools.wraps(original)
+            def timed(*args, **kwargs):
+                begin = time.perf_counter()
+                out = original(*args, **kwargs)
+                self.sync()
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - begin
+                return out
+            return timed
+
+        if self.runners is None:
+            with shadowing(self.pipe, list(self.specs.values()), lambda spec, original: timing(spec.name, original)):
+                yield
+            return
+        for name, runner in self.runners.items():
+            runner.infer = timing(name, runner.infer)
+        try:
+            yield
+        finally:
+            for runner in self.runners.values():
+                del runner.infer
+
     def pipeline(self, request: dict[str, Any], keep: bool) -> dict[str, Any]:
         """One timed end-to-end generation; per-iteration times from ``callback_on_step_end``."""
         import torch
@@ -143,8 +173,9 @@ class _State:
             marks.append(time.perf_counter())
             return kwargs
 
+        spent: dict[str, float] = {}
         start = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), self._timing(spent):
             images = self.pipe(
                 [request["prompt"]] * request["batch"], height=request["height"], width=request["width"],
                 num_inference_steps=request["steps"], guidance_scale=request["guidance_scale"],
@@ -159,6 +190,8 @@ class _State:
             # The denoising loop calls the UNet once per iteration; second-order schedulers (Heun)
             # iterate twice per step.
             "unet_calls": len(marks),
+            # each component's share of this run: all its calls, timed where the pipeline makes them
+            "component_seconds": spent,
             "scheduler_class": type(self.pipe.scheduler).__name__,
         }
         if keep:
@@ -176,15 +209,16 @@ class _State:
 
 def _compute(loaded: Any) -> str:
     """What an export's denoiser computes its products in (``int8`` for full int8, whose activations are
-    8-bit too; else the runner's reduced compute, or the export's weight format's), so its rate is put
-    against that dtype's measured peak."""
+    8-bit too; else the runner's reduced compute or the export's float precision: 8- and 4-bit weight
+    formats compute in fp32), so its rate is put against that dtype's measured peak."""
     from diffship import backends
     from diffship.backends.quantized import FULL_INT8
 
     manifest = loaded.manifest
     if manifest.precision == FULL_INT8:
         return "int8"
-    return loaded.unet_runner().compute_precision or backends.get(manifest.backend).compute_precision(manifest.precision)
+    compute = loaded.unet_runner().compute_precision or backends.get(manifest.backend).compute_precision(manifest.precision)
+    return compute if compute in ("fp32", "bf16", "fp16") else "fp32"  # 8/4-bit weights compute in float
 
 
 def serve(conn: Any, subject: Subject, settings: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ and that calibrated (activation-quantized) exports are calibrated on."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from typing import Any, Callable, Iterator
 
@@ -26,31 +27,40 @@ CALIBRATION_PROMPTS = (
 
 
 @contextlib.contextmanager
-def record_calls(pipe: Any, specs: list[ComponentSpec], limit: int) -> Iterator[dict[str, list[dict]]]:
-    """Record the spec-form inputs of every call the pipeline makes into its components.
-
-    The eager modules' methods are shadowed by recording wrappers on the instances for the duration
-    of the block, then restored; the modules' classes and weights are never touched.
-    """
-    calls: dict[str, list[dict[str, torch.Tensor]]] = {s.name: [] for s in specs}
+def shadowing(pipe: Any, specs: list[ComponentSpec],
+              wrap: Callable[[ComponentSpec, Callable], Callable]) -> Iterator[None]:
+    """Each spec's method on the pipeline's module (eager, or an export's adapter) shadowed for the block by
+    ``wrap(spec, original)`` on the instance, then restored; the modules' classes and weights are never touched."""
     patched = []
     for spec in specs:
         module = getattr(pipe, spec.source)
         original = getattr(module, spec.method)
-
-        def recorder(*args, _spec=spec, _original=original, **kwargs):
-            if len(calls[_spec.name]) < limit:
-                inputs = _spec.inputs_for_call(_original, args, kwargs)
-                calls[_spec.name].append({k: v.detach().clone() for k, v in inputs.items()})
-            return _original(*args, **kwargs)
-
-        setattr(module, spec.method, recorder)
+        # the original's signature stays visible: an export's adapter binds its own method's arguments by it
+        setattr(module, spec.method, functools.update_wrapper(wrap(spec, original), original))
         patched.append((module, spec.method))
     try:
-        yield calls
+        yield
     finally:
         for module, name in patched:
             delattr(module, name)
+
+
+@contextlib.contextmanager
+def record_calls(pipe: Any, specs: list[ComponentSpec], limit: int) -> Iterator[dict[str, list[dict]]]:
+    """Record the spec-form inputs of every call the pipeline makes into its components (the first ``limit``
+    of each), through :func:`shadowing`."""
+    calls: dict[str, list[dict[str, torch.Tensor]]] = {s.name: [] for s in specs}
+
+    def recording(spec: ComponentSpec, original: Callable) -> Callable:
+        def recorder(*args, **kwargs):
+            if len(calls[spec.name]) < limit:
+                inputs = spec.inputs_for_call(original, args, kwargs)
+                calls[spec.name].append({k: v.detach().clone() for k, v in inputs.items()})
+            return original(*args, **kwargs)
+        return recorder
+
+    with shadowing(pipe, specs, recording):
+        yield calls
 
 
 def calibration_inputs(pipe: Any, specs: list[ComponentSpec], steps: int = CALIBRATION_STEPS,

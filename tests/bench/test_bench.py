@@ -72,6 +72,11 @@ def test_tiny_preset_writes_every_file_and_validates(tiny_run):
     assert {(m.scheduler, m.steps) for m in e2e} >= {("default", 2), ("default", 4), ("EulerDiscreteScheduler", 4)}
     for m in e2e:
         assert m.steps_per_s > 0 and m.parity.psnr_db > 60 and m.unet_calls >= m.steps
+    # each run's time split by component, measured where the pipeline calls them, eager and exported alike
+    for m in e2e + doc.find(kind="pipeline", subject="torch-fp32"):
+        assert set(m.component_ms) == {"text_encoder", "unet", "vae_decoder"}, m.component_ms
+        assert all(v > 0 for v in m.component_ms.values())
+        assert sum(m.component_ms.values()) <= m.latency_ms.p90 + 1
     assert {s.scheduler for s in doc.schedulers} == {"default", "EulerDiscreteScheduler"}
     assert (tiny_run / "images" / "onnx-fp32" / "default-2steps-b1-64x64.png").is_file()
     tuned = subjects["onnx-tuned"]
@@ -89,6 +94,8 @@ def test_csv_and_markdown_carry_the_measurements(tiny_run):
     assert any(r["kind"] == "export" and r["subject"] == "onnx-fp32" and float(r["peak_rss_bytes"]) > 0 for r in rows)
     md = (tiny_run / "results.md").read_text()
     assert "## Summary" in md and "| onnx-fp32 |" in md and "## Schedulers" in md and "## End to end" in md
+    assert "time split (ms)" in md and ", rest " in md
+    assert any(r["kind"] == "pipeline" and "unet" in json.loads(r["component_ms"]) for r in rows)
     assert "measured matmul peak (eager PyTorch, 2048^3): fp32 " in md and "% of fp32 peak)" in md
 
 
@@ -261,20 +268,22 @@ def test_rates_are_shown_against_the_peak_of_what_the_subject_computes_in():
     assert _rate(150, {}, "fp32") == "150" and _rate(None, peaks, "fp32") == ""
 
 
-@pytest.mark.onnx
-@pytest.mark.openvino
-def test_a_subject_computes_in_int8_for_full_int8_else_in_its_runtimes_precision(export_dir):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("openvino")
-    from diffship.bench.worker import _compute
-    from diffship.runtimes.pipeline import open_export
+def test_a_subject_computes_in_int8_for_full_int8_else_in_its_runtimes_precision():
+    from types import SimpleNamespace
 
-    with open_export(export_dir("onnx", "full-int8")) as loaded:
-        assert _compute(loaded) == "int8"
-    with open_export(export_dir("openvino"), inference_precision="bf16") as loaded:
-        assert _compute(loaded) == "bf16"
-    with open_export(export_dir("openvino")) as loaded:
-        assert _compute(loaded) == "fp32"
+    from diffship.bench.worker import _compute
+
+    def loaded(backend, precision, compute=None):
+        runner = SimpleNamespace(compute_precision=compute)
+        return SimpleNamespace(manifest=SimpleNamespace(backend=backend, precision=precision),
+                               unet_runner=lambda: runner)
+
+    assert _compute(loaded("onnx", "full-int8")) == "int8"  # 8-bit activations too, on either compute
+    assert _compute(loaded("openvino", "full-int8", "bf16")) == "int8"
+    assert _compute(loaded("openvino", "fp32", "bf16")) == "bf16"  # inference_precision=bf16
+    assert _compute(loaded("openvino", "int8")) == "fp32"  # 8-bit weights compute in f32
+    assert _compute(loaded("openvino", "hybrid-int8")) == "fp32"
+    assert _compute(loaded("onnx", "fp16")) == "fp16"
 
 
 def test_memory_groups_put_the_reference_in_every_group(monkeypatch):

@@ -5,11 +5,11 @@ Every candidate mode (an export precision with runtime settings: OpenVINO's infe
 warm-up), and its image compared with eager fp32's (PSNR), with its denoiser's outputs compared on the
 calls eager made. The fastest mode meeting the floor is then measured again under other runtime settings
 (:func:`setting_variants`: one dynamic model instead of static ones, a thread per logical CPU). The fastest
-candidate whose image meets the PSNR floor is written to ``out`` with its
-runtime settings recorded in the manifest (``load_pipeline(out)`` runs it that way; options still
-override) and the table beside it (``tune.json``, ``tune.md``). Candidates share one export per precision;
-calibrated precisions calibrate on eager runs at the size tuned for. Existing exports of a precision
-(``exports``: a benchmark run's own) are used as they are instead of exporting it again.
+candidate whose image meets the PSNR floor is written to ``out`` with its runtime settings recorded in the
+manifest (``load_pipeline(out)`` runs it that way; options still override) and the table beside it
+(``tune.json``, ``tune.md``). Candidates share one export per precision; calibrated precisions calibrate on
+eager runs at the size tuned for. Existing exports of a precision (``exports``: a benchmark run's own) are
+used as they are instead of exporting it again.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def tune(source: str, out: str | Path, backend: str, *, min_psnr: float = 35.0, 
     folders: dict[str, Path] = dict(given)
     started = time.perf_counter()
 
-    def trial_of(cand: Candidate) -> Trial:
+    def trial_of(cand: Candidate) -> None:
         trial = Trial(cand)
         trials.append(trial)
         try:
@@ -227,7 +227,6 @@ def tune(source: str, out: str | Path, backend: str, *, min_psnr: float = 35.0, 
                      denoiser, calls[denoiser.name], eager_outputs)
         except DiffshipError as exc:
             trial.error = str(exc)
-        return trial
 
     def fastest() -> Trial | None:
         passing = [t for t in trials if t.meets(min_psnr)]

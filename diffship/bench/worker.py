@@ -9,7 +9,6 @@ machine conditions (interleaved repetitions); all timing happens inside the subj
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -136,7 +135,6 @@ class _State:
         from diffship.reference.recording import shadowing
 
         def timing(name: str, original: Callable) -> Callable:
-            @functools.wraps(original)
             def timed(*args, **kwargs):
                 begin = time.perf_counter()
                 out = original(*args, **kwargs)
